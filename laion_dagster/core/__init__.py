@@ -1,0 +1,1 @@
+"""The pure core: parts, queue protocol, fetching, images, shards, accounting. No Dagster here."""

@@ -1,0 +1,99 @@
+"""A part's final accounting: totals, error classes and the error file.
+
+The successor of save_error_task.py. Error records travel through Redis (worker hosts may have
+their own disks), so finalizing drains them into `<error_dir>/<partition>.parquet` and only then
+lets them leave Redis: a crash in between leaves them in Redis for the next attempt.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from laion_dagster.core import parts
+from laion_dagster.core.queue import PartState, Queue
+from laion_dagster.core.settings import Settings
+from laion_dagster.core.writers import ERROR_SCHEMA
+
+
+class PartNotDone(RuntimeError):
+    """Finalize was asked for a part whose shards are not all complete."""
+
+
+@dataclass
+class PartSummary:
+    partition: str
+    rows: int
+    ok: int
+    failed: int
+    invalid: int
+    bytes: int
+    shards: int
+    duration: float
+    classes: dict[str, int] = field(default_factory=dict)
+    error_file: str | None = None
+    error_rows: int = 0
+    output_dir: str = ""
+
+    @property
+    def success_rate(self) -> float:
+        attempted = self.ok + self.failed
+        return self.ok / attempted if attempted else 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.ok + self.failed) / self.duration if self.duration > 0 else 0.0
+
+    @property
+    def balanced(self) -> bool:
+        return self.rows == self.ok + self.failed + self.invalid
+
+
+def summarize(state: PartState, classes: dict[str, int], settings: Settings) -> PartSummary:
+    end = state.done_at or state.started_at or 0.0
+    return PartSummary(
+        partition=state.partition, rows=state.rows, ok=state.ok, failed=state.failed,
+        invalid=state.invalid, bytes=state.bytes, shards=state.shards_total or state.shards,
+        duration=max(0.0, end - (state.started_at or end)), classes=classes,
+        output_dir=str(settings.store_root / parts.relative_dir(state.partition)),
+    )
+
+
+def error_file_path(settings: Settings, partition: str) -> Path:
+    return settings.errors_root / f"{partition}.parquet"
+
+
+def write_error_file(path: Path, table: pa.Table | None) -> int:
+    """Atomically write the part's error rows (an empty file when there are none)."""
+    if table is None:
+        table = ERROR_SCHEMA.empty_table()
+    table = table.sort_by("row") if table.num_rows else table
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return table.num_rows
+
+
+def finalize_part(queue: Queue, partition: str, settings: Settings) -> PartSummary:
+    """Write the part's error file and return its totals. Safe to run again."""
+    state = queue.part(partition)
+    if not state.done:
+        raise PartNotDone(
+            f"{partition}: {state.shards_done} of {state.shards_total or '?'} shards complete "
+            f"({state.pending:,} rows still queued or in flight)")
+    summary = summarize(state, queue.classes(partition), settings)
+    path = error_file_path(settings, partition)
+    errors = queue.read_errors(partition)
+    if errors is None and state.finalized_at is not None and path.exists():
+        # Finalized before: the records already left Redis for this file.
+        summary.error_rows = pq.ParquetFile(path).metadata.num_rows
+    else:
+        summary.error_rows = write_error_file(path, errors)
+        queue.mark_finalized(partition)
+    summary.error_file = str(path)
+    return summary

@@ -1,0 +1,77 @@
+"""Redis clients that survive a server restart.
+
+Every client retries connection errors with exponential backoff, so a worker, a sensor or an
+enqueue carries on after Redis restarts instead of dying with a traceback. `rediss://` URLs
+give TLS and a password in the URL gives AUTH, as redis-py parses them.
+"""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from laion_dagster.core import embedded
+from laion_dagster.core.settings import Settings
+
+RETRIES = 8  # ~25 s of backoff in total before an error reaches the caller
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis cannot be reached; the message names the URL without its password."""
+
+
+def redis_url(settings: Settings) -> str:
+    """The configured URL, or the embedded server's (started on first use)."""
+    if settings.redis_url:
+        return settings.redis_url
+    return embedded.ensure_running(settings.redis_dir).url
+
+
+def redacted(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def _options() -> dict:
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.retry import Retry
+
+    return {
+        "sync": Retry(ExponentialBackoff(cap=5.0, base=0.2), RETRIES),
+        "async": AsyncRetry(ExponentialBackoff(cap=5.0, base=0.2), RETRIES),
+    }
+
+
+def connect(settings: Settings, name: str = "laion-dagster") -> redis.Redis:
+    url = redis_url(settings)
+    client = redis.Redis.from_url(
+        url,
+        retry=_options()["sync"],
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        health_check_interval=15,
+        client_name=name,
+    )
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        raise RedisUnavailable(f"cannot reach Redis at {redacted(url)}: {error}") from error
+    return client
+
+
+def connect_async(settings: Settings, name: str = "laion-dagster-worker") -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        redis_url(settings),
+        retry=_options()["async"],
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        health_check_interval=15,
+        client_name=name,
+    )

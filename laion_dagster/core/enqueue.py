@@ -1,0 +1,94 @@
+"""Putting a part on the queue: the successor of add_task.py.
+
+Shard by shard, with constant memory, pausing while the queue is above its high watermark.
+Enqueuing is idempotent per generation: a run killed half way and started again skips the
+shards that are already queued (or done), so no row is queued twice and none is missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from laion_dagster.core import parts
+from laion_dagster.core.queue import Queue
+from laion_dagster.core.settings import Settings
+
+log = logging.getLogger("laion_dagster.enqueue")
+
+
+@dataclass
+class EnqueueReport:
+    partition: str
+    path: str
+    generation: int
+    rows: int
+    invalid: int
+    shards: int
+    shards_added: int
+    shards_skipped: int
+    waited_seconds: float
+    duration: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.duration if self.duration > 0 else 0.0
+
+
+def wait_below_watermark(queue: Queue, watermark: int, poll: float = 1.0,
+                         on_wait: Callable[[int], None] | None = None) -> float:
+    """Block while the queue holds more than `watermark` rows; returns the seconds waited."""
+    waited = 0.0
+    while (depth := queue.queued_rows()) > watermark:
+        if on_wait is not None:
+            on_wait(depth)
+        time.sleep(poll)
+        waited += poll
+    return waited
+
+
+def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
+                 progress: Callable[[int, int], None] | None = None,
+                 poll: float = 1.0) -> EnqueueReport:
+    """Queue every shard of `part` not yet queued in its current generation."""
+    started = time.monotonic()
+    total_rows = parts.count_rows(part.path)  # fails early, with the file named, if unreadable
+    generation = queue.begin(part.key)
+    queue.ensure_group()
+    rows = invalid = shards = added = skipped = 0
+    waited = 0.0
+    last_note = 0.0
+
+    def note_wait(depth: int) -> None:
+        nonlocal last_note
+        if time.monotonic() - last_note > 30:
+            log.info("%s: queue holds %s rows > high watermark %s; waiting", part.key,
+                     f"{depth:,}", f"{settings.queue_high_watermark:,}")
+            last_note = time.monotonic()
+
+    for shard in parts.iter_shards(part.path, settings.shard_size, settings.url_column,
+                                   settings.caption_column):
+        shards += 1
+        rows += shard.rows
+        invalid += shard.invalid.num_rows
+        if queue.is_queued(part.key, shard.index):
+            skipped += 1
+            continue
+        waited += wait_below_watermark(queue, settings.queue_high_watermark, poll, note_wait)
+        result = queue.enqueue_shard(
+            part.key, generation, shard.index, shard.valid.num_rows, shard.invalid.num_rows,
+            parts.encode_table(shard.valid),
+            parts.encode_table(shard.invalid) if shard.invalid.num_rows else b"",
+        )
+        if result == -1:
+            raise RuntimeError(f"{part.key}: the part was reset while being enqueued; run again")
+        added += result
+        if progress is not None:
+            progress(rows, total_rows)
+    queue.finish_enqueue(part.key, generation, shards)
+    return EnqueueReport(partition=part.key, path=str(part.path), generation=generation,
+                         rows=rows, invalid=invalid, shards=shards, shards_added=added,
+                         shards_skipped=skipped,
+                         waited_seconds=waited, duration=time.monotonic() - started)

@@ -1,0 +1,236 @@
+"""Fetching URLs with aiohttp: one session per worker process, capped in size, time and hops.
+
+Why aiohttp and one shared SSL context: see DESIGN.md (CPU per image decides how many machines
+a LAION-5B download needs). Redirects are followed by hand so that every hop is checked
+(scheme, address guard, hop count). The whole fetch of a URL, retries included, has one
+deadline, so a server that trickles or streams forever cannot hold a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import socket
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urljoin
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
+
+from laion_dagster.core.settings import Settings
+
+REDIRECTS = {301, 302, 303, 307, 308}
+RETRIABLE = {"timeout", "connection", "http_5xx"}
+CHUNK = 64 * 1024
+
+
+class BlockedAddress(OSError):
+    """The host resolves to an address we refuse to fetch from (private, loopback, ...)."""
+
+
+class UnknownHost(OSError):
+    """A host name that the configured resolver does not know."""
+
+
+@dataclass
+class FetchResult:
+    url: str
+    body: bytes | None = None
+    error_class: str | None = None
+    error_message: str | None = None
+    http_status: int | None = None
+    content_type: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_class is None
+
+
+class FetchFailed(Exception):
+    def __init__(self, error_class: str, message: str, http_status: int | None = None):
+        super().__init__(message)
+        self.error_class = error_class
+        self.http_status = http_status
+
+
+def address_blocked(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+class StaticResolver(AbstractResolver):
+    """Resolves only the names it is given: what tests and the demo use, so no DNS is asked."""
+
+    def __init__(self, names: dict[str, str]):
+        self.names = {k.lower(): v for k, v in names.items()}
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        address = self.names.get(host.lower().rstrip("."))
+        if address is None:
+            raise UnknownHost(socket.EAI_NONAME, f"unknown host {host!r} (not in host_map)")
+        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+        return [ResolveResult(hostname=host, host=address, port=port, family=fam, proto=0,
+                              flags=socket.AI_NUMERICHOST)]
+
+    async def close(self) -> None:
+        return None
+
+
+class GuardedResolver(AbstractResolver):
+    """Wraps a resolver and refuses names that resolve to non-public addresses.
+
+    Checking the resolved address (not the name) is what stops DNS names that point at
+    169.254.169.254 or 10.x from reaching a cloud metadata service or a private network.
+    """
+
+    def __init__(self, inner: AbstractResolver, allow_private: bool):
+        self.inner = inner
+        self.allow_private = allow_private
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self.inner.resolve(host, port, family)
+        if not self.allow_private:
+            results = [r for r in results if not address_blocked(r["host"])]
+            if not results:
+                raise BlockedAddress(0, f"{host} resolves only to non-public addresses")
+        return results
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def classify(error: BaseException) -> tuple[str, str]:
+    """One error class per failure, as DESIGN.md lists them, plus the original message."""
+    message = f"{type(error).__name__}: {error}".strip()
+    if isinstance(error, FetchFailed):
+        return error.error_class, str(error)
+    if isinstance(error, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout", message or "timed out"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        cause = error.os_error
+        if isinstance(cause, BlockedAddress):
+            return "blocked_address", str(cause)
+        if isinstance(error, aiohttp.ClientConnectorDNSError) or isinstance(
+                cause, socket.gaierror | UnknownHost):
+            return "dns", message
+        if isinstance(error, aiohttp.ClientSSLError):
+            return "tls", message
+        return "connection", message
+    if isinstance(error, ssl.SSLError | aiohttp.ClientSSLError):
+        return "tls", message
+    if isinstance(error, aiohttp.InvalidURL | ValueError):
+        return "invalid_url", message
+    if isinstance(error, aiohttp.ClientError | OSError):
+        return "connection", message
+    return "connection", message
+
+
+def shared_ssl_context() -> ssl.SSLContext:
+    """One context per process: creating one loads the CA bundle (~22 ms)."""
+    return ssl.create_default_context()
+
+
+class Fetcher:
+    """An aiohttp session with the caps of the settings; use as an async context manager."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Fetcher:
+        s = self.settings
+        inner: AbstractResolver = (StaticResolver(s.host_map) if s.host_map
+                                   else aiohttp.ThreadedResolver())
+        connector = aiohttp.TCPConnector(
+            limit=s.concurrency,
+            limit_per_host=s.per_host_limit,
+            ttl_dns_cache=300,
+            use_dns_cache=True,
+            ssl=shared_ssl_context(),
+            resolver=GuardedResolver(inner, s.allow_private_addresses),
+            enable_cleanup_closed=True,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout,
+                                          sock_read=s.timeout),
+            headers={"User-Agent": s.user_agent},
+            auto_decompress=True,
+            max_line_size=16 * 1024,
+            max_field_size=16 * 1024,
+        )
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def fetch(self, url: str) -> FetchResult:
+        """Fetch one URL within the total deadline; never raises for a bad URL or server."""
+        s = self.settings
+        attempt = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.timeout
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    body, content_type = await self._follow(url)
+                return FetchResult(url=url, body=body, content_type=content_type)
+            except Exception as error:  # every failure becomes a class, never a crash
+                error_class, message = classify(error)
+                status = getattr(error, "http_status", None)
+                if isinstance(error, TimeoutError) and loop.time() >= deadline:
+                    message = f"no complete response within {s.timeout:g}s"
+                retriable = error_class in RETRIABLE or status == 429
+                pause = min(8.0, 0.5 * 2 ** attempt) * (0.5 + random.random())
+                if retriable and attempt < s.retries and loop.time() + pause < deadline:
+                    attempt += 1
+                    await asyncio.sleep(pause)
+                    continue
+                return FetchResult(url=url, error_class=error_class, error_message=message,
+                                   http_status=status)
+
+    async def _follow(self, url: str) -> tuple[bytes, str | None]:
+        assert self.session is not None
+        s = self.settings
+        for _hop in range(s.max_redirects + 1):
+            target = URL(url)
+            if target.scheme not in ("http", "https") or not target.host:
+                raise FetchFailed("invalid_url", f"not an http(s) URL: {url[:200]}")
+            if not s.allow_private_addresses:
+                try:
+                    if address_blocked(target.host):
+                        raise FetchFailed("blocked_address", f"{target.host} is not public")
+                except ValueError:
+                    pass  # a name, not an address literal: the resolver guards it
+            async with self.session.get(target, allow_redirects=False) as response:
+                if response.status in REDIRECTS:
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise FetchFailed("invalid_url", "redirect without Location",
+                                          response.status)
+                    url = urljoin(str(response.url), location)
+                    continue
+                if response.status >= 400:
+                    family = "http_4xx" if response.status < 500 else "http_5xx"
+                    raise FetchFailed(family, f"HTTP {response.status} {response.reason}",
+                                      response.status)
+                length = response.content_length
+                if length is not None and length > s.max_bytes:
+                    raise FetchFailed("too_large", f"Content-Length {length} > {s.max_bytes}")
+                chunks = []
+                size = 0
+                async for chunk in response.content.iter_chunked(CHUNK):
+                    size += len(chunk)
+                    if size > s.max_bytes:
+                        raise FetchFailed("too_large", f"body larger than {s.max_bytes} bytes")
+                    chunks.append(chunk)
+                return b"".join(chunks), response.headers.get("Content-Type")
+        raise FetchFailed("invalid_url", f"more than {s.max_redirects} redirects")

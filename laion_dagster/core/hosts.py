@@ -1,0 +1,85 @@
+"""Worker hosts' heartbeats: disk usage, state and rate, reported into Redis.
+
+The successor of monitor_disk.py: each worker host checks the disk its store is on and stops
+claiming when it is full, and the sensor reads every host's report to hold new parts. A host
+whose report is older than `STALE_AFTER` heartbeats is treated as gone (it cannot be full).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from laion_dagster.core.settings import Settings
+
+GB = 1024**3
+STALE_AFTER = 12  # heartbeats
+
+
+@dataclass
+class DiskState:
+    used_gb: float
+    free_gb: float
+    full: bool
+    reason: str | None
+
+
+def disk_state(path: Path, settings: Settings) -> DiskState:
+    path.mkdir(parents=True, exist_ok=True)
+    usage = psutil.disk_usage(str(path))
+    used, free = usage.used / GB, usage.free / GB
+    reason = full_reason(used, free, settings)
+    return DiskState(used_gb=round(used, 2), free_gb=round(free, 2), full=reason is not None,
+                     reason=reason)
+
+
+def full_reason(used_gb: float, free_gb: float, settings: Settings) -> str | None:
+    """Why a disk counts as full, in the words the sensor's skip reason uses; None if not."""
+    if settings.disk_stop_used_gb is not None and used_gb >= settings.disk_stop_used_gb:
+        return f"{used_gb:,.0f} GB used ≥ {settings.disk_stop_used_gb:,.0f} GB"
+    if free_gb <= settings.disk_min_free_gb:
+        return f"{free_gb:,.1f} GB free ≤ {settings.disk_min_free_gb:,.1f} GB"
+    return None
+
+
+@dataclass
+class HostReport:
+    host: str
+    disk_used_gb: float
+    disk_free_gb: float
+    paused: bool
+    pause_reason: str | None
+    processes: int
+    alive_processes: int
+    rate: float  # images (ok + failed) per second over the last heartbeat
+    ok: int
+    failed: int
+    bytes: int
+    seen_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def is_stale(report: dict, settings: Settings, now: float | None = None) -> bool:
+    now = time.time() if now is None else now
+    return now - float(report.get("seen_at", 0)) > STALE_AFTER * settings.heartbeat_interval
+
+
+def full_hosts(reports: dict[str, dict], settings: Settings) -> list[str]:
+    """Sentences naming each live host whose disk is full: 'host a: 4,980 GB used ≥ 4,900 GB'."""
+    lines = []
+    for host, report in sorted(reports.items()):
+        if is_stale(report, settings):
+            continue
+        reason = full_reason(float(report.get("disk_used_gb", 0)),
+                             float(report.get("disk_free_gb", 1e18)), settings)
+        if reason is None and report.get("paused"):
+            reason = report.get("pause_reason") or "paused"
+        if reason:
+            lines.append(f"host {host}: {reason}")
+    return lines

@@ -1,0 +1,66 @@
+"""Checking that a body is an image, from its bytes alone.
+
+The URL's extension and the Content-Type lie often on the web; the bytes do not. Only the header
+is parsed (cheap); a full decode is left for when an image must be resized. Pillow's
+decompression-bomb guard stays on, and a bomb is a `decode_error`, not a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
+              "TIFF": "tiff", "MPO": "jpg", "AVIF": "avif", "HEIF": "heic", "ICO": "ico"}
+# Magic numbers of formats we would expect to decode; a body that starts like one but does not
+# parse is a broken image (decode_error), anything else is not an image at all (not_image).
+MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
+         b"MM\x00*")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    ext: str
+    width: int
+    height: int
+    sha256: str
+
+
+class NotAnImage(Exception):
+    def __init__(self, error_class: str, message: str):
+        super().__init__(message)
+        self.error_class = error_class
+
+
+def _looks_like_image(body: bytes) -> bool:
+    return body.startswith(MAGIC) or (body[:4] == b"RIFF" and body[8:12] == b"WEBP")
+
+
+def inspect(body: bytes) -> ImageInfo:
+    """Identify the image in `body`; raises NotAnImage with a class when it is not one."""
+    if not body:
+        raise NotAnImage("not_image", "empty body")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(body)) as image:
+                width, height = image.size
+                fmt = image.format or "UNKNOWN"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise NotAnImage("decode_error", f"decompression bomb: {error}") from error
+    except UnidentifiedImageError as error:
+        kind = "decode_error" if _looks_like_image(body) else "not_image"
+        head = body[:16]
+        raise NotAnImage(kind, f"cannot identify image ({len(body)} bytes, starts {head!r})") \
+            from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise NotAnImage("decode_error", f"{type(error).__name__}: {error}") from error
+    if width <= 0 or height <= 0:
+        raise NotAnImage("decode_error", f"bad dimensions {width}x{height}")
+    return ImageInfo(format=fmt, ext=EXTENSIONS.get(fmt, fmt.lower()), width=width,
+                     height=height, sha256=hashlib.sha256(body).hexdigest())

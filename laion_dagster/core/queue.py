@@ -1,0 +1,442 @@
+"""The queue protocol: shards on a Redis stream, claimed by a consumer group, completed once.
+
+Keys (all under the prefix):
+  tasks                 stream of shard entries, group "workers"
+  dead                  shards that killed too many workers
+  parts                 set of partitions the queue has seen (status views never scan keys)
+  queued_rows           rows enqueued and not complete: the backpressure signal
+  part:<p>              hash: generation, rows, invalid, shards, shards_total, shards_done, ok,
+                        failed, bytes, pending, started_at, enqueued_at, done_at, finalized_at
+  part:<p>:queued       shard ids enqueued in this generation (makes enqueue idempotent)
+  part:<p>:done         shard ids completed in this generation (makes completion count once)
+  part:<p>:classes      error class -> rows
+  errors:<p>            one entry per shard with failures: its error records as Arrow IPC
+  hosts                 host id -> JSON heartbeat
+  rate:<minute>         ok / failed / bytes completed in that minute, for rates without scans
+
+Every state change that touches more than one key is one Lua script, so a crash between two
+commands cannot count a shard twice or lose it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import redis
+
+GROUP = "workers"
+GENERATION_START = 1
+
+_ENQUEUE = """
+local part, queued, done, tasks, queued_rows, errors, classes = unpack(KEYS)
+local p, gen, shard, valid, invalid, payload, invalid_blob = unpack(ARGV)
+if redis.call('HGET', part, 'generation') ~= gen then return -1 end
+if redis.call('SADD', queued, shard) == 0 then return 0 end
+valid = tonumber(valid); invalid = tonumber(invalid)
+redis.call('HINCRBY', part, 'rows', valid + invalid)
+redis.call('HINCRBY', part, 'shards', 1)
+if invalid > 0 then
+  redis.call('HINCRBY', part, 'invalid', invalid)
+  redis.call('HINCRBY', classes, 'invalid_url', invalid)
+  redis.call('XADD', errors, '*', 'shard', shard, 'data', invalid_blob)
+end
+if valid > 0 then
+  redis.call('XADD', tasks, '*', 'p', p, 'g', gen, 's', shard, 'n', valid, 'd', payload)
+  redis.call('INCRBY', queued_rows, valid)
+  redis.call('HINCRBY', part, 'pending', valid)
+else
+  redis.call('SADD', done, shard)
+  redis.call('HINCRBY', part, 'shards_done', 1)
+end
+return 1
+"""
+
+_FINISH_ENQUEUE = """
+local part = KEYS[1]
+local gen, total = ARGV[1], tonumber(ARGV[2])
+if redis.call('HGET', part, 'generation') ~= gen then return -1 end
+local now = redis.call('TIME')[1]
+redis.call('HSET', part, 'shards_total', total, 'enqueued_at', now)
+local done = tonumber(redis.call('HGET', part, 'shards_done') or '0')
+if done >= total and not redis.call('HGET', part, 'done_at') then
+  redis.call('HSET', part, 'done_at', now)
+end
+return 1
+"""
+
+_COMPLETE = """
+local tasks, part, done, queued_rows, errors, classes, rate_prefix = unpack(KEYS)
+local entry, group, gen, shard = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ok, failed, nbytes, rows = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
+                                 tonumber(ARGV[8])
+local blob = ARGV[9]
+redis.call('XACK', tasks, group, entry)
+redis.call('XDEL', tasks, entry)
+if redis.call('HGET', part, 'generation') ~= gen then return -1 end
+if redis.call('SADD', done, shard) == 0 then return 0 end
+redis.call('HINCRBY', part, 'ok', ok)
+redis.call('HINCRBY', part, 'failed', failed)
+redis.call('HINCRBY', part, 'bytes', nbytes)
+redis.call('HINCRBY', part, 'pending', -rows)
+redis.call('DECRBY', queued_rows, rows)
+local shards_done = redis.call('HINCRBY', part, 'shards_done', 1)
+if blob ~= '' then redis.call('XADD', errors, '*', 'shard', shard, 'data', blob) end
+for i = 10, #ARGV, 2 do redis.call('HINCRBY', classes, ARGV[i], tonumber(ARGV[i + 1])) end
+local now = redis.call('TIME')[1]
+local rate = rate_prefix .. math.floor(tonumber(now) / 60)
+redis.call('HINCRBY', rate, 'ok', ok)
+redis.call('HINCRBY', rate, 'failed', failed)
+redis.call('HINCRBY', rate, 'bytes', nbytes)
+redis.call('EXPIRE', rate, 7200)
+local total = redis.call('HGET', part, 'shards_total')
+if total and shards_done >= tonumber(total) and not redis.call('HGET', part, 'done_at') then
+  redis.call('HSET', part, 'done_at', now)
+end
+return 1
+"""
+
+_RESET = """
+local part, queued, done, queued_rows, errors, classes = unpack(KEYS)
+local pending = tonumber(redis.call('HGET', part, 'pending') or '0')
+local gen = tonumber(redis.call('HGET', part, 'generation') or '0') + 1
+redis.call('DECRBY', queued_rows, pending)
+redis.call('DEL', part, queued, done, errors, classes)
+redis.call('HSET', part, 'generation', gen, 'started_at', redis.call('TIME')[1])
+return gen
+"""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One claimed shard."""
+
+    entry_id: str
+    partition: str
+    generation: str
+    shard: int
+    rows: int
+    payload: bytes
+    deliveries: int = 1
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a worker reports for a shard: counts, error classes and the error records."""
+
+    ok: int
+    failed: int
+    bytes: int
+    classes: dict[str, int]
+    errors: bytes = b""  # Arrow IPC of the failed rows, b"" when none failed
+
+
+class Keys:
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.tasks = f"{prefix}:tasks"
+        self.dead = f"{prefix}:dead"
+        self.parts = f"{prefix}:parts"
+        self.queued_rows = f"{prefix}:queued_rows"
+        self.hosts = f"{prefix}:hosts"
+        self.rate_prefix = f"{prefix}:rate:"
+
+    def part(self, p: str) -> str:
+        return f"{self.prefix}:part:{p}"
+
+    def queued(self, p: str) -> str:
+        return f"{self.prefix}:part:{p}:queued"
+
+    def done(self, p: str) -> str:
+        return f"{self.prefix}:part:{p}:done"
+
+    def classes(self, p: str) -> str:
+        return f"{self.prefix}:part:{p}:classes"
+
+    def errors(self, p: str) -> str:
+        return f"{self.prefix}:errors:{p}"
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_entry(entry_id: bytes | str, fields: dict, deliveries: int = 1) -> Task:
+    def get(name: str) -> bytes:
+        return fields[name.encode()] if name.encode() in fields else fields[name]
+
+    return Task(entry_id=_text(entry_id), partition=_text(get("p")), generation=_text(get("g")),
+                shard=int(get("s")), rows=int(get("n")), payload=get("d"), deliveries=deliveries)
+
+
+@dataclass
+class PartState:
+    """A part's counters as the queue sees them right now."""
+
+    partition: str
+    generation: int = 0
+    rows: int = 0
+    invalid: int = 0
+    shards: int = 0
+    shards_total: int | None = None
+    shards_done: int = 0
+    ok: int = 0
+    failed: int = 0
+    bytes: int = 0
+    pending: int = 0
+    started_at: float | None = None
+    enqueued_at: float | None = None
+    done_at: float | None = None
+    finalized_at: float | None = None
+
+    @property
+    def enqueued(self) -> bool:
+        return self.enqueued_at is not None
+
+    @property
+    def done(self) -> bool:
+        return self.done_at is not None
+
+    @property
+    def in_flight_or_queued(self) -> int:
+        return self.rows - self.invalid - self.ok - self.failed
+
+    @classmethod
+    def from_hash(cls, partition: str, raw: dict) -> PartState:
+        values = {_text(k): _text(v) for k, v in raw.items()}
+        state = cls(partition=partition)
+        for name in ("generation", "rows", "invalid", "shards", "shards_done", "ok", "failed",
+                     "bytes", "pending"):
+            setattr(state, name, int(values.get(name) or 0))
+        if values.get("shards_total") is not None:
+            state.shards_total = int(values["shards_total"])
+        for name in ("started_at", "enqueued_at", "done_at", "finalized_at"):
+            if values.get(name) is not None:
+                setattr(state, name, float(values[name]))
+        return state
+
+
+class Queue:
+    """The synchronous side of the protocol: enqueue, inspect, finalize (Dagster, CLI)."""
+
+    def __init__(self, client: redis.Redis, prefix: str, visibility_timeout: float = 600.0,
+                 max_deliveries: int = 3):
+        self.r = client
+        self.keys = Keys(prefix)
+        self.visibility_ms = int(visibility_timeout * 1000)
+        self.max_deliveries = max_deliveries
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._finish = client.register_script(_FINISH_ENQUEUE)
+        self._complete = client.register_script(_COMPLETE)
+        self._reset = client.register_script(_RESET)
+
+    # -- setup
+    def ensure_group(self) -> None:
+        ensure_group(self.r, self.keys.tasks)
+
+    # -- enqueue side
+    def begin(self, partition: str) -> int:
+        """Register a part; returns its generation (kept if it exists, so a re-run resumes)."""
+        k = self.keys
+        pipe = self.r.pipeline()
+        pipe.hsetnx(k.part(partition), "generation", GENERATION_START)
+        pipe.hsetnx(k.part(partition), "started_at", int(time.time()))
+        pipe.sadd(k.parts, partition)
+        pipe.hget(k.part(partition), "generation")
+        return int(pipe.execute()[-1])
+
+    def reset(self, partition: str) -> int:
+        """Start the part over as a new generation; late results of the old one are ignored."""
+        k = self.keys
+        self.r.sadd(k.parts, partition)
+        return int(self._reset(keys=[k.part(partition), k.queued(partition), k.done(partition),
+                                     k.queued_rows, k.errors(partition), k.classes(partition)]))
+
+    def enqueue_shard(self, partition: str, generation: int, shard: int, valid_rows: int,
+                      invalid_rows: int, payload: bytes, invalid_blob: bytes) -> int:
+        """1 if enqueued now, 0 if this generation already has it, -1 if the generation moved on."""
+        k = self.keys
+        return int(self._enqueue(
+            keys=[k.part(partition), k.queued(partition), k.done(partition), k.tasks,
+                  k.queued_rows, k.errors(partition), k.classes(partition)],
+            args=[partition, generation, shard, valid_rows, invalid_rows, payload, invalid_blob],
+        ))
+
+    def finish_enqueue(self, partition: str, generation: int, shards_total: int) -> None:
+        self._finish(keys=[self.keys.part(partition)], args=[generation, shards_total])
+
+    def is_queued(self, partition: str, shard: int) -> bool:
+        return bool(self.r.sismember(self.keys.queued(partition), shard))
+
+    # -- worker side (synchronous variant, used by tests and tools; workers use AsyncQueue)
+    def complete(self, task: Task, outcome: Outcome) -> int:
+        return int(self._complete(keys=complete_keys(self.keys, task.partition),
+                                  args=complete_args(task, outcome)))
+
+    # -- views
+    def queued_rows(self) -> int:
+        return int(self.r.get(self.keys.queued_rows) or 0)
+
+    def partitions(self) -> list[str]:
+        return sorted(_text(p) for p in self.r.smembers(self.keys.parts))
+
+    def part(self, partition: str) -> PartState:
+        return PartState.from_hash(partition, self.r.hgetall(self.keys.part(partition)))
+
+    def parts_states(self, partitions: list[str]) -> dict[str, PartState]:
+        pipe = self.r.pipeline(transaction=False)
+        for p in partitions:
+            pipe.hgetall(self.keys.part(p))
+        replies = pipe.execute()
+        return {p: PartState.from_hash(p, raw) for p, raw in zip(partitions, replies, strict=True)}
+
+    def classes(self, partition: str) -> dict[str, int]:
+        raw = self.r.hgetall(self.keys.classes(partition))
+        return {_text(k): int(v) for k, v in raw.items() if int(v)}
+
+    def hosts(self) -> dict[str, dict]:
+        return {_text(k): json.loads(v) for k, v in self.r.hgetall(self.keys.hosts).items()}
+
+    def rates(self, minutes: int = 1) -> dict[str, int]:
+        """ok / failed / bytes completed over the last `minutes` whole-or-current minutes."""
+        now = int(self.r.time()[0]) // 60
+        pipe = self.r.pipeline(transaction=False)
+        for m in range(now - minutes + 1, now + 1):
+            pipe.hgetall(f"{self.keys.rate_prefix}{m}")
+        total = {"ok": 0, "failed": 0, "bytes": 0}
+        for raw in pipe.execute():
+            for key, value in raw.items():
+                total[_text(key)] = total.get(_text(key), 0) + int(value)
+        return total
+
+    def dead_letters(self) -> int:
+        return int(self.r.xlen(self.keys.dead))
+
+    # -- finalize side
+    def read_errors(self, partition: str, batch: int = 500) -> pa.Table | None:
+        """Every error record of the part, oldest first, as one table (None when there are none)."""
+        from laion_dagster.core.parts import decode_table
+
+        tables = []
+        start = "-"
+        key = self.keys.errors(partition)
+        while True:
+            entries = self.r.xrange(key, min=start, max="+", count=batch)
+            if not entries:
+                break
+            for _, fields in entries:
+                tables.append(decode_table(fields[b"data"]))
+            start = "(" + _text(entries[-1][0])
+        if not tables:
+            return None
+        return pa.concat_tables(tables, promote_options="default")
+
+    def mark_finalized(self, partition: str) -> None:
+        """The error file is written: the error records may leave Redis."""
+        pipe = self.r.pipeline()
+        pipe.hset(self.keys.part(partition), "finalized_at", int(time.time()))
+        pipe.delete(self.keys.errors(partition))
+        pipe.execute()
+
+
+def ensure_group(client: redis.Redis, stream: str) -> None:
+    try:
+        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as error:
+        if "BUSYGROUP" not in str(error):
+            raise
+
+
+def complete_keys(keys: Keys, partition: str) -> list[str]:
+    return [keys.tasks, keys.part(partition), keys.done(partition), keys.queued_rows,
+            keys.errors(partition), keys.classes(partition), keys.rate_prefix]
+
+
+def complete_args(task: Task, outcome: Outcome) -> list:
+    args: list = [task.entry_id, GROUP, task.generation, task.shard, outcome.ok, outcome.failed,
+                  outcome.bytes, task.rows, outcome.errors]
+    for name, count in sorted(outcome.classes.items()):
+        args += [name, count]
+    return args
+
+
+class AsyncQueue:
+    """The worker side: claim new or stale shards, keep claims fresh, complete or release them.
+
+    Delivery is at least once. A claim that a live worker holds is refreshed every quarter of
+    the visibility timeout; a claim left idle longer (its worker died or hung) is taken over
+    with XAUTOCLAIM. A shard delivered more than max_deliveries times is dead-lettered.
+    """
+
+    def __init__(self, client, prefix: str, consumer: str, visibility_timeout: float = 600.0,
+                 max_deliveries: int = 3):
+        self.r = client
+        self.keys = Keys(prefix)
+        self.consumer = consumer
+        self.visibility_ms = int(visibility_timeout * 1000)
+        self.max_deliveries = max_deliveries
+        self._complete = client.register_script(_COMPLETE)
+        self._cursor = "0-0"
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.r.xgroup_create(self.keys.tasks, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def reclaim(self) -> Task | None:
+        """Take over one shard whose worker stopped refreshing it, if there is one."""
+        next_id, entries, *_ = await self.r.xautoclaim(
+            self.keys.tasks, GROUP, self.consumer, min_idle_time=self.visibility_ms,
+            start_id=self._cursor, count=1)
+        self._cursor = _text(next_id) or "0-0"
+        for entry_id, fields in entries:
+            if not fields:
+                continue
+            info = await self.r.xpending_range(self.keys.tasks, GROUP, min=entry_id,
+                                               max=entry_id, count=1)
+            deliveries = int(info[0]["times_delivered"]) if info else 1
+            return parse_entry(entry_id, fields, deliveries)
+        return None
+
+    async def claim(self, block_ms: int = 1000) -> Task | None:
+        """A stale shard first (so nothing starves), else a new one, else None after block_ms."""
+        task = await self.reclaim()
+        if task is not None:
+            return task
+        reply = await self.r.xreadgroup(GROUP, self.consumer, {self.keys.tasks: ">"}, count=1,
+                                        block=block_ms)
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                return parse_entry(entry_id, fields)
+        return None
+
+    async def refresh(self, tasks: list[Task]) -> None:
+        """Reset the idle time of shards this worker is still working on."""
+        if tasks:
+            await self.r.xclaim(self.keys.tasks, GROUP, self.consumer, 0,
+                                [t.entry_id for t in tasks], justid=True)
+
+    async def release(self, tasks: list[Task]) -> None:
+        """Hand shards back at once (on shutdown) instead of after the visibility timeout."""
+        if tasks:
+            await self.r.xclaim(self.keys.tasks, GROUP, self.consumer, 0,
+                                [t.entry_id for t in tasks], idle=self.visibility_ms + 1,
+                                justid=True)
+
+    async def current_generation(self, partition: str) -> str | None:
+        return _text(await self.r.hget(self.keys.part(partition), "generation"))
+
+    async def complete(self, task: Task, outcome: Outcome) -> int:
+        return int(await self._complete(keys=complete_keys(self.keys, task.partition),
+                                        args=complete_args(task, outcome)))
+
+    async def dead_letter(self, task: Task, outcome: Outcome, reason: str) -> int:
+        """Park a poison shard in the dead stream and count its rows as failed."""
+        await self.r.xadd(self.keys.dead, {"p": task.partition, "g": task.generation,
+                                           "s": task.shard, "n": task.rows, "d": task.payload,
+                                           "reason": reason, "deliveries": task.deliveries})
+        return await self.complete(task, outcome)

@@ -1,0 +1,247 @@
+"""Writing one shard's outputs so that each is either whole or absent.
+
+Images stream into a temporary tar (or folder) as they arrive, so a worker never holds a whole
+shard of images in memory. On close the per-shard parquet and `_stats.json` are written, and
+everything is renamed into place, the stats file last: a `_stats.json` means the shard is
+complete. Rewriting a shard (after a reclaim) replaces it whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import shutil
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# img2dataset's stats split failures into these two buckets; users' tools read them.
+RESIZE_CLASSES = {"not_image", "decode_error", "filtered"}
+
+SAMPLE_SCHEMA = pa.schema([
+    ("key", pa.string()), ("row", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
+    ("status", pa.string()), ("error_class", pa.string()), ("error_message", pa.string()),
+    ("http_status", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
+    ("original_width", pa.int32()), ("original_height", pa.int32()), ("sha256", pa.string()),
+    ("bytes", pa.int64()), ("format", pa.string()),
+])
+ERROR_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
+    ("error_class", pa.string()), ("error_message", pa.string()), ("http_status", pa.int32()),
+])
+
+
+def sample_key(row: int) -> str:
+    """Keys come from the row's place in its part, never from the URL (which is hostile)."""
+    return f"{row:010d}"
+
+
+def shard_paths(part_dir: Path, shard: int, output_format: str) -> dict[str, Path]:
+    name = f"{shard:05d}"
+    data = part_dir / (f"{name}.tar" if output_format == "webdataset" else name)
+    return {"data": data, "parquet": part_dir / f"{name}.parquet",
+            "stats": part_dir / f"{name}_stats.json"}
+
+
+def shard_complete(part_dir: Path, shard: int) -> bool:
+    return (part_dir / f"{shard:05d}_stats.json").exists()
+
+
+@dataclass
+class SampleRecord:
+    row: int
+    url: str
+    caption: str | None
+    status: str = "success"
+    error_class: str | None = None
+    error_message: str | None = None
+    http_status: int | None = None
+    width: int | None = None
+    height: int | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+    format: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def meta(self) -> dict:
+        """The sample's JSON sidecar, in img2dataset's field names."""
+        meta = {"key": sample_key(self.row), "row": self.row, "url": self.url,
+                "caption": self.caption, "status": self.status,
+                "error_message": self.error_message, "width": self.width,
+                "height": self.height, "original_width": self.width,
+                "original_height": self.height, "sha256": self.sha256, "bytes": self.bytes,
+                "format": self.format}
+        meta.update(self.extra)
+        return meta
+
+
+def _json_default(value):
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+class ShardWriter:
+    """Collects one shard's samples into temporary files and publishes them atomically."""
+
+    def __init__(self, part_dir: Path, shard: int, output_format: str):
+        self.part_dir = part_dir
+        self.shard = shard
+        self.output_format = output_format
+        self.paths = shard_paths(part_dir, shard, output_format)
+        self.tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        self.start_time = time.time()
+        self._lock = threading.Lock()
+        part_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp_data = self.paths["data"].with_name(self.paths["data"].name + self.tag)
+        if output_format == "webdataset":
+            self._tar: tarfile.TarFile | None = tarfile.open(self._tmp_data, "w")  # noqa: SIM115 - closed in close()/abort()
+        else:
+            self._tar = None
+            self._tmp_data.mkdir()
+
+    def add(self, record: SampleRecord, body: bytes) -> None:
+        """Store a successful sample (called from worker threads)."""
+        key = sample_key(record.row)
+        members = {
+            f"{key}.{record.format}": body,
+            f"{key}.txt": (record.caption or "").encode(),
+            f"{key}.json": json.dumps(record.meta(), default=_json_default).encode(),
+        }
+        with self._lock:
+            for name, data in members.items():
+                if self._tar is not None:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    info.mtime = int(self.start_time)
+                    info.mode = 0o644
+                    self._tar.addfile(info, io.BytesIO(data))
+                else:
+                    (self._tmp_data / name).write_bytes(data)
+
+    def close(self, records: list[SampleRecord], extra_columns: pa.Table | None) -> dict:
+        """Write the parquet and stats, publish everything; returns the stats."""
+        if self._tar is not None:
+            self._tar.close()
+        table = records_table(records)
+        if extra_columns is not None:
+            for name in extra_columns.column_names:
+                table = table.append_column(name, extra_columns.column(name))
+        end = time.time()
+        stats = shard_stats(records, self.start_time, end)
+        stats.update({"shard": self.shard, "output_format": self.output_format})
+        tmp_parquet = self.paths["parquet"].with_name(self.paths["parquet"].name + self.tag)
+        tmp_stats = self.paths["stats"].with_name(self.paths["stats"].name + self.tag)
+        pq.write_table(table, tmp_parquet, compression="zstd")
+        tmp_stats.write_text(json.dumps(stats, indent=2))
+        for tmp in (self._tmp_data, tmp_parquet, tmp_stats):
+            _fsync(tmp)
+        _publish(self._tmp_data, self.paths["data"])
+        os.replace(tmp_parquet, self.paths["parquet"])
+        os.replace(tmp_stats, self.paths["stats"])
+        _fsync_dir(self.part_dir)
+        return stats
+
+    def abort(self) -> None:
+        """Remove the temporary files: nothing partial is left behind."""
+        try:
+            if self._tar is not None:
+                self._tar.close()
+        except OSError:
+            pass
+        for path in self.part_dir.glob(f"*{self.tag}"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    if path.is_dir():
+        for child in path.iterdir():
+            _fsync(child)
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename into place; a folder that exists already is swapped out, then removed."""
+    if tmp.is_dir() and final.exists():
+        old = final.with_name(final.name + f".old-{secrets.token_hex(4)}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def records_table(records: list[SampleRecord]) -> pa.Table:
+    columns = {name: [] for name in SAMPLE_SCHEMA.names}
+    for r in records:
+        columns["key"].append(sample_key(r.row))
+        columns["row"].append(r.row)
+        columns["url"].append(r.url)
+        columns["caption"].append(r.caption)
+        columns["status"].append(r.status)
+        columns["error_class"].append(r.error_class)
+        columns["error_message"].append(r.error_message)
+        columns["http_status"].append(r.http_status)
+        columns["width"].append(r.width)
+        columns["height"].append(r.height)
+        columns["original_width"].append(r.width)
+        columns["original_height"].append(r.height)
+        columns["sha256"].append(r.sha256)
+        columns["bytes"].append(r.bytes)
+        columns["format"].append(r.format)
+    return pa.table(columns, schema=SAMPLE_SCHEMA)
+
+
+def error_table(records: list[SampleRecord]) -> pa.Table:
+    failed = [r for r in records if r.status != "success"]
+    return pa.table({
+        "row": [r.row for r in failed], "url": [r.url for r in failed],
+        "caption": [r.caption for r in failed], "error_class": [r.error_class for r in failed],
+        "error_message": [r.error_message for r in failed],
+        "http_status": [r.http_status for r in failed],
+    }, schema=ERROR_SCHEMA)
+
+
+def shard_stats(records: list[SampleRecord], start: float, end: float) -> dict:
+    """img2dataset's stats fields, with the same names and meaning."""
+    status: dict[str, int] = {}
+    for r in records:
+        name = "success" if r.status == "success" else r.error_class or "unknown"
+        status[name] = status.get(name, 0) + 1
+    successes = status.get("success", 0)
+    to_resize = sum(n for name, n in status.items() if name in RESIZE_CLASSES)
+    return {
+        "count": len(records),
+        "successes": successes,
+        "failed_to_download": len(records) - successes - to_resize,
+        "failed_to_resize": to_resize,
+        "duration": round(end - start, 3),
+        "start_time": start,
+        "end_time": end,
+        "status_dict": status,
+    }

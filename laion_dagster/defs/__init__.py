@@ -1,0 +1,1 @@
+"""The Dagster layer: partitions, assets, sensors, resources and jobs over the core."""

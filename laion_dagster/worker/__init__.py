@@ -1,0 +1,1 @@
+"""The worker pool: a supervisor and its fetching processes."""

@@ -1,0 +1,287 @@
+"""One worker process: an asyncio loop that claims shards, fetches their URLs and writes them.
+
+Up to `concurrency` fetches run at once across the process. A new shard is claimed as soon as
+the current one has handed all its URLs to fetch slots, so a shard waiting on its slowest URL
+does not idle the process (up to `shards_in_flight` shards at a time). CPU work (image checks,
+hashing, writing) runs in a small thread pool, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from laion_dagster.core import images, parts
+from laion_dagster.core.connection import connect_async
+from laion_dagster.core.fetch import Fetcher, FetchResult
+from laion_dagster.core.queue import AsyncQueue, Outcome, Task
+from laion_dagster.core.settings import Settings
+from laion_dagster.core.writers import SampleRecord, ShardWriter, error_table
+
+log = logging.getLogger("laion_dagster.worker")
+
+OUR_COLUMNS = ("row", "url", "caption")
+_terminated = False  # set by SIGTERM sent to this process alone
+
+
+@dataclass
+class Shared:
+    """What the supervisor shares with its processes (multiprocessing primitives)."""
+
+    stop: Any  # Event: finish in-flight shards, claim nothing new
+    paused: Any  # Event: the disk is full; claim nothing new until it clears
+    counters: Any  # Array('q', 3): ok, failed, bytes done by this process
+
+
+def _store(writer: ShardWriter, record: SampleRecord, body: bytes) -> SampleRecord:
+    """Thread-pool side of a success: identify the image, hash it, write it."""
+    try:
+        info = images.inspect(body)
+    except images.NotAnImage as error:
+        record.status, record.error_class, record.error_message = "failed", error.error_class, \
+            str(error)
+        return record
+    record.width, record.height, record.sha256 = info.width, info.height, info.sha256
+    record.format, record.bytes = info.ext, len(body)
+    writer.add(record, body)
+    return record
+
+
+class ShardJob:
+    """Everything about one claimed shard while it is being worked on."""
+
+    def __init__(self, task: Task, settings: Settings):
+        self.task = task
+        self.table = parts.decode_table(task.payload)
+        part_dir = settings.store_root / parts.relative_dir(task.partition)
+        self.writer = ShardWriter(part_dir, task.shard, settings.output_format)
+        self.records: list[SampleRecord] = []
+
+    def extra_columns(self) -> pa.Table:
+        return self.table.drop_columns([c for c in OUR_COLUMNS if c in self.table.column_names])
+
+    def outcome(self) -> Outcome:
+        classes: dict[str, int] = {}
+        ok = failed = nbytes = 0
+        for r in self.records:
+            if r.status == "success":
+                ok += 1
+                nbytes += r.bytes or 0
+            else:
+                failed += 1
+                classes[r.error_class or "unknown"] = classes.get(r.error_class or "unknown", 0) + 1
+        blob = parts.encode_table(error_table(self.records)) if failed else b""
+        return Outcome(ok=ok, failed=failed, bytes=nbytes, classes=classes, errors=blob)
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings, index: int, shared: Shared):
+        self.settings = settings
+        self.index = index
+        self.shared = shared
+        host = settings.host_id or socket.gethostname()
+        self.consumer = f"{host}:{os.getpid()}"
+        self.active: dict[str, ShardJob] = {}
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-cpu")
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        s = self.settings
+        client = connect_async(s, name=f"worker:{self.consumer}")
+        self.queue = AsyncQueue(client, s.prefix, self.consumer, s.visibility_timeout,
+                                s.max_deliveries)
+        await self.queue.ensure_group()
+        slots = asyncio.Semaphore(s.shards_in_flight)
+        self.fetch_slots = asyncio.Semaphore(s.concurrency)
+        dispatch_idle = asyncio.Event()
+        dispatch_idle.set()
+        running: set[asyncio.Task] = set()
+        keeper = asyncio.create_task(self._keep_claims())
+        watcher = asyncio.create_task(self._watch_stop())
+        try:
+            async with Fetcher(s) as fetcher:
+                self.fetcher = fetcher
+                while not self.stopping.is_set():
+                    if self.shared.paused.is_set():
+                        await self._sleep(1.0)
+                        continue
+                    await slots.acquire()
+                    await dispatch_idle.wait()
+                    if self.stopping.is_set():
+                        slots.release()
+                        break
+                    try:
+                        task = await self.queue.claim(block_ms=1000)
+                    except Exception as error:  # Redis down: back off, carry on
+                        log.warning("claim failed (%s); retrying", error)
+                        slots.release()
+                        await self._sleep(2.0)
+                        continue
+                    if task is None:
+                        slots.release()
+                        continue
+                    dispatch_idle.clear()
+                    job = asyncio.create_task(self._handle(task, dispatch_idle, slots))
+                    running.add(job)
+                    job.add_done_callback(running.discard)
+                await self._drain(running)
+        finally:
+            keeper.cancel()
+            watcher.cancel()
+            self.pool.shutdown(wait=True)
+            await client.aclose()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def _watch_stop(self) -> None:
+        while not (self.shared.stop.is_set() or _terminated):
+            await asyncio.sleep(0.2)
+        self.stopping.set()
+
+    async def _keep_claims(self) -> None:
+        period = max(0.5, self.settings.visibility_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.queue.refresh([j.task for j in self.active.values()])
+            except Exception as error:
+                log.warning("could not refresh claims: %s", error)
+
+    async def _drain(self, running: set[asyncio.Task]) -> None:
+        """On stop: let in-flight shards finish within the grace period, then hand them back."""
+        if not running:
+            return
+        done, pending = await asyncio.wait(running, timeout=self.settings.shutdown_grace)
+        for job in pending:
+            job.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        unfinished = [j.task for j in self.active.values()]
+        for job in self.active.values():
+            job.writer.abort()
+        with contextlib.suppress(Exception):
+            await self.queue.release(unfinished)
+
+    async def _handle(self, task: Task, dispatch_idle: asyncio.Event,
+                      slots: asyncio.Semaphore) -> None:
+        try:
+            await self._work(task, dispatch_idle)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("shard %s/%s failed; it will be retried after the visibility timeout",
+                          task.partition, task.shard)
+            job = self.active.pop(task.entry_id, None)
+            if job is not None:
+                job.writer.abort()
+        finally:
+            dispatch_idle.set()
+            slots.release()
+
+    async def _work(self, task: Task, dispatch_idle: asyncio.Event) -> None:
+        generation = await self.queue.current_generation(task.partition)
+        if generation != task.generation:
+            # The part was reset: this entry belongs to a generation nobody wants any more.
+            await self.queue.complete(task, Outcome(0, 0, 0, {}))
+            return
+        if task.deliveries > self.settings.max_deliveries:
+            await self._dead_letter(task)
+            return
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(self.pool, ShardJob, task, self.settings)
+        self.active[task.entry_id] = job
+        started = time.monotonic()
+        fetches = []
+        table = job.table
+        rows = table.column("row").to_pylist()
+        urls = table.column("url").to_pylist()
+        captions = table.column("caption").to_pylist()
+        extras = self._extras(job)
+        for i in range(table.num_rows):
+            await self.fetch_slots.acquire()
+            record = SampleRecord(row=rows[i], url=urls[i], caption=captions[i], extra=extras[i])
+            fetches.append(asyncio.create_task(self._one(job, record)))
+        dispatch_idle.set()
+        job.records = list(await asyncio.gather(*fetches))
+        job.records.sort(key=lambda r: r.row)
+        await loop.run_in_executor(self.pool, job.writer.close, job.records, job.extra_columns())
+        outcome = job.outcome()
+        await self.queue.complete(task, outcome)
+        self.active.pop(task.entry_id, None)
+        with self.shared.counters.get_lock():
+            self.shared.counters[0] += outcome.ok
+            self.shared.counters[1] += outcome.failed
+            self.shared.counters[2] += outcome.bytes
+        elapsed = time.monotonic() - started
+        log.info("shard %s/%05d: %d ok, %d failed, %.1f MB in %.1fs (%.0f rows/s)",
+                 task.partition, task.shard, outcome.ok, outcome.failed, outcome.bytes / 1e6,
+                 elapsed, task.rows / max(elapsed, 1e-9))
+
+    @staticmethod
+    def _extras(job: ShardJob) -> list[dict]:
+        extra = job.extra_columns()
+        if extra.num_columns == 0:
+            return [{} for _ in range(job.table.num_rows)]
+        return extra.to_pylist()
+
+    async def _one(self, job: ShardJob, record: SampleRecord) -> SampleRecord:
+        try:
+            result: FetchResult = await self.fetcher.fetch(record.url)
+        finally:
+            self.fetch_slots.release()
+        if not result.ok:
+            record.status, record.error_class = "failed", result.error_class
+            record.error_message, record.http_status = result.error_message, result.http_status
+            return record
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, _store, job.writer, record, result.body)
+
+    async def _dead_letter(self, task: Task) -> None:
+        table = parts.decode_table(task.payload)
+        message = (f"shard was delivered {task.deliveries} times without completing "
+                   f"(max_deliveries={self.settings.max_deliveries}); it is in the dead stream")
+        records = [SampleRecord(row=r, url=u, caption=c, status="failed",
+                                error_class="dead_letter", error_message=message)
+                   for r, u, c in zip(table.column("row").to_pylist(),
+                                      table.column("url").to_pylist(),
+                                      table.column("caption").to_pylist(), strict=True)]
+        outcome = Outcome(ok=0, failed=len(records), bytes=0,
+                          classes={"dead_letter": len(records)},
+                          errors=parts.encode_table(error_table(records)))
+        log.error("dead-lettering %s/%05d after %d deliveries", task.partition, task.shard,
+                  task.deliveries)
+        await self.queue.dead_letter(task, outcome, message)
+
+
+def _on_sigterm(*_: object) -> None:
+    global _terminated
+    _terminated = True
+
+
+def main(settings_json: str, index: int, shared: Shared) -> None:
+    """Entry point of a spawned worker process."""
+    # Ctrl-C reaches the whole process group; the supervisor decides what happens, and tells
+    # us through `shared.stop`. SIGTERM sent to this process alone means the same.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s worker[{index}] %(levelname)s %(message)s")
+    settings = Settings.model_validate_json(settings_json)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(WorkerProcess(settings, index, shared).run())

@@ -1,0 +1,156 @@
+"""The worker pool on one host: P processes, kept alive, paused on a full disk, stopped cleanly.
+
+The successor of downloader.py + monitor_disk.py. The supervisor restarts a process that dies,
+checks the store's disk every heartbeat (pausing every process's claiming while it is full and
+resuming by itself when space frees up), and reports the host to Redis. On SIGTERM or Ctrl-C it
+asks its processes to finish their in-flight shards; what they cannot finish within the grace
+period is handed back to the queue, never left half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import redis
+
+from laion_dagster.core.connection import connect
+from laion_dagster.core.hosts import HostReport, disk_state
+from laion_dagster.core.queue import Keys, ensure_group
+from laion_dagster.core.settings import Settings
+from laion_dagster.worker import process
+
+log = logging.getLogger("laion_dagster.worker")
+
+
+class Supervisor:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.ctx = mp.get_context("spawn")
+        self.stop = self.ctx.Event()
+        self.paused = self.ctx.Event()
+        self.children: list[tuple[mp.process.BaseProcess, process.Shared]] = []
+        self.host = settings.host_id or socket.gethostname()
+        self.restarts = 0
+        self._last = (time.monotonic(), 0, 0)
+        self._redis: redis.Redis | None = None
+
+    # -- processes
+    def _spawn(self, index: int) -> tuple[mp.process.BaseProcess, process.Shared]:
+        shared = process.Shared(stop=self.stop, paused=self.paused,
+                                counters=self.ctx.Array("q", 3))
+        child = self.ctx.Process(target=process.main, name=f"laion-worker-{index}",
+                                 args=(self.settings.model_dump_json(), index, shared),
+                                 daemon=False)
+        child.start()
+        return child, shared
+
+    def start(self) -> None:
+        settings = self.settings
+        self._redis = connect(settings, name=f"supervisor:{self.host}")
+        ensure_group(self._redis, Keys(settings.prefix).tasks)
+        settings.store_root.mkdir(parents=True, exist_ok=True)
+        self.children = [self._spawn(i) for i in range(settings.processes)]
+        log.info("worker pool on %s: %d processes × %d concurrent fetches, store %s",
+                 self.host, settings.processes, settings.concurrency, settings.store_root)
+
+    def _revive(self) -> None:
+        for index, (child, shared) in enumerate(self.children):
+            if child.is_alive() or self.stop.is_set():
+                continue
+            log.warning("worker process %d (pid %s) exited with %s; restarting", index,
+                        child.pid, child.exitcode)
+            # Keep the dead child's counters: they are part of this host's totals.
+            done = list(shared.counters)
+            new_child, new_shared = self._spawn(index)
+            with new_shared.counters.get_lock():
+                for i, value in enumerate(done):
+                    new_shared.counters[i] = value
+            self.children[index] = (new_child, new_shared)
+            self.restarts += 1
+
+    # -- host checks
+    def _totals(self) -> tuple[int, int, int]:
+        ok = failed = nbytes = 0
+        for _, shared in self.children:
+            ok += shared.counters[0]
+            failed += shared.counters[1]
+            nbytes += shared.counters[2]
+        return ok, failed, nbytes
+
+    def heartbeat(self) -> HostReport:
+        disk = disk_state(self.settings.store_root, self.settings)
+        if disk.full and not self.paused.is_set():
+            log.warning("store disk full (%s): pausing", disk.reason)
+            self.paused.set()
+        elif not disk.full and self.paused.is_set():
+            log.info("store disk has room again: resuming")
+            self.paused.clear()
+        ok, failed, nbytes = self._totals()
+        now = time.monotonic()
+        then, ok0, failed0 = self._last
+        rate = (ok + failed - ok0 - failed0) / max(now - then, 1e-9)
+        self._last = (now, ok, failed)
+        report = HostReport(
+            host=self.host, disk_used_gb=disk.used_gb, disk_free_gb=disk.free_gb,
+            paused=self.paused.is_set(), pause_reason=disk.reason,
+            processes=len(self.children),
+            alive_processes=sum(c.is_alive() for c, _ in self.children),
+            rate=round(rate, 2), ok=ok, failed=failed, bytes=nbytes, seen_at=time.time())
+        try:
+            assert self._redis is not None
+            self._redis.hset(Keys(self.settings.prefix).hosts, self.host, report.to_json())
+        except redis.RedisError as error:
+            log.warning("could not report host state: %s", error)
+        return report
+
+    # -- the loop
+    def run(self, until: Callable[[], bool] | None = None) -> int:
+        """Run until stopped (signal, or `until()` returning True); returns an exit code."""
+        self.start()
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def request_stop(signum, _frame):
+            log.info("received %s: finishing in-flight shards", signal.Signals(signum).name)
+            self.stop.set()
+
+        for sig in previous:
+            signal.signal(sig, request_stop)
+        try:
+            next_beat = 0.0
+            while not self.stop.is_set():
+                if time.monotonic() >= next_beat:
+                    self.heartbeat()
+                    next_beat = time.monotonic() + self.settings.heartbeat_interval
+                self._revive()
+                if until is not None and until():
+                    self.stop.set()
+                    break
+                self.stop.wait(0.5)
+        finally:
+            self.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        deadline = time.monotonic() + self.settings.shutdown_grace + 15
+        for child, _ in self.children:
+            child.join(max(0.0, deadline - time.monotonic()))
+        for child, _ in self.children:
+            if child.is_alive():
+                log.warning("worker process pid %s did not stop; killing it", child.pid)
+                child.kill()
+                child.join(5)
+        if self._redis is not None:
+            try:
+                self.heartbeat()
+                self._redis.hdel(Keys(self.settings.prefix).hosts, self.host)
+            except redis.RedisError:
+                pass
+            self._redis.close()
