@@ -71,8 +71,9 @@ class Settings(BaseSettings):
     allow_private_addresses: bool = False
     host_map: dict[str, str] = Field(default_factory=dict)
 
-    # Output
+    # Output and checks
     output_format: OutputFormat = "webdataset"
+    min_success_rate: float = Field(0.5, ge=0, le=1)
 
     @field_validator("data_dir", "parquet_dir", "store_dir", "error_dir")
     @classmethod

@@ -36,11 +36,16 @@ _terminated = False  # set by SIGTERM sent to this process alone
 
 @dataclass
 class Shared:
-    """What the supervisor shares with its processes (multiprocessing primitives)."""
+    """What the supervisor shares with its processes.
 
-    stop: Any  # Event: finish in-flight shards, claim nothing new
-    paused: Any  # Event: the disk is full; claim nothing new until it clears
-    counters: Any  # Array('q', 3): ok, failed, bytes done by this process
+    Lock-free shared memory on purpose: a multiprocessing Event's lock can be left held by a
+    process killed at the wrong moment (or by a signal handler), which hangs everyone else.
+    Each flag has one writer (the supervisor) and each counter one writer (its process).
+    """
+
+    stop: Any  # RawValue('b'): finish in-flight shards, claim nothing new
+    paused: Any  # RawValue('b'): the disk is full; claim nothing new until it clears
+    counters: Any  # RawArray('q', 3): ok, failed, bytes done by this process
 
 
 def _store(writer: ShardWriter, record: SampleRecord, body: bytes) -> SampleRecord:
@@ -112,7 +117,7 @@ class WorkerProcess:
             async with Fetcher(s) as fetcher:
                 self.fetcher = fetcher
                 while not self.stopping.is_set():
-                    if self.shared.paused.is_set():
+                    if self.shared.paused.value:
                         await self._sleep(1.0)
                         continue
                     await slots.acquire()
@@ -146,7 +151,11 @@ class WorkerProcess:
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def _watch_stop(self) -> None:
-        while not (self.shared.stop.is_set() or _terminated):
+        parent = os.getppid()
+        while not (self.shared.stop.value or _terminated):
+            if os.getppid() != parent:
+                log.warning("the supervisor is gone; stopping")
+                break
             await asyncio.sleep(0.2)
         self.stopping.set()
 
@@ -219,10 +228,9 @@ class WorkerProcess:
         outcome = job.outcome()
         await self.queue.complete(task, outcome)
         self.active.pop(task.entry_id, None)
-        with self.shared.counters.get_lock():
-            self.shared.counters[0] += outcome.ok
-            self.shared.counters[1] += outcome.failed
-            self.shared.counters[2] += outcome.bytes
+        self.shared.counters[0] += outcome.ok
+        self.shared.counters[1] += outcome.failed
+        self.shared.counters[2] += outcome.bytes
         elapsed = time.monotonic() - started
         log.info("shard %s/%05d: %d ok, %d failed, %.1f MB in %.1fs (%.0f rows/s)",
                  task.partition, task.shard, outcome.ok, outcome.failed, outcome.bytes / 1e6,

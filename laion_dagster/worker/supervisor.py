@@ -31,18 +31,19 @@ class Supervisor:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.ctx = mp.get_context("spawn")
-        self.stop = self.ctx.Event()
-        self.paused = self.ctx.Event()
+        self.stop = self.ctx.RawValue("b", 0)
+        self.paused = self.ctx.RawValue("b", 0)
         self.children: list[tuple[mp.process.BaseProcess, process.Shared]] = []
         self.host = settings.host_id or socket.gethostname()
         self.restarts = 0
         self._last = (time.monotonic(), 0, 0)
         self._redis: redis.Redis | None = None
+        self._signal: int | None = None
 
     # -- processes
     def _spawn(self, index: int) -> tuple[mp.process.BaseProcess, process.Shared]:
         shared = process.Shared(stop=self.stop, paused=self.paused,
-                                counters=self.ctx.Array("q", 3))
+                                counters=self.ctx.RawArray("q", 3))
         child = self.ctx.Process(target=process.main, name=f"laion-worker-{index}",
                                  args=(self.settings.model_dump_json(), index, shared),
                                  daemon=False)
@@ -60,21 +61,20 @@ class Supervisor:
 
     def _revive(self) -> None:
         for index, (child, shared) in enumerate(self.children):
-            if child.is_alive() or self.stop.is_set():
+            if child.is_alive() or self.stop.value:
                 continue
             log.warning("worker process %d (pid %s) exited with %s; restarting", index,
                         child.pid, child.exitcode)
             # Keep the dead child's counters: they are part of this host's totals.
             done = list(shared.counters)
             new_child, new_shared = self._spawn(index)
-            with new_shared.counters.get_lock():
-                for i, value in enumerate(done):
-                    new_shared.counters[i] = value
+            for i, value in enumerate(done):
+                new_shared.counters[i] = value
             self.children[index] = (new_child, new_shared)
             self.restarts += 1
 
     # -- host checks
-    def _totals(self) -> tuple[int, int, int]:
+    def totals(self) -> tuple[int, int, int]:
         ok = failed = nbytes = 0
         for _, shared in self.children:
             ok += shared.counters[0]
@@ -84,20 +84,20 @@ class Supervisor:
 
     def heartbeat(self) -> HostReport:
         disk = disk_state(self.settings.store_root, self.settings)
-        if disk.full and not self.paused.is_set():
+        if disk.full and not self.paused.value:
             log.warning("store disk full (%s): pausing", disk.reason)
-            self.paused.set()
-        elif not disk.full and self.paused.is_set():
+            self.paused.value = 1
+        elif not disk.full and self.paused.value:
             log.info("store disk has room again: resuming")
-            self.paused.clear()
-        ok, failed, nbytes = self._totals()
+            self.paused.value = 0
+        ok, failed, nbytes = self.totals()
         now = time.monotonic()
         then, ok0, failed0 = self._last
         rate = (ok + failed - ok0 - failed0) / max(now - then, 1e-9)
         self._last = (now, ok, failed)
         report = HostReport(
             host=self.host, disk_used_gb=disk.used_gb, disk_free_gb=disk.free_gb,
-            paused=self.paused.is_set(), pause_reason=disk.reason,
+            paused=bool(self.paused.value), pause_reason=disk.reason,
             processes=len(self.children),
             alive_processes=sum(c.is_alive() for c, _ in self.children),
             rate=round(rate, 2), ok=ok, failed=failed, bytes=nbytes, seen_at=time.time())
@@ -109,28 +109,36 @@ class Supervisor:
         return report
 
     # -- the loop
-    def run(self, until: Callable[[], bool] | None = None) -> int:
-        """Run until stopped (signal, or `until()` returning True); returns an exit code."""
+    def run(self, until: Callable[[], bool] | None = None, handle_signals: bool = True) -> int:
+        """Run until stopped (signal, or `until()` returning True); returns an exit code.
+
+        `until` is asked every heartbeat, not every loop turn: it may cost a Redis round trip.
+        """
         self.start()
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        sigs = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+        previous = {sig: signal.getsignal(sig) for sig in sigs}
 
         def request_stop(signum, _frame):
-            log.info("received %s: finishing in-flight shards", signal.Signals(signum).name)
-            self.stop.set()
+            # Only plain memory writes here: a handler that takes a lock can deadlock with
+            # the code it interrupted.
+            self.stop.value = 1
+            self._signal = signum
 
         for sig in previous:
             signal.signal(sig, request_stop)
         try:
             next_beat = 0.0
-            while not self.stop.is_set():
+            while not self.stop.value:
                 if time.monotonic() >= next_beat:
                     self.heartbeat()
                     next_beat = time.monotonic() + self.settings.heartbeat_interval
+                    if until is not None and until():
+                        break
                 self._revive()
-                if until is not None and until():
-                    self.stop.set()
-                    break
-                self.stop.wait(0.5)
+                time.sleep(0.2)
+            if self._signal is not None:
+                log.info("received %s: finishing in-flight shards",
+                         signal.Signals(self._signal).name)
         finally:
             self.shutdown()
             for sig, handler in previous.items():
@@ -138,7 +146,7 @@ class Supervisor:
         return 0
 
     def shutdown(self) -> None:
-        self.stop.set()
+        self.stop.value = 1
         deadline = time.monotonic() + self.settings.shutdown_grace + 15
         for child, _ in self.children:
             child.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,213 @@
+"""`laion-dagster`: run, demo, up, worker, status, discover.
+
+Flags override LAION_* environment variables, which override the defaults; all three are the
+one settings model (`core/settings.py`).
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from laion_dagster.core import embedded
+from laion_dagster.core.connection import RedisUnavailable, connect
+from laion_dagster.core.embedded import EmbeddedServerError
+from laion_dagster.core.settings import Settings
+
+DEMO_HOSTS = ("img-a.test", "img-b.test", "img-c.test")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
+    return Settings().with_overrides(**overrides)
+
+
+def _common(parser: argparse.ArgumentParser, pool: bool = True) -> None:
+    parser.add_argument("--parquet-dir", dest="parquet_dir", type=Path)
+    parser.add_argument("--store-dir", dest="store_dir", type=Path)
+    parser.add_argument("--data-dir", dest="data_dir", type=Path,
+                        help="where the embedded Redis, logs and the Dagster instance live")
+    parser.add_argument("--redis-url", dest="redis_url",
+                        help="redis:// or rediss:// URL; unset means the embedded server")
+    parser.add_argument("--prefix")
+    if pool:
+        parser.add_argument("--processes", type=int)
+        parser.add_argument("--concurrency", type=int, help="concurrent fetches per process")
+        parser.add_argument("--shard-size", dest="shard_size", type=int)
+        parser.add_argument("--output-format", dest="output_format",
+                            choices=["webdataset", "files"])
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from laion_dagster.worker.supervisor import Supervisor
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s "
+                                                   "%(message)s")
+    return Supervisor(_settings(args)).run()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from laion_dagster.oneshot import OneShot, format_summary
+
+    settings = _settings(args)
+    result = OneShot(settings).run()
+    print(format_summary(result, settings))
+    return 0 if result.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from laion_dagster.demo.dataset import make_images, write_dataset
+    from laion_dagster.demo.server import ImageServer
+    from laion_dagster.oneshot import OneShot, format_summary
+
+    base = _settings(args)
+    demo_dir = (args.data_dir or base.data_dir / "demo").absolute()
+    embedded.stop(demo_dir / "redis")
+    shutil.rmtree(demo_dir, ignore_errors=True)
+    # The demo is self-contained: its own Redis, store and Dagster instance, whatever the
+    # environment says, and only loopback traffic to the image server it starts.
+    settings = base.model_copy(update={
+        "data_dir": demo_dir, "parquet_dir": demo_dir / "parquet", "store_dir": demo_dir / "store",
+        "error_dir": None, "redis_url": None, "prefix": "laion-demo",
+        "shard_size": args.shard_size or 250, "processes": args.processes or 2,
+        "concurrency": args.concurrency or 32, "allow_private_addresses": True,
+        "host_map": {host: "127.0.0.1" for host in DEMO_HOSTS}, "timeout": 10.0,
+        "heartbeat_interval": 2.0,
+    })
+    os.environ["DAGSTER_HOME"] = str(demo_dir / "dagster")
+    print(f"generating a LAION-like demo dataset in {demo_dir} ...", flush=True)
+    images = make_images(200)
+    with ImageServer({image.path: image for image in images}) as server:
+        dataset = write_dataset(settings.parts_root, [server.url(h) for h in DEMO_HOSTS],
+                                rows_per_part=args.rows_per_part, images=images)
+        print(f"{len(dataset.parts)} parts, {len(dataset.expected_by_row):,} rows, served from "
+              f"{server.url()} as {', '.join(DEMO_HOSTS)}", flush=True)
+        result = OneShot(settings).run()
+    print(format_summary(result, settings))
+    print(f"\nsee it in the UI: LAION_DATA_DIR={demo_dir} DAGSTER_HOME={demo_dir}/dagster "
+          "dagster dev -m laion_dagster.definitions")
+    return 0 if result.ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from laion_dagster.core.queue import Queue
+    from laion_dagster.core.status import collect, render
+
+    settings = _settings(args)
+    client = connect(settings, name="laion-dagster-status")
+    queue = Queue(client, settings.prefix)
+    while True:
+        status = collect(queue, settings)
+        text = json.dumps(status.to_dict(), indent=2) if args.json else render(status)
+        if args.watch:
+            print("\033[2J\033[H" + time.strftime("%H:%M:%S  ") + text, flush=True)
+            time.sleep(args.watch)
+        else:
+            print(text)
+            return 0
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from laion_dagster.core import parts
+    from laion_dagster.defs.partitions import PARTS
+    from laion_dagster.instance import get_instance
+
+    settings = _settings(args)
+    instance = get_instance(settings)
+    found = [p.key for p in parts.discover(settings.parts_root)]
+    known = set(instance.get_dynamic_partitions(PARTS))
+    new = [k for k in found if k not in known]
+    if new:
+        instance.add_dynamic_partitions(PARTS, new)
+    for key in found:
+        print(("added  " if key in new else "known  ") + key)
+    print(f"{len(new)} new, {len(found)} parts under {settings.parts_root}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from laion_dagster.instance import ensure_dagster_home
+
+    settings = _settings(args)
+    home = ensure_dagster_home(settings)
+    os.environ.update(settings.to_env())
+    started_redis = not settings.redis_url and embedded.read_state(settings.redis_dir) is None
+    connect(settings).close()  # starts the embedded server if needed, fails early if not
+    dagster = Path(sys.executable).with_name("dagster")
+    children = [
+        subprocess.Popen([sys.executable, "-m", "laion_dagster.cli", "worker"]),
+        subprocess.Popen([str(dagster) if dagster.exists() else "dagster", "dev", "-m",
+                          "laion_dagster.definitions", "-p", str(args.port)]),
+    ]
+    print(f"Dagster UI on http://127.0.0.1:{args.port} (DAGSTER_HOME={home}); "
+          f"workers writing to {settings.store_root}. Ctrl-C stops everything.", flush=True)
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        for child in children:
+            try:
+                child.wait(settings.shutdown_grace + 30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if started_redis:
+            embedded.stop(settings.redis_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="laion-dagster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="download every part of a folder, then exit")
+    _common(run)
+    run.set_defaults(func=cmd_run)
+    demo = sub.add_parser("demo", help="run on a generated dataset served from loopback")
+    _common(demo)
+    demo.add_argument("--rows-per-part", dest="rows_per_part", type=int, default=1000)
+    demo.set_defaults(func=cmd_demo)
+    up = sub.add_parser("up", help="embedded Redis + dagster dev + a local worker pool")
+    _common(up)
+    up.add_argument("--port", type=int, default=3000)
+    up.set_defaults(func=cmd_up)
+    worker = sub.add_parser("worker", help="a worker pool on this host (downloader.py)")
+    _common(worker)
+    worker.add_argument("--host-id", dest="host_id")
+    worker.set_defaults(func=cmd_worker)
+    status = sub.add_parser("status", help="queue, rates, ETA, parts and hosts (speed.py)")
+    _common(status, pool=False)
+    status.add_argument("--watch", type=float, nargs="?", const=2.0)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    discover = sub.add_parser("discover", help="add new parts as Dagster partitions")
+    _common(discover, pool=False)
+    discover.set_defaults(func=cmd_discover)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RedisUnavailable, EmbeddedServerError) as error:
+        print(f"laion-dagster: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

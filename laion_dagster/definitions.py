@@ -1,0 +1,15 @@
+"""What `workspace.yaml` loads: the assets, sensors, jobs and the `laion` resource."""
+
+from dagster import Definitions
+
+from laion_dagster.defs.assets import part_images, part_tasks
+from laion_dagster.defs.jobs import enqueue_job, finalize_job, local_workers
+from laion_dagster.defs.resources import LaionResource
+from laion_dagster.defs.sensors import discover_parts, finalize_parts, launch_or_hold
+
+defs = Definitions(
+    assets=[part_tasks, part_images],
+    jobs=[enqueue_job, finalize_job, local_workers],
+    sensors=[discover_parts, launch_or_hold, finalize_parts],
+    resources={"laion": LaionResource()},
+)

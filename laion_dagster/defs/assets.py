@@ -1,0 +1,126 @@
+"""The two assets of a part: its rows on the queue, and its images on disk.
+
+Thin: each calls one core function and turns its report into metadata the UI can plot.
+"""
+
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from laion_dagster.core import parts
+from laion_dagster.core.accounting import PartNotDone, PartSummary, finalize_part
+from laion_dagster.core.connection import RedisUnavailable
+from laion_dagster.core.embedded import EmbeddedServerError
+from laion_dagster.core.enqueue import enqueue_part
+from laion_dagster.defs.partitions import parts_partitions
+from laion_dagster.defs.resources import LaionResource
+
+GROUP = "laion"
+BALANCED = "rows_accounted_for"
+SUCCESS_RATE = "success_rate_floor"
+
+
+@asset(partitions_def=parts_partitions, group_name=GROUP,
+       description="A parquet part's rows, cut into shards and queued on Redis for the workers.")
+def part_tasks(context: AssetExecutionContext, laion: LaionResource) -> MaterializeResult:
+    settings = laion.settings()
+    key = context.partition_key
+    last_tenth = -1
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last_tenth
+        tenth = done * 10 // max(total, 1)
+        if tenth != last_tenth:
+            last_tenth = tenth
+            context.log.info(f"{key}: {done:,} / {total:,} rows enqueued")
+
+    try:
+        part = parts.find(settings.parts_root, key)
+        with laion.queue() as queue:
+            report = enqueue_part(queue, part, settings, progress=progress)
+    except (parts.PartError, RedisUnavailable, EmbeddedServerError) as error:
+        raise Failure(description=str(error)) from error
+    return MaterializeResult(metadata={
+        "rows": report.rows,
+        "invalid_rows": report.invalid,
+        "queued_rows": report.rows - report.invalid,
+        "shards": report.shards,
+        "shards_added": report.shards_added,
+        "shards_already_queued": report.shards_skipped,
+        "rows_per_second": round(report.rows_per_second, 1),
+        "duration_s": round(report.duration, 3),
+        "waited_for_queue_s": round(report.waited_seconds, 1),
+        "generation": report.generation,
+        "part_file": MetadataValue.path(report.path),
+    })
+
+
+def classes_table(summary: PartSummary) -> str:
+    failed = summary.failed + summary.invalid
+    lines = ["| error class | rows | share of failures |", "|---|---:|---:|"]
+    for name, count in sorted(summary.classes.items(), key=lambda kv: -kv[1]):
+        share = count / failed if failed else 0.0
+        lines.append(f"| {name} | {count:,} | {share:.1%} |")
+    if len(lines) == 2:
+        lines.append("| (none) | 0 | |")
+    return "\n".join(lines)
+
+
+@asset(
+    partitions_def=parts_partitions,
+    group_name=GROUP,
+    deps=[part_tasks],
+    description="A part's downloaded shards, its totals, and its error file.",
+    check_specs=[
+        AssetCheckSpec(BALANCED, asset="part_images",
+                       description="rows = ok + failed + invalid: every input row accounted for"),
+        AssetCheckSpec(SUCCESS_RATE, asset="part_images",
+                       description="ok / attempted at least min_success_rate (below ~50% on "
+                                   "LAION usually means a broken DNS resolver)"),
+    ],
+)
+def part_images(context: AssetExecutionContext, laion: LaionResource) -> MaterializeResult:
+    settings = laion.settings()
+    try:
+        with laion.queue() as queue:
+            summary = finalize_part(queue, context.partition_key, settings)
+    except (PartNotDone, RedisUnavailable, EmbeddedServerError) as error:
+        raise Failure(description=str(error)) from error
+    metadata = {
+        "rows": summary.rows,
+        "ok": summary.ok,
+        "failed": summary.failed,
+        "invalid_rows": summary.invalid,
+        "bytes": summary.bytes,
+        "success_rate": round(summary.success_rate, 4),
+        "images_per_second": round(summary.images_per_second, 1),
+        "duration_s": round(summary.duration, 1),
+        "shards": summary.shards,
+        "error_rows": summary.error_rows,
+        "error_classes": MetadataValue.md(classes_table(summary)),
+        "output_dir": MetadataValue.path(summary.output_dir),
+        "error_file": MetadataValue.path(summary.error_file or ""),
+    }
+    for name, count in summary.classes.items():
+        metadata[f"failed_{name}"] = count
+    checks = [
+        AssetCheckResult(
+            check_name=BALANCED, passed=summary.balanced,
+            metadata={"rows": summary.rows,
+                      "ok_plus_failed_plus_invalid": summary.ok + summary.failed
+                      + summary.invalid}),
+        AssetCheckResult(
+            check_name=SUCCESS_RATE, passed=summary.success_rate >= settings.min_success_rate,
+            severity=AssetCheckSeverity.WARN,
+            metadata={"success_rate": round(summary.success_rate, 4),
+                      "floor": settings.min_success_rate}),
+    ]
+    return MaterializeResult(metadata=metadata, check_results=checks)

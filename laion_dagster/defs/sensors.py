@@ -1,0 +1,127 @@
+"""Sensors: find parts, launch or hold their enqueue, and finalize finished parts.
+
+All three are on by default, so `dagster dev` or the daemon runs a whole folder unattended.
+Every skip says why in a sentence with the numbers in it.
+"""
+
+
+from dagster import (
+    DagsterInstance,
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    RunsFilter,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from laion_dagster.core import parts
+from laion_dagster.core.admission import hold_reasons
+from laion_dagster.core.connection import RedisUnavailable
+from laion_dagster.core.embedded import EmbeddedServerError
+from laion_dagster.defs.jobs import enqueue_job, finalize_job
+from laion_dagster.defs.partitions import PARTS, parts_partitions
+from laion_dagster.defs.resources import LaionResource
+
+UNFINISHED = {DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+              DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING}
+
+
+@sensor(minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING,
+        description="Adds a partition for every new parquet part under parquet_dir/<subset>/.")
+def discover_parts(context: SensorEvaluationContext, laion: LaionResource) -> SensorResult:
+    settings = laion.settings()
+    found = parts.discover(settings.parts_root)
+    known = set(context.instance.get_dynamic_partitions(PARTS))
+    new = [p.key for p in found if p.key not in known]
+    if not new:
+        return SensorResult(skip_reason=SkipReason(
+            f"no new parts in {settings.parts_root} ({len(known)} known)"))
+    context.log.info(f"adding {len(new)} parts: {', '.join(new[:5])}{' …' if len(new) > 5 else ''}")
+    return SensorResult(dynamic_partitions_requests=[parts_partitions.build_add_request(new)])
+
+
+def _latest_enqueue_run(instance: DagsterInstance, partition: str):
+    """The newest run that materialized part_tasks for this partition, from any job."""
+    for run in instance.get_runs(RunsFilter(tags={"dagster/partition": partition}), limit=10):
+        selection = run.asset_selection or set()
+        if run.job_name == enqueue_job.name or any(k.path[-1] == "part_tasks"
+                                                     for k in selection):
+            return run
+    return None
+
+
+def enqueue_run_key(partition: str, generation: int, mtime_ns: int) -> str:
+    """A new generation or a changed file gives a new key, so a failed part can run again."""
+    return f"enqueue:{partition}:g{generation}:{mtime_ns}"
+
+
+@sensor(minimum_interval_seconds=15, default_status=DefaultSensorStatus.RUNNING,
+        job=enqueue_job,
+        description="Launches the next part's enqueue while the queue is below queue_threshold "
+                    "and every worker host has disk room; otherwise says why it holds.")
+def launch_or_hold(context: SensorEvaluationContext, laion: LaionResource):
+    settings = laion.settings()
+    keys = sorted(context.instance.get_dynamic_partitions(PARTS))
+    if not keys:
+        return SkipReason("no parts yet (discover_parts adds them from "
+                          f"{settings.parts_root})")
+    try:
+        with laion.queue() as queue:
+            states = queue.parts_states(keys)
+            depth = queue.queued_rows()
+            hosts = queue.hosts()
+    except (RedisUnavailable, EmbeddedServerError) as error:
+        return SkipReason(f"Redis unavailable: {error}")
+    waiting = [k for k in keys if not states[k].enqueued]
+    if not waiting:
+        return SkipReason(f"all {len(keys)} parts are enqueued; queue {depth:,} rows")
+    reasons = hold_reasons(depth, hosts, settings)
+    if reasons:
+        return SkipReason(f"holding {len(waiting)} parts: " + "; ".join(reasons))
+    failed = []
+    for key in waiting:
+        run = _latest_enqueue_run(context.instance, key)
+        if run is not None and run.status in UNFINISHED:
+            return SkipReason(f"part {key} is being enqueued (run {run.run_id[:8]}); "
+                              f"{len(waiting) - 1} more waiting")
+        try:
+            part = parts.find(settings.parts_root, key)
+        except parts.PartError as error:
+            failed.append(f"{key}: {error}")
+            continue
+        run_key = enqueue_run_key(key, max(states[key].generation, 1),
+                                  part.path.stat().st_mtime_ns)
+        if (run is not None and run.status == DagsterRunStatus.FAILURE
+                and run.tags.get("dagster/run_key") == run_key):
+            failed.append(f"{key}: its last enqueue run {run.run_id[:8]} failed; fix the file "
+                          "or re-materialize the partition")
+            continue
+        return RunRequest(run_key=run_key, partition_key=key,
+                          tags={"laion/reason": f"queue {depth:,} < {settings.queue_threshold:,}"})
+    return SkipReason(f"{len(failed)} waiting parts need attention: " + " | ".join(failed[:5]))
+
+
+@sensor(minimum_interval_seconds=15, default_status=DefaultSensorStatus.RUNNING,
+        job=finalize_job,
+        description="Launches part_images for every part whose shards are all complete.")
+def finalize_parts(context: SensorEvaluationContext, laion: LaionResource):
+    keys = sorted(context.instance.get_dynamic_partitions(PARTS))
+    try:
+        with laion.queue() as queue:
+            states = queue.parts_states(keys)
+    except (RedisUnavailable, EmbeddedServerError) as error:
+        return SkipReason(f"Redis unavailable: {error}")
+    requests = [RunRequest(run_key=f"finalize:{k}:g{s.generation}", partition_key=k)
+                for k, s in states.items() if s.done and s.finalized_at is None]
+    if requests:
+        return requests
+    running = [s for s in states.values() if s.enqueued and not s.done]
+    if not running:
+        return SkipReason(f"nothing to finalize ({len(keys)} parts known)")
+    progress = ", ".join(f"{s.partition} {s.shards_done}/{s.shards_total} shards"
+                         for s in running[:3])
+    return SkipReason(f"{len(running)} parts downloading: {progress}"
+                      f"{' …' if len(running) > 3 else ''}")
