@@ -137,7 +137,9 @@ def open_part(path: Path) -> pq.ParquetFile:
     if not path.is_file():
         raise PartError(f"{path}: file not found")
     try:
-        return pq.ParquetFile(path)
+        # pre_buffer=False: the default reads the whole compressed file up front, which would
+        # make enqueue memory grow with the part instead of with the shard.
+        return pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowException, OSError) as error:
         raise PartError(f"{path}: not a readable parquet file ({error})") from error
 

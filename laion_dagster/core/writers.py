@@ -145,6 +145,8 @@ class ShardWriter:
         tmp_stats.write_text(json.dumps(stats, indent=2))
         for tmp in (self._tmp_data, tmp_parquet, tmp_stats):
             _fsync(tmp)
+        # An older copy of this shard stops counting as complete before any of it is replaced.
+        self.paths["stats"].unlink(missing_ok=True)
         _publish(self._tmp_data, self.paths["data"])
         os.replace(tmp_parquet, self.paths["parquet"])
         os.replace(tmp_stats, self.paths["stats"])

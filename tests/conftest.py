@@ -1,0 +1,100 @@
+"""Shared fixtures: a real embedded Redis, a real loopback image server, real parquet parts.
+
+Nothing here touches the machine's own Redis: the session starts its own embedded server, and
+every test gets a unique key prefix that is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from laion_dagster.core import embedded
+from laion_dagster.core.settings import Settings
+from laion_dagster.demo.dataset import DemoDataset, DemoImage, make_images, write_dataset
+from laion_dagster.demo.server import ImageServer
+
+TEST_HOSTS = ("img-a.test", "img-b.test", "img-c.test")
+
+# Nothing a test runs may phone home or read the developer's settings.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+for _name in [n for n in os.environ if n.startswith("LAION_")]:
+    del os.environ[_name]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[embedded.EmbeddedServer]:
+    directory = tmp_path_factory.mktemp("redis")
+    server = embedded.ensure_running(directory)
+    yield server
+    embedded.stop(directory)
+
+
+@pytest.fixture
+def prefix(redis_server) -> Iterator[str]:
+    name = f"t{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(redis_server.url)
+    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def client(redis_server) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_server.url)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def images() -> list[DemoImage]:
+    return make_images(60, seed=1)
+
+
+@pytest.fixture(scope="session")
+def image_server(images) -> Iterator[ImageServer]:
+    with ImageServer({image.path: image for image in images}) as server:
+        yield server
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_server, prefix: str) -> Settings:
+    """Settings for a test: its own folders and prefix, the session's Redis, loopback only."""
+    return Settings(
+        data_dir=tmp_path / "data",
+        parquet_dir=tmp_path / "parquet",
+        store_dir=tmp_path / "store",
+        redis_url=redis_server.url,
+        prefix=prefix,
+        shard_size=50,
+        processes=2,
+        concurrency=16,
+        allow_private_addresses=True,
+        host_map={host: "127.0.0.1" for host in TEST_HOSTS},
+        timeout=5.0,
+        connect_timeout=2.0,
+        heartbeat_interval=0.5,
+        shutdown_grace=10.0,
+        retries=0,
+    )
+
+
+@pytest.fixture
+def dataset(settings: Settings, image_server: ImageServer, images) -> DemoDataset:
+    """Two subsets × two parts of 120 rows each, with LAION's mix of failures."""
+    return write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
+                         rows_per_part=120, images=images, seed=3)
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment a worker subprocess needs to see these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAION_")}
+    env.update(settings.to_env())
+    return env

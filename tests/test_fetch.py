@@ -1,0 +1,493 @@
+"""Fetching with the real aiohttp client against the loopback image server, and image checks."""
+
+import asyncio
+import gzip
+import hashlib
+import io
+import socket
+import struct
+import time
+import uuid
+import warnings
+import zlib
+
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from laion_dagster.core.fetch import Fetcher, address_blocked
+from laion_dagster.core.images import NotAnImage
+from laion_dagster.core.images import inspect as inspect_image
+from laion_dagster.demo.dataset import CORRUPT_JPEG
+
+
+def fetch_all(settings, urls):
+    """Fetch `urls` one after another in one Fetcher session; returns (result, seconds) pairs."""
+
+    async def run():
+        out = []
+        async with Fetcher(settings) as fetcher:
+            for url in urls:
+                started = time.monotonic()
+                result = await fetcher.fetch(url)
+                out.append((result, time.monotonic() - started))
+        return out
+
+    return asyncio.run(run())
+
+
+def fetch_one(settings, url):
+    [(result, _)] = fetch_all(settings, [url])
+    return result
+
+
+def by_format(images_list, fmt):
+    for image in images_list:
+        with Image.open(io.BytesIO(image.body)) as opened:
+            if opened.format == fmt:
+                return image
+    raise AssertionError(f"no {fmt} image in the fixture")
+
+
+def unique(route):
+    """A path on a failure route that no other test has requested."""
+    return f"/{route}/{uuid.uuid4().hex}.jpg"
+
+
+# ---------------------------------------------------------------- successes
+
+def test_success_returns_the_exact_body_and_a_correct_image_info(settings, image_server, images):
+    """A 200 image comes back byte for byte; inspect() reports format, size and sha256."""
+    base = image_server.url("img-a.test")
+    chosen = [by_format(images, f) for f in ("JPEG", "PNG", "WEBP")]
+
+    results = fetch_all(settings, [base + image.path for image in chosen])
+
+    for image, (result, _) in zip(chosen, results, strict=True):
+        assert result.ok, result.error_message
+        assert result.error_class is None and result.http_status is None
+        assert result.body == image.body
+        assert result.content_type == image.content_type
+        info = inspect_image(result.body)
+        with Image.open(io.BytesIO(image.body)) as opened:
+            assert (info.format, info.width, info.height) == (opened.format, *opened.size)
+        assert info.sha256 == hashlib.sha256(image.body).hexdigest()
+
+
+def test_several_host_names_reach_the_same_server(settings, image_server, images):
+    """Each host_map name resolves to the loopback server without real DNS."""
+    image = images[0]
+    urls = [image_server.url(h) + image.path for h in ("img-a.test", "img-b.test", "IMG-C.TEST")]
+
+    for result, _ in fetch_all(settings, urls):
+        assert result.ok and result.body == image.body
+
+
+# ---------------------------------------------------------------- failure classes
+
+def test_http_errors_are_classified_with_their_status(settings, image_server):
+    """404 is http_4xx, 503 is http_5xx, each with its status code."""
+    base = image_server.url("img-a.test")
+
+    (r404, _), (r403, _), (r503, _), (r500, _) = fetch_all(settings, [
+        base + unique("status/404"), base + unique("status/403"),
+        base + unique("status/503"), base + unique("status/500")])
+
+    assert (r404.error_class, r404.http_status) == ("http_4xx", 404)
+    assert (r403.error_class, r403.http_status) == ("http_4xx", 403)
+    assert (r503.error_class, r503.http_status) == ("http_5xx", 503)
+    assert (r500.error_class, r500.http_status) == ("http_5xx", 500)
+    for r in (r404, r403, r503, r500):
+        assert not r.ok and r.body is None and r.error_message
+
+
+def test_unknown_host_is_dns_without_a_real_lookup(settings, image_server, monkeypatch):
+    """A name outside host_map is a `dns` failure, answered without asking the system resolver."""
+    asked = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def spy(host, *args, **kwargs):
+        asked.append(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", spy)
+    url = f"http://nowhere.test:{image_server.port}/x.jpg"
+
+    [(result, seconds)] = fetch_all(settings, [url])
+
+    assert result.error_class == "dns"
+    assert "nowhere.test" in result.error_message
+    assert not any(h and "nowhere" in str(h) for h in asked), asked
+    assert seconds < 1.0
+
+
+def test_closed_connection_is_connection_and_quick(settings, image_server):
+    """A server that hangs up without answering is a `connection` failure, reported at once."""
+    [(result, seconds)] = fetch_all(settings, [image_server.url("img-a.test") + unique("close")])
+
+    assert result.error_class == "connection"
+    assert result.http_status is None
+    assert seconds < 2.0
+
+
+def test_slow_server_times_out_within_the_deadline(settings, image_server):
+    """A server that does not answer is a `timeout` after about `timeout` seconds, not 60."""
+    fast = settings.with_overrides(timeout=1.0)
+
+    [(result, seconds)] = fetch_all(fast, [image_server.url("img-a.test") + unique("slow")])
+
+    assert result.error_class == "timeout"
+    assert 0.8 <= seconds < 3.0, seconds
+
+
+def test_body_larger_than_max_bytes_is_too_large(settings, image_server, images):
+    """An image bigger than max_bytes is refused as too_large, without returning a body."""
+    image = max(images, key=lambda i: len(i.body))
+    capped = settings.with_overrides(max_bytes=len(image.body) - 1)
+
+    result = fetch_one(capped, image_server.url("img-a.test") + image.path)
+
+    assert result.error_class == "too_large" and result.body is None
+    exact = settings.with_overrides(max_bytes=len(image.body))
+    assert fetch_one(exact, image_server.url("img-a.test") + image.path).body == image.body
+
+
+@pytest.mark.parametrize("url", [
+    "ftp://files.example.com/a.jpg",
+    "data:image/gif;base64,R0lGODlhAQABAAAAACw=",
+    "file:///etc/passwd",
+    "http:///no-host.jpg",
+])
+def test_non_http_urls_are_invalid_url(settings, url):
+    """URLs that are not http(s) with a host are `invalid_url`, never a crash or a file read."""
+    result = fetch_one(settings, url)
+
+    assert result.error_class == "invalid_url"
+    assert result.body is None
+
+
+# ---------------------------------------------------------------- address guard
+
+def test_name_resolving_to_loopback_is_blocked(settings, image_server, images):
+    """With private addresses refused, a host name mapped to 127.0.0.1 is never fetched."""
+    guarded = settings.with_overrides(allow_private_addresses=False)
+    path = unique("img-guard")
+    before = image_server.requests[path]
+
+    result = fetch_one(guarded, image_server.url("img-a.test") + path)
+
+    assert result.error_class == "blocked_address"
+    assert image_server.requests[path] == before == 0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"])
+def test_ip_literal_to_loopback_is_blocked(settings, image_server, host):
+    """An address literal is checked too (it never goes through the resolver)."""
+    guarded = settings.with_overrides(allow_private_addresses=False)
+    path = unique("img-literal")
+
+    result = fetch_one(guarded, f"http://{host}:{image_server.port}{path}")
+
+    assert result.error_class == "blocked_address"
+    assert image_server.requests[path] == 0
+
+
+def test_cloud_metadata_address_is_blocked_without_connecting(settings):
+    """169.254.169.254 is refused before any connection attempt, so the answer is immediate."""
+    guarded = settings.with_overrides(allow_private_addresses=False, connect_timeout=5.0)
+
+    [(result, seconds)] = fetch_all(guarded, ["http://169.254.169.254/latest/meta-data"])
+
+    assert result.error_class == "blocked_address"
+    assert seconds < 0.5
+
+
+@pytest.mark.parametrize("address", [
+    "10.0.0.1", "192.168.1.1", "172.16.5.4", "127.0.0.1", "169.254.169.254", "0.0.0.0",
+    "100.64.0.1", "::1", "fe80::1", "fe80::1%eth0", "fc00::1", "::ffff:10.0.0.1",
+    "::ffff:127.0.0.1", "224.0.0.1", "ff02::1",
+])
+def test_address_blocked_for_non_public_addresses(address):
+    """Private, loopback, link-local, carrier-NAT, mapped and multicast addresses are blocked."""
+    assert address_blocked(address) is True
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700::1",
+                                     "2a00:1450:4001:80b::200e"])
+def test_address_blocked_allows_public_addresses(address):
+    """Public IPv4 and IPv6 addresses are fetchable."""
+    assert address_blocked(address) is False
+
+
+# ---------------------------------------------------------------- retries
+
+def test_server_errors_are_retried(settings, image_server):
+    """With retries=2 a 503 is asked three times in all, then reported as http_5xx."""
+    path = unique("status/503")
+
+    result = fetch_one(settings.with_overrides(retries=2), image_server.url("img-a.test") + path)
+
+    assert (result.error_class, result.http_status) == ("http_5xx", 503)
+    assert image_server.requests[path] == 3
+
+
+def test_too_many_requests_is_retried(settings, image_server):
+    """429 is the one 4xx worth another try."""
+    path = unique("status/429")
+
+    result = fetch_one(settings.with_overrides(retries=1), image_server.url("img-a.test") + path)
+
+    assert (result.error_class, result.http_status) == ("http_4xx", 429)
+    assert image_server.requests[path] == 2
+
+
+def test_client_errors_are_not_retried(settings, image_server):
+    """A 404 is final: one request only, even with retries configured."""
+    path = unique("status/404")
+
+    result = fetch_one(settings.with_overrides(retries=2), image_server.url("img-a.test") + path)
+
+    assert result.error_class == "http_4xx"
+    assert image_server.requests[path] == 1
+
+
+def test_no_retry_when_retries_is_zero(settings, image_server):
+    """retries=0 means a single attempt for a 503."""
+    path = unique("status/503")
+
+    result = fetch_one(settings, image_server.url("img-a.test") + path)
+
+    assert result.error_class == "http_5xx"
+    assert image_server.requests[path] == 1
+
+
+# ---------------------------------------------------------------- images.inspect
+
+def _png_claiming(width, height):
+    """A PNG whose header claims `width`x`height` pixels, with a tiny IDAT (no pixel data)."""
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_inspect_identifies_real_images_with_their_extension(images):
+    """JPEG, PNG and WebP from real encoders get jpg/png/webp and their real size."""
+    for fmt, ext in (("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")):
+        image = by_format(images, fmt)
+        info = inspect_image(image.body)
+        with Image.open(io.BytesIO(image.body)) as opened:
+            assert (info.format, info.ext, info.width, info.height) == (fmt, ext, *opened.size)
+
+
+def test_inspect_html_is_not_image(settings, image_server):
+    """An HTML page served with 200 where an image was expected is `not_image`."""
+    result = fetch_one(settings, image_server.url("img-a.test") + unique("html"))
+    assert result.ok and result.body
+
+    with pytest.raises(NotAnImage) as error:
+        inspect_image(result.body)
+    assert error.value.error_class == "not_image"
+
+
+def test_inspect_corrupt_jpeg_is_decode_error(settings, image_server):
+    """A body with JPEG magic that does not parse is a broken image: `decode_error`."""
+    result = fetch_one(settings, image_server.url("img-a.test") + unique("corrupt"))
+    assert result.ok and result.body == CORRUPT_JPEG
+
+    with pytest.raises(NotAnImage) as error:
+        inspect_image(result.body)
+    assert error.value.error_class == "decode_error"
+
+
+@pytest.mark.parametrize("body", [b"", b"   ", b'{"error": "not found"}', b"GIF"])
+def test_inspect_non_images_are_not_image(body):
+    """Empty bodies and text are `not_image`."""
+    with pytest.raises(NotAnImage) as error:
+        inspect_image(body)
+    assert error.value.error_class == "not_image"
+
+
+@pytest.mark.parametrize("side", [30_000, 10_000])
+def test_inspect_decompression_bomb_is_decode_error(side):
+    """A header claiming far too many pixels is a `decode_error`, not an exception escaping
+    (30000² is past Pillow's hard limit, 10000² past its warning limit)."""
+    assert side * side > Image.MAX_IMAGE_PIXELS
+    body = _png_claiming(side, side)
+
+    with pytest.raises(NotAnImage) as error:
+        inspect_image(body)
+
+    assert error.value.error_class == "decode_error"
+    assert "bomb" in str(error.value)
+
+
+def test_inspect_small_crafted_png_is_fine():
+    """The same crafted PNG with a sane size is accepted: the bomb check is about size."""
+    info = inspect_image(_png_claiming(10, 7))
+    assert (info.format, info.ext, info.width, info.height) == ("PNG", "png", 10, 7)
+
+
+# ---------------------------------------------------------------- other servers
+
+def fetch_from(settings, handle, paths):
+    """Serve `handle` (an aiohttp handler) on loopback, fetch `paths` from it in one session;
+    returns the results and how often each path was asked."""
+    hits = {}
+
+    async def counted(request):
+        hits[request.path] = hits.get(request.path, 0) + 1
+        return await handle(request)
+
+    async def run():
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", counted)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1,
+                               handler_cancellation=True)
+        await runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        port = sock.getsockname()[1]
+        await web.SockSite(runner, sock).start()
+        try:
+            async with Fetcher(settings) as fetcher:
+                return [await fetcher.fetch(f"http://img-b.test:{port}{p}") for p in paths], hits
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(run())
+
+
+def fetch_with_redirector(settings, routes, paths):
+    """`routes` map a path to (status, Location or None)."""
+
+    async def handle(request):
+        status, location = routes[request.path]
+        headers = {"Location": location} if location is not None else {}
+        return web.Response(status=status, headers=headers)
+
+    return fetch_from(settings, handle, paths)
+
+
+def test_compressed_body_is_capped_after_decompression(settings):
+    """A small gzip body that inflates past max_bytes is too_large (a gzip bomb)."""
+    inflated = 8_000_000
+    compressed = gzip.compress(b"\x00" * inflated, compresslevel=9)
+    assert len(compressed) < 100_000
+
+    async def handle(request):
+        return web.Response(body=compressed, headers={"Content-Encoding": "gzip",
+                                                      "Content-Type": "image/jpeg"})
+
+    capped = settings.with_overrides(max_bytes=1_000_000)
+    [result], _ = fetch_from(capped, handle, ["/bomb.jpg"])
+    assert result.error_class == "too_large" and result.body is None
+
+    roomy = settings.with_overrides(max_bytes=inflated)
+    [result], _ = fetch_from(roomy, handle, ["/bomb.jpg"])
+    assert result.ok and len(result.body) == inflated
+
+
+def test_trickling_server_cannot_hold_a_slot(settings):
+    """A server that keeps sending a byte now and then is cut off at the total deadline."""
+
+    async def handle(request):
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        await response.prepare(request)
+        for _ in range(200):
+            await response.write(b"\xff")
+            await asyncio.sleep(0.1)
+        return response
+
+    started = time.monotonic()
+    [result], _ = fetch_from(settings.with_overrides(timeout=1.0), handle, ["/drip.jpg"])
+
+    assert result.error_class == "timeout"
+    assert time.monotonic() - started < 3.0
+
+
+def test_redirects_are_followed_to_the_image(settings, image_server, images):
+    """Absolute and relative redirects lead to the image's bytes."""
+    image = images[3]
+    target = image_server.url("img-a.test") + image.path
+    routes = {"/abs": (301, target), "/rel": (302, "/abs"), "/see-other": (303, "rel")}
+
+    results, _ = fetch_with_redirector(settings, routes, ["/abs", "/rel", "/see-other"])
+
+    for result in results:
+        assert result.ok and result.body == image.body
+
+
+def test_redirect_loops_stop_after_max_redirects(settings):
+    """A redirect loop ends after max_redirects hops with an error instead of spinning."""
+    capped = settings.with_overrides(max_redirects=3)
+
+    [result], hits = fetch_with_redirector(capped, {"/loop": (302, "/loop")}, ["/loop"])
+
+    assert not result.ok and result.error_class == "invalid_url"
+    assert "redirect" in result.error_message
+    assert hits["/loop"] == 4  # the first request plus three redirects
+
+
+def test_redirect_to_another_scheme_or_without_location_is_invalid(settings):
+    """Each hop is checked: a redirect to ftp:// or one with no Location is `invalid_url`."""
+    routes = {"/to-ftp": (302, "ftp://files.example.com/a.jpg"), "/nowhere": (302, None)}
+
+    results, _ = fetch_with_redirector(settings, routes, ["/to-ftp", "/nowhere"])
+
+    assert [r.error_class for r in results] == ["invalid_url", "invalid_url"]
+
+
+def test_inspect_bomb_check_holds_with_two_threads(images, monkeypatch):
+    """The worker identifies images in two threads at once; a bomb in one thread must still be a
+    decode_error while the other thread finishes an ordinary image. The interleaving is forced
+    with events around Pillow's open (the inspect code itself runs unchanged)."""
+    import threading
+
+    from PIL import Image as PILImage
+
+    real_open = PILImage.open
+    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+    names = {}
+
+    def paced_open(fp, *args, **kwargs):
+        who = names.get(threading.get_ident())
+        if who == "a":
+            a_inside.set()
+            b_inside.wait(5)
+        elif who == "b":
+            b_inside.set()
+            a_done.wait(5)
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage, "open", paced_open)
+    bomb = _png_claiming(10_000, 10_000)  # past the warning limit, under the hard limit
+    outcome = {}
+
+    def thread_a():
+        names[threading.get_ident()] = "a"
+        inspect_image(images[0].body)
+        a_done.set()
+
+    def thread_b():
+        names[threading.get_ident()] = "b"
+        a_inside.wait(5)
+        try:
+            outcome["b"] = inspect_image(bomb)
+        except NotAnImage as error:
+            outcome["b"] = error.error_class
+
+    with warnings.catch_warnings():  # whatever the threads leave behind is undone here
+        warnings.simplefilter("ignore")
+        threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+
+    assert outcome["b"] == "decode_error", outcome
