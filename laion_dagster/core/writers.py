@@ -102,12 +102,26 @@ class ShardWriter:
         self.start_time = time.time()
         self._lock = threading.Lock()
         part_dir.mkdir(parents=True, exist_ok=True)
+        self._clear_stale_temporaries()
         self._tmp_data = self.paths["data"].with_name(self.paths["data"].name + self.tag)
         if output_format == "webdataset":
             self._tar: tarfile.TarFile | None = tarfile.open(self._tmp_data, "w")  # noqa: SIM115 - closed in close()/abort()
         else:
             self._tar = None
             self._tmp_data.mkdir()
+
+    def _clear_stale_temporaries(self) -> None:
+        """Remove temporaries that an earlier owner of this shard left when it died.
+
+        Whoever holds the claim is the shard's only rightful writer, so any other temporary
+        for it belongs to a killed worker (or one that lost its claim and will fail to publish,
+        which is harmless: the shard is counted once, by its current owner).
+        """
+        for path in self.part_dir.glob(f"{self.shard:05d}*.tmp-*"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def add(self, record: SampleRecord, body: bytes) -> None:
         """Store a successful sample (called from worker threads)."""

@@ -1,0 +1,163 @@
+"""Real worker processes against a real Redis and a real image server."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from laion_dagster.core import parts
+from laion_dagster.core.connection import connect
+from laion_dagster.core.enqueue import enqueue_part
+from laion_dagster.core.queue import Queue
+from tests.conftest import worker_env
+from tests.outputs import all_done, check_part, leftovers, wait_until
+
+
+def start_worker(settings, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "laion_dagster.cli", "worker", *extra],
+                            env=worker_env(settings), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_worker(proc: subprocess.Popen, timeout: float = 30) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    return out.decode(errors="replace")
+
+
+@pytest.fixture
+def queue(settings):
+    client = connect(settings)
+    yield Queue(client, settings.prefix, settings.visibility_timeout, settings.max_deliveries)
+    client.close()
+
+
+def enqueue_all(queue, settings):
+    found = parts.discover(settings.parts_root)
+    for part in found:
+        enqueue_part(queue, part, settings)
+    return found
+
+
+def test_pool_downloads_every_row_once_with_the_served_bytes(settings, dataset, queue):
+    found = enqueue_all(queue, settings)
+    worker = start_worker(settings)
+    try:
+        wait_until(lambda: all_done(queue, [p.key for p in found]), 60, what="all parts done")
+    finally:
+        log = stop_worker(worker)
+    assert worker.returncode == 0, log
+    for part in found:
+        state = queue.part(part.key)
+        assert state.rows == state.ok + state.failed + state.invalid
+        check_part(settings, part, dataset)
+    assert queue.queued_rows() == 0
+    assert "shard " in log  # one structured line per shard
+
+
+def test_sigkilled_processes_are_restarted_and_nothing_is_lost(settings, dataset, queue):
+    slow = settings.with_overrides(concurrency=2, visibility_timeout=2.0, shard_size=20)
+    found = enqueue_all(queue, slow)
+    worker = start_worker(slow)
+    try:
+        supervisor = psutil.Process(worker.pid)
+        wait_until(lambda: len(supervisor.children()) >= 2 and sum(
+            queue.part(p.key).shards_done for p in found) >= 2, 30, what="first shards")
+        killed = 0
+        for _ in range(3):  # kill a fetching process mid-shard, three times
+            children = [c for c in supervisor.children() if "resource_tracker" not in
+                        " ".join(c.cmdline())]
+            victim = children[killed % len(children)]
+            victim.send_signal(signal.SIGKILL)
+            killed += 1
+            time.sleep(0.7)
+        wait_until(lambda: all_done(queue, [p.key for p in found]), 90, what="all parts done")
+    finally:
+        log = stop_worker(worker)
+    assert "restarting" in log
+    for part in found:
+        state = queue.part(part.key)
+        assert state.rows == state.ok + state.failed + state.invalid, log
+        check_part(slow, part, dataset)
+
+
+def test_a_whole_pool_killed_and_started_again_finishes_the_job(settings, dataset, queue):
+    slow = settings.with_overrides(concurrency=2, visibility_timeout=2.0, shard_size=20)
+    found = enqueue_all(queue, slow)
+    first = start_worker(slow)
+    wait_until(lambda: sum(queue.part(p.key).shards_done for p in found) >= 2, 30,
+               what="first shards")
+    os.killpg(first.pid, signal.SIGKILL)  # the host dies: supervisor and children at once
+    first.wait(10)
+    second = start_worker(slow)
+    try:
+        wait_until(lambda: all_done(queue, [p.key for p in found]), 90, what="all parts done")
+    finally:
+        stop_worker(second)
+    for part in found:
+        state = queue.part(part.key)
+        assert state.rows == state.ok + state.failed + state.invalid
+        check_part(slow, part, dataset)
+
+
+def test_sigterm_finishes_or_hands_back_in_flight_shards(settings, dataset, queue):
+    slow = settings.with_overrides(concurrency=2, shard_size=30, shutdown_grace=0.5)
+    found = enqueue_all(queue, slow)
+    worker = start_worker(slow)
+    wait_until(lambda: sum(queue.part(p.key).shards_done for p in found) >= 1, 30,
+               what="a first shard")
+    log = stop_worker(worker)
+    assert worker.returncode == 0, log
+    assert not leftovers(slow.store_root)  # nothing half-written
+    done = sum(queue.part(p.key).shards_done for p in found)
+    total = sum(queue.part(p.key).shards_total for p in found)
+    assert done < total
+    # What was not finished went back to the queue at once, not after the visibility timeout.
+    again = start_worker(slow.with_overrides(visibility_timeout=600.0))
+    try:
+        wait_until(lambda: all_done(queue, [p.key for p in found]), 60, what="all parts done")
+    finally:
+        stop_worker(again)
+    for part in found:
+        check_part(slow, part, dataset)
+
+
+def _mount_tmpfs(path, size_mb: int) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
+                             str(path)], capture_output=True)
+    return result.returncode == 0
+
+
+def test_full_disk_pauses_the_pool_until_space_frees_up(settings, dataset, queue, tmp_path):
+    store = tmp_path / "small-disk"
+    if not _mount_tmpfs(store, 64):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    try:
+        ballast = store / "ballast"
+        small = settings.with_overrides(store_dir=store, disk_min_free_gb=0.03)
+        with open(ballast, "wb") as handle:  # leave ~10 MB free: below the 30 MB floor
+            handle.write(b"\0" * (54 * 1024 * 1024))
+        found = enqueue_all(queue, small)
+        worker = start_worker(small)
+        try:
+            report = wait_until(lambda: queue.hosts() and next(iter(queue.hosts().values())),
+                                20, what="a host report")
+            wait_until(lambda: next(iter(queue.hosts().values()))["paused"], 10, what="pause")
+            time.sleep(2)
+            assert sum(queue.part(p.key).shards_done for p in found) == 0
+            report = next(iter(queue.hosts().values()))
+            assert "GB free" in report["pause_reason"]
+            ballast.unlink()
+            wait_until(lambda: all_done(queue, [p.key for p in found]), 60, what="resume")
+        finally:
+            stop_worker(worker)
+        for part in found:
+            check_part(small, part, dataset)
+    finally:
+        subprocess.run(["umount", "-l", str(store)], capture_output=True)
