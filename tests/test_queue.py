@@ -1,4 +1,4 @@
-"""The queue protocol against a real server: enqueue once, claim, reclaim, complete once, dead-letter."""
+"""The queue protocol on a real server: enqueue once, claim, reclaim, complete once, dead-letter."""
 
 import asyncio
 import time

@@ -1,5 +1,6 @@
 """The embedded server and connections: private, persistent, reachable by URL, TLS and AUTH."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -85,10 +86,8 @@ def _tls_proxy(cert, key, target_port):
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.close()
-                except OSError:
-                    pass
 
     def serve():
         while True:

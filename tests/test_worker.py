@@ -68,13 +68,10 @@ def test_sigkilled_processes_are_restarted_and_nothing_is_lost(settings, dataset
         supervisor = psutil.Process(worker.pid)
         wait_until(lambda: len(supervisor.children()) >= 2 and sum(
             queue.part(p.key).shards_done for p in found) >= 2, 30, what="first shards")
-        killed = 0
-        for _ in range(3):  # kill a fetching process mid-shard, three times
+        for killed in range(3):  # kill a fetching process mid-shard, three times
             children = [c for c in supervisor.children() if "resource_tracker" not in
                         " ".join(c.cmdline())]
-            victim = children[killed % len(children)]
-            victim.send_signal(signal.SIGKILL)
-            killed += 1
+            children[killed % len(children)].send_signal(signal.SIGKILL)
             time.sleep(0.7)
         wait_until(lambda: all_done(queue, [p.key for p in found]), 90, what="all parts done")
     finally:
