@@ -47,7 +47,8 @@ def part_tasks(context: AssetExecutionContext, laion: LaionResource) -> Material
         with laion.queue() as queue:
             report = enqueue_part(queue, part, settings, progress=progress)
     except (parts.PartError, RedisUnavailable, EmbeddedServerError) as error:
-        raise Failure(description=str(error)) from error
+        # The message names the file and the problem; the core's traceback adds nothing.
+        raise Failure(description=str(error)) from None
     return MaterializeResult(metadata={
         "rows": report.rows,
         "invalid_rows": report.invalid,
@@ -93,7 +94,7 @@ def part_images(context: AssetExecutionContext, laion: LaionResource) -> Materia
         with laion.queue() as queue:
             summary = finalize_part(queue, context.partition_key, settings)
     except (PartNotDone, RedisUnavailable, EmbeddedServerError) as error:
-        raise Failure(description=str(error)) from error
+        raise Failure(description=str(error)) from None
     metadata = {
         "rows": summary.rows,
         "ok": summary.ok,

@@ -47,8 +47,9 @@ def _latest_enqueue_run(instance: DagsterInstance, partition: str):
     """The newest run that materialized part_tasks for this partition, from any job."""
     for run in instance.get_runs(RunsFilter(tags={"dagster/partition": partition}), limit=10):
         selection = run.asset_selection or set()
-        if run.job_name == enqueue_job.name or any(k.path[-1] == "part_tasks"
-                                                     for k in selection):
+        if (run.job_name == enqueue_job.name
+                or run.tags.get("dagster/run_key", "").startswith("enqueue:")
+                or any(k.path[-1] == "part_tasks" for k in selection)):
             return run
     return None
 

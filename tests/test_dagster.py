@@ -1,0 +1,237 @@
+"""The Dagster layer on a real test instance: definitions, assets, sensors, the worker job."""
+
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from dagster import (
+    DagsterEventType,
+    Definitions,
+    RunRequest,
+    SensorResult,
+    SkipReason,
+    build_sensor_context,
+    instance_for_test,
+    materialize,
+)
+
+from laion_dagster.core import parts
+from laion_dagster.core.connection import connect
+from laion_dagster.core.queue import Queue
+from laion_dagster.definitions import defs
+from laion_dagster.defs.assets import part_images, part_tasks
+from laion_dagster.defs.partitions import PARTS
+from laion_dagster.defs.resources import LaionResource
+from laion_dagster.defs.sensors import discover_parts, finalize_parts, launch_or_hold
+from laion_dagster.instance import failure_message
+from tests.outputs import all_done, wait_until
+from tests.test_worker import start_worker, stop_worker
+
+
+@pytest.fixture
+def instance():
+    with instance_for_test() as inst:
+        yield inst
+
+
+@pytest.fixture
+def laion(settings):
+    return LaionResource(data_dir=str(settings.data_dir), parquet_dir=str(settings.parts_root),
+                         store_dir=str(settings.store_root), redis_url=settings.redis_url,
+                         prefix=settings.prefix, shard_size=settings.shard_size)
+
+
+@pytest.fixture
+def queue(settings):
+    client = connect(settings)
+    yield Queue(client, settings.prefix)
+    client.close()
+
+
+def metadata_of(instance, run_id, asset="part_tasks"):
+    records = instance.get_records_for_run(
+        run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
+    for record in records:
+        materialization = record.event_log_entry.dagster_event.event_specific_data.materialization
+        if materialization.asset_key.path[-1] == asset:
+            return {k: v.value for k, v in materialization.metadata.items()}
+    raise AssertionError(f"no materialization of {asset}")
+
+
+def add_parts(instance, settings) -> list[str]:
+    keys = [p.key for p in parts.discover(settings.parts_root)]
+    instance.add_dynamic_partitions(PARTS, keys)
+    return keys
+
+
+def test_definitions_load_and_sensors_are_on_by_default():
+    Definitions.validate_loadable(defs)
+    for sensor in (discover_parts, launch_or_hold, finalize_parts):
+        assert sensor.default_status.value == "RUNNING"
+    assert {j.name for j in defs.jobs} >= {"enqueue_job", "finalize_job", "local_workers"}
+
+
+def test_materializing_a_partition_enqueues_it(instance, laion, settings, dataset, queue):
+    keys = add_parts(instance, settings)
+    result = materialize([part_tasks], partition_key=keys[0], instance=instance,
+                         resources={"laion": laion})
+    assert result.success
+    meta = metadata_of(instance, result.run_id)
+    expected_invalid = sum(1 for (name, _), cls in dataset.expected_by_row.items()
+                           if name == dataset.parts[0].name and cls == "invalid_url")
+    assert meta["rows"] == 120 and meta["invalid_rows"] == expected_invalid
+    assert meta["shards"] == 3 and meta["rows_per_second"] > 0
+    state = queue.part(keys[0])
+    assert state.enqueued and state.rows == 120
+    assert queue.queued_rows() == 120 - expected_invalid
+
+
+def test_a_bad_part_fails_its_own_run_with_a_clear_message(instance, laion, settings, dataset):
+    bad = settings.parts_root / "broken" / "part-00000-x-c000.snappy.parquet"
+    bad.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"link": ["http://a.test/1.jpg"], "TEXT": ["x"]}), bad)
+    keys = add_parts(instance, settings)
+    failed = materialize([part_tasks], partition_key="broken__part-00000-x-c000",
+                         instance=instance, resources={"laion": laion}, raise_on_error=False)
+    assert not failed.success
+    message = failure_message(instance, failed.run_id)
+    assert str(bad) in message and "no URL column" in message and "link" in message
+    good = materialize([part_tasks], partition_key=keys[-1], instance=instance,
+                       resources={"laion": laion})
+    assert good.success
+
+
+def test_discover_parts_adds_new_files_as_partitions(instance, laion, settings, dataset):
+    context = build_sensor_context(instance=instance, resources={"laion": laion})
+    result = discover_parts(context)
+    assert isinstance(result, SensorResult)
+    (request,) = result.dynamic_partitions_requests
+    assert sorted(request.partition_keys) == sorted(p.key for p in
+                                                    parts.discover(settings.parts_root))
+    assert all(not k.startswith("_") and "__part-0000" in k for k in request.partition_keys)
+    instance.add_dynamic_partitions(PARTS, list(request.partition_keys))
+    again = discover_parts(build_sensor_context(instance=instance, resources={"laion": laion}))
+    assert "no new parts" in again.skip_reason.skip_message
+
+
+def _tick(sensor, instance, laion):
+    return sensor(build_sensor_context(instance=instance, resources={"laion": laion}))
+
+
+def test_launch_or_hold_launches_in_order_and_holds_on_queue_depth(instance, laion, settings,
+                                                                   dataset, queue):
+    assert "no parts yet" in _tick(launch_or_hold, instance, laion).skip_message
+    keys = sorted(add_parts(instance, settings))
+    request = _tick(launch_or_hold, instance, laion)
+    assert isinstance(request, RunRequest) and request.partition_key == keys[0]
+    assert request.run_key.startswith(f"enqueue:{keys[0]}:g1:")
+    queue.r.set(queue.keys.queued_rows, 5_200_000)
+    held = _tick(launch_or_hold, instance, laion)
+    assert isinstance(held, SkipReason)
+    assert held.skip_message == "holding 4 parts: queue 5,200,000 rows ≥ 5,000,000"
+
+
+def test_launch_or_hold_holds_on_a_full_worker_disk(instance, laion, settings, dataset, queue,
+                                                    monkeypatch):
+    import json
+
+    monkeypatch.setenv("LAION_DISK_STOP_USED_GB", "4900")
+    add_parts(instance, settings)
+    now = time.time()
+    queue.r.hset(queue.keys.hosts, "a", json.dumps(
+        {"disk_used_gb": 4980, "disk_free_gb": 120, "paused": True, "seen_at": now}))
+    queue.r.hset(queue.keys.hosts, "b", json.dumps(
+        {"disk_used_gb": 100, "disk_free_gb": 900, "paused": False, "seen_at": now}))
+    queue.r.hset(queue.keys.hosts, "gone", json.dumps(
+        {"disk_used_gb": 9999, "disk_free_gb": 0, "paused": True, "seen_at": now - 3600}))
+    held = _tick(launch_or_hold, instance, laion)
+    assert held.skip_message == "holding 4 parts: host a: 4,980 GB used ≥ 4,900 GB"
+    queue.r.hdel(queue.keys.hosts, "a")
+    assert isinstance(_tick(launch_or_hold, instance, laion), RunRequest)
+
+
+def test_a_failed_enqueue_is_not_relaunched_until_its_file_changes(instance, laion, settings,
+                                                                   dataset):
+    bad = settings.parts_root / "aaa" / "part-00000-x-c000.snappy.parquet"
+    bad.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"link": ["http://a.test/1.jpg"]}), bad)
+    add_parts(instance, settings)
+    request = _tick(launch_or_hold, instance, laion)
+    assert request.partition_key == "aaa__part-00000-x-c000"
+    failed = materialize([part_tasks], partition_key=request.partition_key, instance=instance,
+                         resources={"laion": laion}, raise_on_error=False,
+                         tags={"dagster/run_key": request.run_key})
+    assert not failed.success
+    nxt = _tick(launch_or_hold, instance, laion)
+    assert isinstance(nxt, RunRequest) and nxt.partition_key != "aaa__part-00000-x-c000"
+    # The user fixes the file: it gets a new run key, so it runs again.
+    time.sleep(0.01)
+    pq.write_table(pa.table({"URL": ["http://a.test/1.jpg"]}), bad)
+    fixed = _tick(launch_or_hold, instance, laion)
+    assert fixed.partition_key == "aaa__part-00000-x-c000" and fixed.run_key != request.run_key
+
+
+def test_finalize_fires_only_when_complete_and_records_everything(instance, laion, settings,
+                                                                  dataset, queue):
+    keys = sorted(add_parts(instance, settings))
+    key = keys[0]
+    assert materialize([part_tasks], partition_key=key, instance=instance,
+                       resources={"laion": laion}).success
+    waiting = _tick(finalize_parts, instance, laion)
+    assert isinstance(waiting, SkipReason) and "downloading" in waiting.skip_message
+    not_done = materialize([part_images], partition_key=key, instance=instance,
+                           resources={"laion": laion}, raise_on_error=False)
+    assert not not_done.success
+    assert "shards complete" in failure_message(instance, not_done.run_id)
+
+    worker = start_worker(settings)
+    try:
+        wait_until(lambda: all_done(queue, [key]), 60, what="part done")
+    finally:
+        stop_worker(worker)
+    requests = _tick(finalize_parts, instance, laion)
+    assert [r.partition_key for r in requests] == [key]
+
+    result = materialize([part_images], partition_key=key, instance=instance,
+                         resources={"laion": laion})
+    assert result.success
+    meta = metadata_of(instance, result.run_id, "part_images")
+    name = next(p.name for p in dataset.parts if parts.stem_of(p.name) in key
+                and p.parent.name == key.split("__")[0])
+    expected = {i: cls for (n, i), cls in dataset.expected_by_row.items() if n == name}
+    failed_rows = {i for i, cls in expected.items() if cls not in ("success", "invalid_url")}
+    invalid_rows = {i for i, cls in expected.items() if cls == "invalid_url"}
+    assert meta["rows"] == 120
+    assert meta["ok"] == 120 - len(failed_rows) - len(invalid_rows)
+    assert meta["failed"] == len(failed_rows) and meta["invalid_rows"] == len(invalid_rows)
+    assert meta["success_rate"] == pytest.approx(meta["ok"] / (meta["ok"] + meta["failed"]),
+                                                 abs=1e-4)
+    assert "| http_4xx |" in meta["error_classes"]
+    assert meta["output_dir"].endswith(str(parts.relative_dir(key)))
+    errors = pq.read_table(meta["error_file"])
+    assert set(errors.column("row").to_pylist()) == failed_rows | invalid_rows
+    assert {r["row"]: r["error_class"] for r in errors.to_pylist()} == {
+        i: expected[i] for i in failed_rows | invalid_rows}
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"rows_accounted_for": True, "success_rate_floor": True}
+    assert _tick(finalize_parts, instance, laion).skip_message.startswith("nothing to finalize")
+    # Finalizing again (a retried run) gives the same file and totals.
+    again = materialize([part_images], partition_key=key, instance=instance,
+                        resources={"laion": laion})
+    assert metadata_of(instance, again.run_id, "part_images")["error_rows"] == meta["error_rows"]
+
+
+def test_local_workers_job_downloads_until_the_queue_is_idle(instance, laion, settings, dataset,
+                                                             queue, monkeypatch):
+    for name, value in settings.to_env().items():  # the op reads host_map etc. from the env
+        monkeypatch.setenv(name, value)
+    keys = add_parts(instance, settings)
+    for key in keys:
+        assert materialize([part_tasks], partition_key=key, instance=instance,
+                           resources={"laion": laion}).success
+    job = defs.resolve_job_def("local_workers")
+    result = job.execute_in_process(instance=instance, run_config={"ops": {"run_worker_pool": {
+        "config": {"processes": 1, "concurrency": 8, "idle_seconds": 1.0}}}})
+    assert result.success
+    assert all_done(queue, keys)
