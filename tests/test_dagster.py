@@ -215,7 +215,8 @@ def test_finalize_fires_only_when_complete_and_records_everything(instance, laio
         i: expected[i] for i in failed_rows | invalid_rows}
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"rows_accounted_for": True, "success_rate_floor": True}
-    assert _tick(finalize_parts, instance, laion).skip_message.startswith("nothing to finalize")
+    assert _tick(finalize_parts, instance, laion).skip_message.startswith(
+        "nothing to finalize: 1 of 4 parts final, 3 not enqueued yet")
     # Finalizing again (a retried run) gives the same file and totals.
     again = materialize([part_images], partition_key=key, instance=instance,
                         resources={"laion": laion})

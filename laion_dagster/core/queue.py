@@ -21,7 +21,6 @@ commands cannot count a shard twice or lose it.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -29,6 +28,10 @@ import redis
 
 GROUP = "workers"
 GENERATION_START = 1
+
+# Every timestamp comes from the Redis server's clock: worker hosts' clocks may disagree.
+_NOW = "local function now() local t = redis.call('TIME') " \
+       "return t[1] .. '.' .. string.format('%06d', tonumber(t[2])) end\n"
 
 _ENQUEUE = """
 local part, queued, done, tasks, queued_rows, errors, classes = unpack(KEYS)
@@ -54,11 +57,11 @@ end
 return 1
 """
 
-_FINISH_ENQUEUE = """
+_FINISH_ENQUEUE = _NOW + """
 local part = KEYS[1]
 local gen, total = ARGV[1], tonumber(ARGV[2])
 if redis.call('HGET', part, 'generation') ~= gen then return -1 end
-local now = redis.call('TIME')[1]
+local now = now()
 redis.call('HSET', part, 'shards_total', total, 'enqueued_at', now)
 local done = tonumber(redis.call('HGET', part, 'shards_done') or '0')
 if done >= total and not redis.call('HGET', part, 'done_at') then
@@ -67,7 +70,7 @@ end
 return 1
 """
 
-_COMPLETE = """
+_COMPLETE = _NOW + """
 local tasks, part, done, queued_rows, errors, classes, rate_prefix = unpack(KEYS)
 local entry, group, gen, shard = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ok, failed, nbytes, rows = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
@@ -85,7 +88,7 @@ redis.call('DECRBY', queued_rows, rows)
 local shards_done = redis.call('HINCRBY', part, 'shards_done', 1)
 if blob ~= '' then redis.call('XADD', errors, '*', 'shard', shard, 'data', blob) end
 for i = 10, #ARGV, 2 do redis.call('HINCRBY', classes, ARGV[i], tonumber(ARGV[i + 1])) end
-local now = redis.call('TIME')[1]
+local now = now()
 local rate = rate_prefix .. math.floor(tonumber(now) / 60)
 redis.call('HINCRBY', rate, 'ok', ok)
 redis.call('HINCRBY', rate, 'failed', failed)
@@ -98,13 +101,13 @@ end
 return 1
 """
 
-_RESET = """
+_RESET = _NOW + """
 local part, queued, done, queued_rows, errors, classes = unpack(KEYS)
 local pending = tonumber(redis.call('HGET', part, 'pending') or '0')
 local gen = tonumber(redis.call('HGET', part, 'generation') or '0') + 1
 redis.call('DECRBY', queued_rows, pending)
 redis.call('DEL', part, queued, done, errors, classes)
-redis.call('HSET', part, 'generation', gen, 'started_at', redis.call('TIME')[1])
+redis.call('HSET', part, 'generation', gen, 'started_at', now())
 return gen
 """
 
@@ -240,9 +243,10 @@ class Queue:
     def begin(self, partition: str) -> int:
         """Register a part; returns its generation (kept if it exists, so a re-run resumes)."""
         k = self.keys
+        seconds, micros = self.r.time()
         pipe = self.r.pipeline()
         pipe.hsetnx(k.part(partition), "generation", GENERATION_START)
-        pipe.hsetnx(k.part(partition), "started_at", int(time.time()))
+        pipe.hsetnx(k.part(partition), "started_at", f"{seconds}.{micros:06d}")
         pipe.sadd(k.parts, partition)
         pipe.hget(k.part(partition), "generation")
         return int(pipe.execute()[-1])
@@ -336,7 +340,8 @@ class Queue:
     def mark_finalized(self, partition: str) -> None:
         """The error file is written: the error records may leave Redis."""
         pipe = self.r.pipeline()
-        pipe.hset(self.keys.part(partition), "finalized_at", int(time.time()))
+        seconds, micros = self.r.time()
+        pipe.hset(self.keys.part(partition), "finalized_at", f"{seconds}.{micros:06d}")
         pipe.delete(self.keys.errors(partition))
         pipe.execute()
 

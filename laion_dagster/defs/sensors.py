@@ -121,7 +121,9 @@ def finalize_parts(context: SensorEvaluationContext, laion: LaionResource):
         return requests
     running = [s for s in states.values() if s.enqueued and not s.done]
     if not running:
-        return SkipReason(f"nothing to finalize ({len(keys)} parts known)")
+        final = sum(1 for s in states.values() if s.finalized_at is not None)
+        return SkipReason(f"nothing to finalize: {final} of {len(keys)} parts final, "
+                          f"{len(keys) - final} not enqueued yet")
     progress = ", ".join(f"{s.partition} {s.shards_done}/{s.shards_total} shards"
                          for s in running[:3])
     return SkipReason(f"{len(running)} parts downloading: {progress}"
