@@ -132,13 +132,32 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_children(children: list[subprocess.Popen], grace: float) -> None:
+    """Ctrl-C first (graceful for dagster dev and workers), then SIGTERM, then SIGKILL."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        alive = [child for child in children if child.poll() is None]
+        if not alive:
+            return
+        for child in alive:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(c.poll() is None for c in alive):
+            time.sleep(0.2)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from laion_dagster.instance import ensure_dagster_home
 
     settings = _settings(args)
     home = ensure_dagster_home(settings)
     os.environ.update(settings.to_env())
-    started_redis = not settings.redis_url and embedded.read_state(settings.redis_dir) is None
+    state = embedded.read_state(settings.redis_dir)
+    started_redis = not settings.redis_url and not (state and embedded.is_alive(state))
     connect(settings).close()  # starts the embedded server if needed, fails early if not
     dagster = Path(sys.executable).with_name("dagster")
     children = [
@@ -148,20 +167,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     ]
     print(f"Dagster UI on http://127.0.0.1:{args.port} (DAGSTER_HOME={home}); "
           f"workers writing to {settings.store_root}. Ctrl-C stops everything.", flush=True)
+    # SIGTERM (systemd, kill) means the same as Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        print("stopping: workers finish their shards, dagster dev shuts down ...", flush=True)
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-        for child in children:
-            try:
-                child.wait(settings.shutdown_grace + 30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        _stop_children(children, settings.shutdown_grace + 30)
         if started_redis:
             embedded.stop(settings.redis_dir)
     return 0

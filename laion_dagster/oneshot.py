@@ -92,7 +92,7 @@ class OneShot:
         s = self.settings
         self._environment()
         self.started_redis = not s.redis_url and not (
-            (state := embedded.read_state(s.redis_dir)) and embedded._alive(state))
+            (state := embedded.read_state(s.redis_dir)) and embedded.is_alive(state))
         client = connect(s, name="laion-dagster-run")
         queue = Queue(client, s.prefix, s.visibility_timeout, s.max_deliveries)
         queue.ensure_group()

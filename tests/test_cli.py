@@ -94,3 +94,64 @@ def test_unreachable_redis_is_one_clear_line(settings, user_env):
     assert result.stderr.strip().startswith("laion-dagster: cannot reach Redis at "
                                             "redis://***@127.0.0.1:9/0")
     assert "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_up_starts_everything_and_one_ctrl_c_stops_it_all(settings, dataset, user_env):
+    import signal
+    import time
+    import urllib.request
+
+    import psutil
+
+    port = _free_port()
+    env = dict(user_env, LAION_PARQUET_DIR=str(settings.parts_root),
+               LAION_STORE_DIR=str(settings.store_root), LAION_PROCESSES="1")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "laion_dagster.cli", "up", "--port", str(port)], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        # A terminal's Ctrl-C reaches a foreground group whose SIGINT is not ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info",
+                                            timeout=2) as reply:
+                    assert reply.status == 200
+                    break
+            except OSError:
+                assert up.poll() is None, up.stdout.read().decode()
+                assert time.monotonic() < deadline, "the UI did not come up"
+                time.sleep(1)
+        group = [p for p in psutil.process_iter(["pid"]) if _in_group(p, up.pid)]
+        names = " ".join(" ".join(p.cmdline()) for p in group if p.is_running())
+        assert "laion_dagster.cli worker" in names and "dagster" in names
+        assert embedded.read_state(settings.data_dir / "redis") is not None
+        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C
+        up.wait(120)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    out = up.stdout.read().decode()
+    assert up.returncode == 0, out
+    time.sleep(1)
+    assert not [p for p in psutil.process_iter(["pid"]) if _in_group(p, up.pid)]
+    assert embedded.read_state(settings.data_dir / "redis") is None
+
+
+def _in_group(process, group: int) -> bool:
+    """A live process of the group (an exited one waiting to be reaped does not count)."""
+    import psutil
+
+    try:
+        return os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE
+    except (ProcessLookupError, PermissionError, psutil.Error):
+        return False

@@ -54,7 +54,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _alive(state: EmbeddedServer) -> bool:
+def is_alive(state: EmbeddedServer) -> bool:
     try:
         os.kill(state.pid, 0)
     except (ProcessLookupError, PermissionError):
@@ -92,11 +92,11 @@ def _locked(directory: Path):
 def ensure_running(directory: Path, timeout: float = 15.0) -> EmbeddedServer:
     """Return the server for `directory`, starting it first if it is not running."""
     state = read_state(directory)
-    if state and _alive(state):
+    if state and is_alive(state):
         return state
     with _locked(directory):
         state = read_state(directory)
-        if state and _alive(state):
+        if state and is_alive(state):
             return state
         return _start(directory, timeout)
 
@@ -141,7 +141,7 @@ def _start(directory: Path, timeout: float) -> EmbeddedServer:
             raise EmbeddedServerError(
                 f"embedded Redis exited with code {process.returncode}; see {directory}/valkey.log"
             )
-        if _alive(state):
+        if is_alive(state):
             tmp = directory / (STATE_FILE + ".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
