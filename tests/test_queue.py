@@ -31,6 +31,13 @@ def queue(client, settings):
     return q
 
 
+@pytest.fixture
+def one_shard(queue, settings):
+    part = _write_part(settings, rows=50)
+    enqueue_part(queue, part, settings)
+    return part
+
+
 def _async_queue(redis_server, settings, consumer, visibility=0.3):
     return AsyncQueue(aioredis.Redis.from_url(redis_server.url), settings.prefix, consumer,
                       visibility_timeout=visibility, max_deliveries=2)
@@ -68,9 +75,9 @@ def test_enqueue_pauses_above_high_watermark(queue, settings):
     assert report.shards_added == 4
 
 
-def test_claim_complete_counts_once_even_when_two_workers_finish(queue, settings, redis_server):
-    part = _write_part(settings, rows=50)
-    enqueue_part(queue, part, settings)
+def test_claim_complete_counts_once_even_when_two_workers_finish(queue, settings, redis_server,
+                                                                  one_shard):
+    part = one_shard
 
     async def scenario():
         a = _async_queue(redis_server, settings, "host-a:1")
@@ -96,10 +103,7 @@ def test_claim_complete_counts_once_even_when_two_workers_finish(queue, settings
     assert queue.r.xlen(queue.keys.tasks) == 0
 
 
-def test_a_live_worker_keeps_its_shard(queue, settings, redis_server):
-    part = _write_part(settings, rows=50)
-    enqueue_part(queue, part, settings)
-
+def test_a_live_worker_keeps_its_shard(queue, settings, redis_server, one_shard):
     async def scenario():
         a = _async_queue(redis_server, settings, "host-a:1")
         b = _async_queue(redis_server, settings, "host-b:1")
@@ -115,10 +119,7 @@ def test_a_live_worker_keeps_its_shard(queue, settings, redis_server):
     assert asyncio.run(scenario()) is None
 
 
-def test_released_shard_is_taken_at_once(queue, settings, redis_server):
-    part = _write_part(settings, rows=50)
-    enqueue_part(queue, part, settings)
-
+def test_released_shard_is_taken_at_once(queue, settings, redis_server, one_shard):
     async def scenario():
         a = _async_queue(redis_server, settings, "host-a:1", visibility=60)
         b = _async_queue(redis_server, settings, "host-b:1", visibility=60)
@@ -133,9 +134,8 @@ def test_released_shard_is_taken_at_once(queue, settings, redis_server):
     assert other is not None and other.entry_id == task.entry_id
 
 
-def test_dead_letter_counts_rows_as_failed(queue, settings, redis_server):
-    part = _write_part(settings, rows=50)
-    enqueue_part(queue, part, settings)
+def test_dead_letter_counts_rows_as_failed(queue, settings, redis_server, one_shard):
+    part = one_shard
 
     async def scenario():
         a = _async_queue(redis_server, settings, "host-a:1")
@@ -157,9 +157,9 @@ def test_dead_letter_counts_rows_as_failed(queue, settings, redis_server):
     assert queue.read_errors(part.key).num_rows == 50
 
 
-def test_reset_starts_a_new_generation_and_ignores_late_results(queue, settings, redis_server):
-    part = _write_part(settings, rows=50)
-    enqueue_part(queue, part, settings)
+def test_reset_starts_a_new_generation_and_ignores_late_results(queue, settings, redis_server,
+                                                                 one_shard):
+    part = one_shard
 
     async def scenario():
         a = _async_queue(redis_server, settings, "host-a:1", visibility=60)

@@ -37,27 +37,26 @@ def redacted(url: str) -> str:
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
 
 
-def _options() -> dict:
-    from redis.asyncio.retry import Retry as AsyncRetry
-    from redis.retry import Retry
-
+def _options(asynchronous: bool, name: str) -> dict:
+    """One set of client options for the synchronous and the asyncio client alike."""
+    if asynchronous:
+        from redis.asyncio.retry import Retry
+    else:
+        from redis.retry import Retry
     return {
-        "sync": Retry(ExponentialBackoff(cap=5.0, base=0.2), RETRIES),
-        "async": AsyncRetry(ExponentialBackoff(cap=5.0, base=0.2), RETRIES),
+        "retry": Retry(ExponentialBackoff(cap=5.0, base=0.2), RETRIES),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+        "health_check_interval": 15,
+        "client_name": name,
     }
 
 
 def connect(settings: Settings, name: str = "laion-dagster") -> redis.Redis:
+    """A synchronous client; raises RedisUnavailable (password hidden) if it cannot connect."""
     url = redis_url(settings)
-    client = redis.Redis.from_url(
-        url,
-        retry=_options()["sync"],
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        health_check_interval=15,
-        client_name=name,
-    )
+    client = redis.Redis.from_url(url, **_options(False, name))
     try:
         client.ping()
     except redis.RedisError as error:
@@ -66,12 +65,4 @@ def connect(settings: Settings, name: str = "laion-dagster") -> redis.Redis:
 
 
 def connect_async(settings: Settings, name: str = "laion-dagster-worker") -> aioredis.Redis:
-    return aioredis.Redis.from_url(
-        redis_url(settings),
-        retry=_options()["async"],
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        health_check_interval=15,
-        client_name=name,
-    )
+    return aioredis.Redis.from_url(redis_url(settings), **_options(True, name))
