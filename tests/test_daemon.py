@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dagster import DagsterInstance
+from dagster import AssetKey, DagsterInstance
 
+from laion_dagster.core import parts
 from laion_dagster.core.connection import connect
 from laion_dagster.core.queue import Queue
 from laion_dagster.defs.partitions import PARTS
@@ -19,53 +20,71 @@ from tests.outputs import check_part, wait_until
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_daemon_runs_a_folder_unattended(settings, image_server, images, tmp_path):
-    dataset = write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
-                            subsets=("laion2B-en",), parts_per_subset=2, rows_per_part=100,
-                            images=images, seed=5)
+def _home(tmp_path, settings) -> dict:
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     env = worker_env(settings)
     env["DAGSTER_HOME"] = str(home)
-    daemon_bin = Path(sys.executable).with_name("dagster-daemon")
-    daemon = subprocess.Popen([str(daemon_bin), "run", "-m", "laion_dagster.definitions"],
-                              env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    worker = subprocess.Popen([sys.executable, "-m", "laion_dagster.cli", "worker"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    return env
+
+
+def _start(env, cwd, *command: str) -> subprocess.Popen:
+    return subprocess.Popen(list(command), env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_final(queue: Queue, keys: list[str]) -> None:
+    def finalized():
+        states = queue.parts_states(keys)
+        return all(s.finalized_at for s in states.values())
+
+    wait_until(finalized, 180, interval=1, what="the parts finalized by the sensors")
+
+
+def _dataset(settings, image_server, images, parts_per_subset=2):
+    return write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
+                         subsets=("laion2B-en",), parts_per_subset=parts_per_subset,
+                         rows_per_part=100, images=images, seed=5)
+
+
+DAEMON = (str(Path(sys.executable).with_name("dagster-daemon")), "run", "-m",
+          "laion_dagster.definitions")
+WORKER = (sys.executable, "-m", "laion_dagster.cli", "worker")
+
+
+def test_daemon_runs_a_folder_unattended(settings, image_server, images, tmp_path):
+    dataset = _dataset(settings, image_server, images)
+    env = _home(tmp_path, settings)
+    home = Path(env["DAGSTER_HOME"])
+    daemon = _start(env, tmp_path, *DAEMON)
+    worker = _start(env, tmp_path, *WORKER)
     client = connect(settings)
     queue = Queue(client, settings.prefix)
     try:
         keys = wait_until(lambda: queue.partitions() if len(queue.partitions()) == 2 else None,
                           180, interval=1, what="both parts enqueued by the sensors")
-
-        def finalized():
-            states = queue.parts_states(keys)
-            return all(s.finalized_at for s in states.values())
-
-        wait_until(finalized, 180, interval=1, what="both parts finalized by the sensors")
+        _wait_final(queue, keys)
     finally:
-        for proc in (worker, daemon):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in (worker, daemon):
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        _stop(worker, daemon)
         client.close()
-    from laion_dagster.core import parts
-
     for part in parts.discover(settings.parts_root):
         check_part(settings, part, dataset)
     os.environ["DAGSTER_HOME"] = str(home)
     try:
         instance = DagsterInstance.get()
         assert sorted(instance.get_dynamic_partitions(PARTS)) == sorted(keys)
-        from dagster import AssetKey
-
         for key in keys:
             for asset in ("part_tasks", "part_images"):
                 record = instance.get_latest_materialization_event(AssetKey(asset))
@@ -74,3 +93,37 @@ def test_daemon_runs_a_folder_unattended(settings, image_server, images, tmp_pat
         instance.dispose()
     finally:
         del os.environ["DAGSTER_HOME"]
+
+
+def test_a_cli_backfill_is_picked_up_and_completed_by_running_workers(settings, image_server,
+                                                                     images, tmp_path):
+    dataset = _dataset(settings, image_server, images, parts_per_subset=3)
+    env = _home(tmp_path, settings)
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    # The operator drives this one by hand: launch_or_hold stays off.
+    stop = subprocess.run([dagster, "sensor", "stop", "-m", "laion_dagster.definitions",
+                           "launch_or_hold"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    found = subprocess.run([sys.executable, "-m", "laion_dagster.cli", "discover"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert "3 new, 3 parts" in found.stdout, found.stdout + found.stderr
+    keys = sorted(p.key for p in parts.discover(settings.parts_root))[:2]
+    daemon = _start(env, tmp_path, *DAEMON)
+    worker = _start(env, tmp_path, *WORKER)
+    client = connect(settings)
+    queue = Queue(client, settings.prefix)
+    try:
+        backfill = subprocess.run(
+            [dagster, "job", "backfill", "-m", "laion_dagster.definitions", "-j", "enqueue_job",
+             "--partitions", ",".join(keys), "--noprompt"], env=env, cwd=tmp_path,
+            capture_output=True, text=True, timeout=120)
+        assert backfill.returncode == 0, backfill.stdout + backfill.stderr
+        _wait_final(queue, keys)
+        assert sorted(queue.partitions()) == keys  # the third part was not touched
+    finally:
+        _stop(worker, daemon)
+        client.close()
+    for part in parts.discover(settings.parts_root):
+        if part.key in keys:
+            check_part(settings, part, dataset)
