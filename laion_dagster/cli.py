@@ -101,7 +101,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from laion_dagster.core.status import collect, render
 
     settings = _settings(args)
-    client = connect(settings, name="laion-dagster-status")
+    client = connect(settings, name="laion-dagster-status", retries=2)
     queue = Queue(client, settings.prefix)
     while True:
         status = collect(queue, settings)

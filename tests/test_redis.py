@@ -57,15 +57,8 @@ def test_unreachable_redis_is_a_clear_error(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     settings = Settings(data_dir=tmp_path, redis_url=f"redis://:secret@127.0.0.1:{port}/0")
-    import laion_dagster.core.connection as connection
-
-    old = connection.RETRIES
-    connection.RETRIES = 1
-    try:
-        with pytest.raises(RedisUnavailable) as error:
-            connect(settings)
-    finally:
-        connection.RETRIES = old
+    with pytest.raises(RedisUnavailable) as error:
+        connect(settings, retries=1)
     assert f"127.0.0.1:{port}" in str(error.value) and "secret" not in str(error.value)
     assert redacted("redis://:pw@h:1/0") == "redis://***@h:1/0"
 

@@ -37,14 +37,14 @@ def redacted(url: str) -> str:
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
 
 
-def _options(asynchronous: bool, name: str) -> dict:
+def _options(asynchronous: bool, name: str, retries: int = RETRIES) -> dict:
     """One set of client options for the synchronous and the asyncio client alike."""
     if asynchronous:
         from redis.asyncio.retry import Retry
     else:
         from redis.retry import Retry
     return {
-        "retry": Retry(ExponentialBackoff(cap=5.0, base=0.2), RETRIES),
+        "retry": Retry(ExponentialBackoff(cap=5.0, base=0.2), retries),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         "socket_connect_timeout": 5,
         "socket_timeout": 30,
@@ -53,10 +53,15 @@ def _options(asynchronous: bool, name: str) -> dict:
     }
 
 
-def connect(settings: Settings, name: str = "laion-dagster") -> redis.Redis:
-    """A synchronous client; raises RedisUnavailable (password hidden) if it cannot connect."""
+def connect(settings: Settings, name: str = "laion-dagster",
+            retries: int = RETRIES) -> redis.Redis:
+    """A synchronous client; raises RedisUnavailable (password hidden) if it cannot connect.
+
+    Long-running processes keep the default budget so they ride out a Redis restart; a
+    command a person waits on passes fewer retries and answers within seconds.
+    """
     url = redis_url(settings)
-    client = redis.Redis.from_url(url, **_options(False, name))
+    client = redis.Redis.from_url(url, **_options(False, name, retries))
     try:
         client.ping()
     except redis.RedisError as error:
