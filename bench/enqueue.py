@@ -1,0 +1,81 @@
+"""Enqueue throughput and Redis footprint for one LAION-shaped part (prints figures).
+
+    python bench/enqueue.py --rows 1000000
+
+Builds a part with the original release's columns, enqueues it into an embedded Redis (a fresh
+data directory), and prints rows/s, Redis commands per row and Redis memory per queued row.
+"""
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from laion_dagster.core import embedded, parts
+from laion_dagster.core.connection import connect
+from laion_dagster.core.enqueue import enqueue_part
+from laion_dagster.core.queue import Queue
+from laion_dagster.core.settings import Settings
+
+
+def make_part(path: Path, rows: int) -> None:
+    rnd = random.Random(0)
+    words = ["photo", "vintage", "red", "dress", "mountain", "sunset", "logo", "cat", "city"]
+    batch = 100_000
+    writer = None
+    for start in range(0, rows, batch):
+        n = min(batch, rows - start)
+        table = pa.table({
+            "SAMPLE_ID": pa.array(range(start, start + n), pa.int64()),
+            "URL": [f"https://cdn{rnd.randrange(5000)}.example.com/images/{rnd.getrandbits(64):x}"
+                    f"/{rnd.choice(words)}-{i}.jpg" for i in range(n)],
+            "TEXT": [" ".join(rnd.choices(words, k=rnd.randrange(3, 14))) for _ in range(n)],
+            "HEIGHT": pa.array([rnd.randrange(64, 2048) for _ in range(n)], pa.int32()),
+            "WIDTH": pa.array([rnd.randrange(64, 2048) for _ in range(n)], pa.int32()),
+            "LICENSE": ["?"] * n,
+            "NSFW": [rnd.choice(["UNLIKELY", "UNSURE", "NSFW"]) for _ in range(n)],
+            "similarity": [rnd.random() for _ in range(n)],
+        })
+        writer = writer or pq.ParquetWriter(path, table.schema, compression="snappy")
+        writer.write_table(table)
+    writer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--shard-size", type=int, default=10_000)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="laion-bench-"))
+    settings = Settings(data_dir=root, shard_size=args.shard_size,
+                        queue_high_watermark=args.rows * 2)
+    folder = settings.parts_root / "laion2B-en"
+    folder.mkdir(parents=True)
+    make_part(folder / "part-00000-bench-c000.snappy.parquet", args.rows)
+    client = connect(settings)
+    try:
+        client.config_resetstat()
+        used_before = client.info("memory")["used_memory"]
+        queue = Queue(client, settings.prefix)
+        part = parts.discover(settings.parts_root)[0]
+        started = time.perf_counter()
+        report = enqueue_part(queue, part, settings)
+        elapsed = time.perf_counter() - started
+        stats = client.info("stats")
+        memory = client.info("memory")["used_memory"] - used_before
+        print(f"rows {report.rows:,} in {report.shards} shards of {args.shard_size:,}")
+        print(f"enqueue: {report.rows / elapsed:,.0f} rows/s ({elapsed:.2f}s)")
+        print(f"redis commands per row: {stats['total_commands_processed'] / report.rows:.4f}")
+        print(f"redis memory per queued row: {memory / report.rows:.1f} bytes "
+              f"({memory / 1e6:,.1f} MB for this part)")
+    finally:
+        client.close()
+        embedded.stop(settings.redis_dir)
+
+
+if __name__ == "__main__":
+    main()
