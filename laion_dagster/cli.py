@@ -1,4 +1,4 @@
-"""`laion-dagster`: run, demo, up, worker, status, discover.
+"""`laion-dagster`: run, demo, up, worker, status, errors export, discover.
 
 Flags override LAION_* environment variables, which override the defaults; all three are the
 one settings model (`core/settings.py`).
@@ -114,6 +114,28 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
 
 
+def cmd_errors_export(args: argparse.Namespace) -> int:
+    from laion_dagster.core.accounting import export_errors
+    from laion_dagster.core.queue import Queue
+
+    settings = _settings(args)
+    client = connect(settings, name="laion-dagster-errors", retries=2)
+    queue = Queue(client, settings.prefix)
+    known = queue.partitions()
+    if args.part not in known:
+        print(f"laion-dagster: unknown part {args.part!r}; known parts: "
+              f"{', '.join(known[:10]) or 'none'}", file=sys.stderr)
+        return 2
+    out = (args.out or Path.cwd()).absolute()
+    try:
+        parquet_path, jsonl_path, count = export_errors(queue, args.part, settings, out)
+    except FileNotFoundError as error:
+        print(f"laion-dagster: {error}", file=sys.stderr)
+        return 2
+    print(f"{count:,} failed rows of {args.part}: {parquet_path} and {jsonl_path}")
+    return 0
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     from laion_dagster.core import parts
     from laion_dagster.defs.partitions import PARTS
@@ -204,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", type=float, nargs="?", const=2.0)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+    errors = sub.add_parser("errors", help="a part's failed rows (save_error_task.py)")
+    errors_sub = errors.add_subparsers(dest="errors_command", required=True)
+    export = errors_sub.add_parser("export", help="write a part's failed rows to files")
+    _common(export, pool=False)
+    export.add_argument("part", help="the partition key, <subset>__<part>")
+    export.add_argument("--out", type=Path, help="folder for the files (default: here)")
+    export.set_defaults(func=cmd_errors_export)
     discover = sub.add_parser("discover", help="add new parts as Dagster partitions")
     _common(discover, pool=False)
     discover.set_defaults(func=cmd_discover)

@@ -72,6 +72,21 @@ def test_run_downloads_everything_reports_bad_parts_and_resumes(settings, datase
     assert again.returncode == 0, again.stdout + again.stderr
     assert "4 of 4 parts are already final; skipping them" in again.stdout
 
+    part = good[0]
+    lost = cli(user_env, "errors", "export", part.key, timeout=60)  # forgot --store-dir
+    assert lost.returncode == 2 and "error file" in lost.stderr and "missing" in lost.stderr
+    exported = cli(user_env, "errors", "export", part.key, "--store-dir",
+                   str(settings.store_root), "--out", str(settings.data_dir / "x"), timeout=60)
+    assert exported.returncode == 0, exported.stderr
+    lines = (settings.data_dir / "x" / f"{part.key}.errors.jsonl").read_text().splitlines()
+    expected = {i: c for (n, i), c in dataset.expected_by_row.items()
+                if n == part.path.name and c != "success"}
+    assert {json.loads(line)["row"]: json.loads(line)["error_class"] for line in lines} == expected
+    table = pq.read_table(settings.data_dir / "x" / f"{part.key}.errors.parquet")
+    assert table.num_rows == len(expected)
+    unknown = cli(user_env, "errors", "export", "nope__part", timeout=60)
+    assert unknown.returncode == 2 and "unknown part 'nope__part'" in unknown.stderr
+
 
 def test_status_and_discover(settings, dataset, user_env):
     status = cli(user_env, "status", "--json", timeout=60)

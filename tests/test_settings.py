@@ -54,3 +54,11 @@ def test_readme_maps_every_original_setting():
     for original, ours in ORIGINAL_NAMES.items():
         assert f"`{original}`" in text, f"README does not mention {original}"
         assert ours.split(" ")[0] in text
+
+
+def test_the_packaged_dagster_yaml_is_the_repos():
+    """`run`/`up` copy the packaged file into a new DAGSTER_HOME; it must not drift."""
+    root = README.parent
+    packaged = root / "laion_dagster" / "dagster.yaml"
+    assert packaged.read_text() == (root / "dagster.yaml").read_text()
+    assert "enabled: false" in packaged.read_text()  # telemetry off: nothing phones home

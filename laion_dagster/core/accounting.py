@@ -7,6 +7,7 @@ lets them leave Redis: a crash in between leaves them in Redis for the next atte
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,3 +98,32 @@ def finalize_part(queue: Queue, partition: str, settings: Settings) -> PartSumma
         queue.mark_finalized(partition)
     summary.error_file = str(path)
     return summary
+
+
+def part_errors(queue: Queue, partition: str, settings: Settings) -> pa.Table:
+    """A part's error rows so far: its error file once final, Redis's records before that."""
+    live = queue.read_errors(partition)
+    path = error_file_path(settings, partition)
+    if live is not None:
+        return live.sort_by("row")
+    if path.exists():
+        return pq.read_table(path)
+    if queue.part(partition).finalized_at is not None:
+        # Its records left Redis for a file we cannot see: the wrong store, most likely.
+        raise FileNotFoundError(f"{partition} is final but its error file {path} is missing "
+                                "(is the store/error dir the one its run used?)")
+    return ERROR_SCHEMA.empty_table()
+
+
+def export_errors(queue: Queue, partition: str, settings: Settings,
+                  out_dir: Path) -> tuple[Path, Path, int]:
+    """Write a part's failed rows as parquet and JSON lines (what save_error_task.py did)."""
+    table = part_errors(queue, partition, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parquet_path = out_dir / f"{partition}.errors.parquet"
+    jsonl_path = out_dir / f"{partition}.errors.jsonl"
+    pq.write_table(table, parquet_path, compression="zstd")
+    with open(jsonl_path, "w") as handle:
+        for record in table.to_pylist():
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return parquet_path, jsonl_path, table.num_rows

@@ -7,6 +7,7 @@ shards that are already queued (or done), so no row is queued twice and none is 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -55,9 +56,15 @@ def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
     """Queue every shard of `part` not yet queued in its current generation."""
     started = time.monotonic()
     total_rows = parts.count_rows(part.path)  # fails early, with the file named, if unreadable
+    required = (settings.verify_hash_column,) if settings.verify_hash_column else ()
+    shards = parts.iter_shards(part.path, settings.shard_size, settings.url_column,
+                               settings.caption_column, required)
+    # Read the first shard before the part is registered: a part with a missing column or
+    # no rows fails here and leaves no trace in the queue.
+    first = next(shards)
     generation = queue.begin(part.key)
     queue.ensure_group()
-    rows = invalid = shards = added = skipped = 0
+    rows = invalid = shards_seen = added = skipped = 0
     waited = 0.0
     last_note = 0.0
 
@@ -68,9 +75,8 @@ def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
                      f"{depth:,}", f"{settings.queue_high_watermark:,}")
             last_note = time.monotonic()
 
-    for shard in parts.iter_shards(part.path, settings.shard_size, settings.url_column,
-                                   settings.caption_column):
-        shards += 1
+    for shard in itertools.chain([first], shards):
+        shards_seen += 1
         rows += shard.rows
         invalid += shard.invalid.num_rows
         if queue.is_queued(part.key, shard.index):
@@ -87,8 +93,8 @@ def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
         added += result
         if progress is not None:
             progress(rows, total_rows)
-    queue.finish_enqueue(part.key, generation, shards)
+    queue.finish_enqueue(part.key, generation, shards_seen)
     return EnqueueReport(partition=part.key, path=str(part.path), generation=generation,
-                         rows=rows, invalid=invalid, shards=shards, shards_added=added,
+                         rows=rows, invalid=invalid, shards=shards_seen, shards_added=added,
                          shards_skipped=skipped,
                          waited_seconds=waited, duration=time.monotonic() - started)

@@ -13,7 +13,9 @@ import ipaddress
 import random
 import socket
 import ssl
+import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin
 
 import aiohttp
@@ -50,10 +52,54 @@ class FetchResult:
 
 
 class FetchFailed(Exception):
-    def __init__(self, error_class: str, message: str, http_status: int | None = None):
+    def __init__(self, error_class: str, message: str, http_status: int | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.error_class = error_class
         self.http_status = http_status
+        self.retry_after = retry_after
+
+
+# X-Robots-Tag directives that take a value after a colon; anything else before a colon is a
+# user-agent token ("googlebot: noindex").
+_VALUED_DIRECTIVES = {"unavailable_after", "max-snippet", "max-image-preview",
+                      "max-video-preview"}
+
+
+def opt_out_directive(values: list[str], token: str, directives: list[str]) -> str | None:
+    """The first opt-out directive in X-Robots-Tag values that applies to us, or None.
+
+    Directives apply to every robot unless a `token:` prefix names one; a prefix applies to the
+    directives after it in the same header value, as search engines read it.
+    """
+    wanted = {d.lower() for d in directives}
+    token = token.lower()
+    for value in values:
+        addressee: str | None = None
+        for item in value.split(","):
+            item = item.strip().lower()
+            if ":" in item:
+                head, rest = (part.strip() for part in item.split(":", 1))
+                if head not in _VALUED_DIRECTIVES and " " not in head:
+                    addressee, item = head, rest
+            if item in wanted and addressee in (None, token):
+                return item
+    return None
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: a number, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def address_blocked(address: str) -> bool:
@@ -190,6 +236,11 @@ class Fetcher:
                     message = f"no complete response within {s.timeout:g}s"
                 retriable = error_class in RETRIABLE or status == 429
                 pause = min(8.0, 0.5 * 2 ** attempt) * (0.5 + random.random())
+                asked = getattr(error, "retry_after", None)
+                if asked is not None:
+                    if asked > s.max_retry_after:
+                        retriable = False  # the server asks for longer than we will wait
+                    pause = max(pause, asked)
                 if retriable and attempt < s.retries and loop.time() + pause < deadline:
                     attempt += 1
                     await asyncio.sleep(pause)
@@ -221,6 +272,12 @@ class Fetcher:
                 if response.status >= 400:
                     family = "http_4xx" if response.status < 500 else "http_5xx"
                     raise FetchFailed(family, f"HTTP {response.status} {response.reason}",
+                                      response.status,
+                                      retry_after_seconds(response.headers.get("Retry-After")))
+                directive = opt_out_directive(response.headers.getall("X-Robots-Tag", []),
+                                              s.user_agent_token, s.opt_out_directives)
+                if directive is not None:
+                    raise FetchFailed("opted_out", f"X-Robots-Tag: {directive}",
                                       response.status)
                 length = response.content_length
                 if length is not None and length > s.max_bytes:

@@ -35,9 +35,37 @@ class ImageInfo:
 
 
 class NotAnImage(Exception):
+    """The body is refused; `error_class` says why (not_image, decode_error, filtered, ...)."""
+
     def __init__(self, error_class: str, message: str):
         super().__init__(message)
         self.error_class = error_class
+
+
+@dataclass(frozen=True)
+class Filters:
+    """img2dataset's image filters, plus hash verification; the defaults keep every image."""
+
+    min_size: int = 0
+    max_area: int | None = None
+    max_aspect_ratio: float | None = None
+
+    def check(self, info: ImageInfo, expected_sha256: str | None = None) -> None:
+        """Raise NotAnImage('filtered' or 'hash_mismatch') for an image we must not keep."""
+        if expected_sha256 and expected_sha256.strip().lower() != info.sha256:
+            raise NotAnImage("hash_mismatch",
+                             f"sha256 {info.sha256} != expected {expected_sha256.strip()}")
+        w, h = info.width, info.height
+        if min(w, h) < self.min_size:
+            raise NotAnImage("filtered", f"{w}x{h} is smaller than min_image_size "
+                                         f"{self.min_size}")
+        if self.max_area is not None and w * h > self.max_area:
+            raise NotAnImage("filtered", f"{w}x{h} = {w * h:,} pixels > max_image_area "
+                                         f"{self.max_area:,}")
+        ratio = max(w, h) / min(w, h)
+        if self.max_aspect_ratio is not None and ratio > self.max_aspect_ratio:
+            raise NotAnImage("filtered", f"aspect ratio {ratio:.2f} > max_aspect_ratio "
+                                         f"{self.max_aspect_ratio:g}")
 
 
 def _looks_like_image(body: bytes) -> bool:

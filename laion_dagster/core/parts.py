@@ -115,8 +115,12 @@ def _pick(names: list[str], wanted: str | None, candidates: tuple[str, ...]) -> 
 
 
 def resolve_columns(path: Path, schema: pa.Schema, url_column: str | None,
-                    caption_column: str | None) -> Columns:
+                    caption_column: str | None, required: tuple[str, ...] = ()) -> Columns:
     names = list(schema.names)
+    for name in required:
+        if name not in names:
+            raise PartError(f"{path}: no column {name!r} (a setting needs it); "
+                            f"columns are: {', '.join(names)}")
     url = _pick(names, url_column, URL_CANDIDATES)
     if url is None:
         looked = url_column or "/".join(URL_CANDIDATES)
@@ -179,7 +183,8 @@ def _valid_mask(urls: pa.Array) -> tuple[pa.Array, pa.Array]:
     return valid, reason
 
 
-def _rename_extra(name: str) -> str:
+def extra_name(name: str) -> str:
+    """What an input column is called in a shard (ours keep their names, clashes get input_)."""
     return f"input_{name}" if name in RESERVED else name
 
 
@@ -191,7 +196,7 @@ def _shard(index: int, first_row: int, batch: pa.RecordBatch, columns: Columns) 
                else pa.nulls(n, pa.string()))
     valid, reason = _valid_mask(url)
     arrays = [row, url, caption] + [batch.column(c) for c in columns.extra]
-    names = ["row", "url", "caption"] + [_rename_extra(c) for c in columns.extra]
+    names = ["row", "url", "caption"] + [extra_name(c) for c in columns.extra]
     table = pa.Table.from_arrays(arrays, names=names)
     invalid_mask = pc.invert(valid)
     invalid = pa.table({
@@ -207,7 +212,8 @@ def _shard(index: int, first_row: int, batch: pa.RecordBatch, columns: Columns) 
 
 
 def iter_shards(path: Path, shard_size: int, url_column: str | None = None,
-                caption_column: str | None = None) -> Iterator[Shard]:
+                caption_column: str | None = None,
+                required: tuple[str, ...] = ()) -> Iterator[Shard]:
     """Cut a part into shards of exactly `shard_size` rows (the last one may be shorter).
 
     Shard boundaries depend only on the file and the shard size, so re-reading a part yields
@@ -216,7 +222,7 @@ def iter_shards(path: Path, shard_size: int, url_column: str | None = None,
     parquet = open_part(path)
     if parquet.metadata.num_rows == 0:
         raise PartError(f"{path}: empty part (0 rows)")
-    columns = resolve_columns(path, parquet.schema_arrow, url_column, caption_column)
+    columns = resolve_columns(path, parquet.schema_arrow, url_column, caption_column, required)
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     index = 0

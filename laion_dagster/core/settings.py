@@ -68,8 +68,19 @@ class Settings(BaseSettings):
     max_redirects: int = Field(5, ge=0)
     retries: int = Field(1, ge=0)
     user_agent: str = "laion-dagster/0.1 (+https://github.com/laion-dagster/laion-dagster)"
+    # The token site owners address in `X-Robots-Tag: laion-dagster: noai`.
+    user_agent_token: str = "laion-dagster"
+    opt_out_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+    max_retry_after: float = Field(10.0, ge=0)
     allow_private_addresses: bool = False
     host_map: dict[str, str] = Field(default_factory=dict)
+
+    # Image checks
+    min_image_size: int = Field(0, ge=0)
+    max_image_area: int | None = Field(None, ge=1)
+    max_aspect_ratio: float | None = Field(None, ge=1)
+    verify_hash_column: str | None = None  # an input column holding each image's sha256
 
     # Output and checks
     output_format: OutputFormat = "webdataset"
@@ -113,7 +124,7 @@ class Settings(BaseSettings):
             if value is None:
                 continue
             key = f"LAION_{name.upper()}"
-            if isinstance(value, dict):
+            if isinstance(value, dict | list):
                 env[key] = json.dumps(value)
             elif isinstance(value, bool):
                 env[key] = "true" if value else "false"

@@ -48,10 +48,12 @@ class Shared:
     counters: Any  # RawArray('q', 3): ok, failed, bytes done by this process
 
 
-def _store(writer: ShardWriter, record: SampleRecord, body: bytes) -> SampleRecord:
-    """Thread-pool side of a success: identify the image, hash it, write it."""
+def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: images.Filters,
+           expected_sha256: str | None) -> SampleRecord:
+    """Thread-pool side of a success: identify the image, hash and check it, write it."""
     try:
         info = images.inspect(body)
+        filters.check(info, expected_sha256)
     except images.NotAnImage as error:
         record.status, record.error_class, record.error_message = "failed", error.error_class, \
             str(error)
@@ -98,6 +100,9 @@ class WorkerProcess:
         self.consumer = f"{host}:{os.getpid()}"
         self.active: dict[str, ShardJob] = {}
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-cpu")
+        self.filters = images.Filters(min_size=settings.min_image_size,
+                                      max_area=settings.max_image_area,
+                                      max_aspect_ratio=settings.max_aspect_ratio)
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -253,7 +258,10 @@ class WorkerProcess:
             record.error_message, record.http_status = result.error_message, result.http_status
             return record
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, _store, job.writer, record, result.body)
+        column = self.settings.verify_hash_column
+        expected = record.extra.get(parts.extra_name(column)) if column else None
+        return await loop.run_in_executor(self.pool, _store, job.writer, record, result.body,
+                                          self.filters, expected)
 
     async def _dead_letter(self, task: Task) -> None:
         table = parts.decode_table(task.payload)
