@@ -1,0 +1,59 @@
+"""What users load: our shards through the webdataset library and pyarrow, as img2dataset's."""
+
+import json
+from urllib.parse import urlsplit
+
+import pytest
+import webdataset as wds
+
+from laion_dagster.core import parts
+from laion_dagster.core.connection import connect
+from laion_dagster.core.enqueue import enqueue_part
+from laion_dagster.core.queue import Queue
+from tests.outputs import all_done, shard_rows, wait_until
+from tests.test_worker import start_worker, stop_worker
+
+
+@pytest.fixture
+def downloaded(settings, dataset):
+    client = connect(settings)
+    queue = Queue(client, settings.prefix)
+    part = parts.discover(settings.parts_root)[0]
+    enqueue_part(queue, part, settings)
+    worker = start_worker(settings)
+    try:
+        wait_until(lambda: all_done(queue, [part.key]), 60, what="the part")
+    finally:
+        stop_worker(worker)
+    client.close()
+    return settings.store_root / part.relative_dir
+
+
+def test_webdataset_loads_every_successful_sample(downloaded, dataset):
+    table = shard_rows(downloaded)
+    successes = {r["key"]: r for r in table.to_pylist() if r["status"] == "success"}
+    urls = [str(p) for p in sorted(downloaded.glob("*.tar"))]
+    seen = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        seen[sample["__key__"]] = sample
+    assert set(seen) == set(successes)
+    for key, sample in seen.items():
+        record = successes[key]
+        image = sample[record["format"]]
+        assert image == dataset.images[urlsplit(record["url"]).path].body
+        assert sample["txt"].decode() == (record["caption"] or "")
+        meta = json.loads(sample["json"])
+        assert meta["url"] == record["url"] and meta["sha256"] == record["sha256"]
+        assert meta["width"] == record["width"] and "SAMPLE_ID" in meta
+
+
+def test_webdataset_decodes_images_and_stats_match(downloaded):
+    decoded = wds.WebDataset([str(p) for p in sorted(downloaded.glob("*.tar"))],
+                             shardshuffle=False, empty_check=False).decode("pil")
+    sizes = [s[k].size for s in decoded for k in ("jpg", "png", "webp") if k in s]
+    assert sizes and all(w > 0 and h > 0 for w, h in sizes)
+    stats = [json.loads(p.read_text()) for p in sorted(downloaded.glob("*_stats.json"))]
+    assert sum(s["successes"] for s in stats) == len(sizes)
+    for s in stats:
+        assert s["count"] == s["successes"] + s["failed_to_download"] + s["failed_to_resize"]
+        assert sum(s["status_dict"].values()) == s["count"]
