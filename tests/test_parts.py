@@ -439,3 +439,17 @@ def test_encode_decode_of_an_empty_table():
     """A shard with no valid rows encodes and decodes to an empty table of the same schema."""
     table = pa.table({"row": pa.array([], pa.int64()), "url": pa.array([], pa.string())})
     assert parts.decode_table(parts.encode_table(table)).equals(table)
+
+
+def test_save_additional_columns_chooses_what_travels(tmp_path):
+    """Like img2dataset's save_additional_columns: only the named input columns travel with
+    each row (plus a column a setting needs, such as the hash to verify)."""
+    path = write(tmp_path / "s" / "p.parquet", laion_rows(30))
+    kept = list(parts.iter_shards(path, 10, keep=["SAMPLE_ID"], required=("HEIGHT",)))
+    assert kept[0].valid.column_names == ["row", "url", "caption", "SAMPLE_ID", "HEIGHT"]
+    everything = list(parts.iter_shards(path, 10))
+    assert {"SAMPLE_ID", "WIDTH", "HEIGHT"} <= set(everything[0].valid.column_names)
+    none = list(parts.iter_shards(path, 10, keep=[]))
+    assert none[0].valid.column_names == ["row", "url", "caption"]
+    with pytest.raises(parts.PartError, match="no column 'md5'"):
+        list(parts.iter_shards(path, 10, keep=["md5"]))

@@ -58,7 +58,8 @@ def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
     total_rows = parts.count_rows(part.path)  # fails early, with the file named, if unreadable
     required = (settings.verify_hash_column,) if settings.verify_hash_column else ()
     shards = parts.iter_shards(part.path, settings.shard_size, settings.url_column,
-                               settings.caption_column, required)
+                               settings.caption_column, required,
+                               settings.save_additional_columns)
     # Read the first shard before the part is registered: a part with a missing column or
     # no rows fails here and leaves no trace in the queue.
     first = next(shards)

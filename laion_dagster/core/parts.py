@@ -115,11 +115,17 @@ def _pick(names: list[str], wanted: str | None, candidates: tuple[str, ...]) -> 
 
 
 def resolve_columns(path: Path, schema: pa.Schema, url_column: str | None,
-                    caption_column: str | None, required: tuple[str, ...] = ()) -> Columns:
+                    caption_column: str | None, required: tuple[str, ...] = (),
+                    keep: list[str] | None = None) -> Columns:
+    """Which columns are the URL, the caption, and the extras that travel with each row.
+
+    `keep` limits the extras (img2dataset's save_additional_columns); `required` columns are
+    kept whatever `keep` says, because a setting needs them downstream.
+    """
     names = list(schema.names)
-    for name in required:
+    for name in list(required) + list(keep or []):
         if name not in names:
-            raise PartError(f"{path}: no column {name!r} (a setting needs it); "
+            raise PartError(f"{path}: no column {name!r} (named in the settings); "
                             f"columns are: {', '.join(names)}")
     url = _pick(names, url_column, URL_CANDIDATES)
     if url is None:
@@ -133,7 +139,8 @@ def resolve_columns(path: Path, schema: pa.Schema, url_column: str | None,
     if caption_column and caption is None:
         raise PartError(f"{path}: no caption column {caption_column!r}; "
                         f"columns are: {', '.join(names)}")
-    extra = tuple(n for n in names if n not in (url, caption))
+    extra = tuple(n for n in names if n not in (url, caption)
+                  and (keep is None or n in keep or n in required))
     return Columns(url=url, caption=caption, extra=extra)
 
 
@@ -212,8 +219,8 @@ def _shard(index: int, first_row: int, batch: pa.RecordBatch, columns: Columns) 
 
 
 def iter_shards(path: Path, shard_size: int, url_column: str | None = None,
-                caption_column: str | None = None,
-                required: tuple[str, ...] = ()) -> Iterator[Shard]:
+                caption_column: str | None = None, required: tuple[str, ...] = (),
+                keep: list[str] | None = None) -> Iterator[Shard]:
     """Cut a part into shards of exactly `shard_size` rows (the last one may be shorter).
 
     Shard boundaries depend only on the file and the shard size, so re-reading a part yields
@@ -222,13 +229,17 @@ def iter_shards(path: Path, shard_size: int, url_column: str | None = None,
     parquet = open_part(path)
     if parquet.metadata.num_rows == 0:
         raise PartError(f"{path}: empty part (0 rows)")
-    columns = resolve_columns(path, parquet.schema_arrow, url_column, caption_column, required)
+    columns = resolve_columns(path, parquet.schema_arrow, url_column, caption_column, required,
+                              keep)
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     index = 0
     first = 0
+    # Only the columns that travel are read: a dropped column costs no I/O and no memory.
+    wanted = [c for c in parquet.schema_arrow.names
+              if c in (columns.url, columns.caption) or c in columns.extra]
     try:
-        for batch in parquet.iter_batches(batch_size=shard_size):
+        for batch in parquet.iter_batches(batch_size=shard_size, columns=wanted):
             pending.append(batch)
             pending_rows += batch.num_rows
             while pending_rows >= shard_size:

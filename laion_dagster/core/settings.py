@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     # Reading parts and the queue
     url_column: str | None = None
     caption_column: str | None = None
+    # Input columns kept with each sample; unset keeps them all (LAION's metadata is the point).
+    save_additional_columns: list[str] | None = None
     shard_size: int = Field(10_000, ge=1)
     queue_threshold: int = Field(5_000_000, ge=1)
     queue_high_watermark: int = Field(6_000_000, ge=1)
