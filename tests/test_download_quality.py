@@ -225,3 +225,39 @@ def test_a_missing_hash_column_fails_the_part_before_it_is_queued(settings, data
         enqueue_part(queue, part, strict)
     assert queue.partitions() == []  # nothing half registered
     client.close()
+
+
+def test_incremental_runs_skip_complete_shards_and_overwrite_redoes_them(settings, dataset,
+                                                                         image_server):
+    """A part downloaded once, then queued again on a fresh Redis (new prefix): workers report
+    the shards from disk without a single request; with overwrite they download again."""
+    part = parts.discover(settings.parts_root)[0]
+
+    def run_once(s):
+        client = connect(s)
+        queue = Queue(client, s.prefix)
+        enqueue_part(queue, part, s)
+        worker = start_worker(s)
+        try:
+            wait_until(lambda: all_done(queue, [part.key]), 60, what="the part")
+        finally:
+            log = stop_worker(worker)
+        state = queue.part(part.key)
+        errors = queue.read_errors(part.key)
+        keys = list(client.scan_iter(match=f"{s.prefix}:*"))
+        client.delete(*keys)
+        client.close()
+        return state, errors, log
+
+    first, first_errors, _ = run_once(settings)
+    served = sum(image_server.requests.values())
+    again, again_errors, log = run_once(settings.with_overrides(prefix=settings.prefix + "b"))
+    assert sum(image_server.requests.values()) == served  # nothing fetched again
+    assert "complete on disk already" in log
+    assert (again.ok, again.failed, again.invalid, again.bytes) == (
+        first.ok, first.failed, first.invalid, first.bytes)
+    assert sorted(again_errors.column("row").to_pylist()) == sorted(
+        first_errors.column("row").to_pylist())
+    redo, _, _ = run_once(settings.with_overrides(prefix=settings.prefix + "c", overwrite=True))
+    assert sum(image_server.requests.values()) > served
+    assert redo.ok == first.ok

@@ -86,6 +86,8 @@ class Settings(BaseSettings):
 
     # Output and checks
     output_format: OutputFormat = "webdataset"
+    # Re-download shards that are already complete on disk (default: report them from disk).
+    overwrite: bool = False
     min_success_rate: float = Field(0.5, ge=0, le=1)
 
     @field_validator("data_dir", "parquet_dir", "store_dir", "error_dir")

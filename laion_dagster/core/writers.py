@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 # img2dataset's stats split failures into these two buckets; users' tools read them.
@@ -234,13 +235,30 @@ def records_table(records: list[SampleRecord]) -> pa.Table:
 
 
 def error_table(records: list[SampleRecord]) -> pa.Table:
-    failed = [r for r in records if r.status != "success"]
-    return pa.table({
-        "row": [r.row for r in failed], "url": [r.url for r in failed],
-        "caption": [r.caption for r in failed], "error_class": [r.error_class for r in failed],
-        "error_message": [r.error_message for r in failed],
-        "http_status": [r.http_status for r in failed],
-    }, schema=ERROR_SCHEMA)
+    return failed_rows(records_table(records))
+
+
+def failed_rows(samples: pa.Table) -> pa.Table:
+    """The error records of a shard's sample table: what goes to the part's error file."""
+    failed = samples.filter(pc.not_equal(samples.column("status"), "success"))
+    return failed.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
+
+
+def read_complete_shard(part_dir: Path, shard: int, rows: list[int]) -> pa.Table | None:
+    """The sample table of a shard already complete on disk for exactly these rows, or None.
+
+    Incremental mode: a shard written by an earlier run (or another Redis) need not be
+    downloaded again. The row check guards against a different shard_size since then.
+    """
+    if not shard_complete(part_dir, shard):
+        return None
+    try:
+        samples = pq.read_table(shard_paths(part_dir, shard, "files")["parquet"])
+    except (OSError, pa.ArrowException):
+        return None
+    if sorted(samples.column("row").to_pylist()) != sorted(rows):
+        return None
+    return samples
 
 
 def shard_stats(records: list[SampleRecord], start: float, end: float) -> dict:

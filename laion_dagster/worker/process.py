@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,14 @@ from laion_dagster.core.connection import connect_async
 from laion_dagster.core.fetch import Fetcher, FetchResult
 from laion_dagster.core.queue import AsyncQueue, Outcome, Task
 from laion_dagster.core.settings import Settings
-from laion_dagster.core.writers import SampleRecord, ShardWriter, error_table
+from laion_dagster.core.writers import (
+    SampleRecord,
+    ShardWriter,
+    error_table,
+    failed_rows,
+    read_complete_shard,
+    records_table,
+)
 
 log = logging.getLogger("laion_dagster.worker")
 
@@ -78,17 +86,23 @@ class ShardJob:
         return self.table.drop_columns([c for c in OUR_COLUMNS if c in self.table.column_names])
 
     def outcome(self) -> Outcome:
-        classes: dict[str, int] = {}
-        ok = failed = nbytes = 0
-        for r in self.records:
-            if r.status == "success":
-                ok += 1
-                nbytes += r.bytes or 0
-            else:
-                failed += 1
-                classes[r.error_class or "unknown"] = classes.get(r.error_class or "unknown", 0) + 1
-        blob = parts.encode_table(error_table(self.records)) if failed else b""
-        return Outcome(ok=ok, failed=failed, bytes=nbytes, classes=classes, errors=blob)
+        return outcome_of(records_table(self.records))
+
+
+def outcome_of(samples: pa.Table) -> Outcome:
+    """A shard's counts, error classes and error records, from its sample table."""
+    status = samples.column("status").to_pylist()
+    sizes = samples.column("bytes").to_pylist()
+    classes = Counter(c or "unknown" for c, st in
+                      zip(samples.column("error_class").to_pylist(), status, strict=True)
+                      if st != "success")
+    ok = status.count("success")
+    errors = failed_rows(samples)
+    return Outcome(ok=ok, failed=len(status) - ok,
+                   bytes=sum(b or 0 for b, st in zip(sizes, status, strict=True)
+                             if st == "success"),
+                   classes=dict(classes),
+                   errors=parts.encode_table(errors) if errors.num_rows else b"")
 
 
 class WorkerProcess:
@@ -213,6 +227,14 @@ class WorkerProcess:
             await self._dead_letter(task)
             return
         loop = asyncio.get_running_loop()
+        if not self.settings.overwrite:
+            existing = await loop.run_in_executor(self.pool, self._outcome_on_disk, task)
+            if existing is not None:
+                await self.queue.complete(task, existing)
+                log.info("shard %s/%05d: complete on disk already (%d ok, %d failed); "
+                         "not downloaded", task.partition, task.shard, existing.ok,
+                         existing.failed)
+                return
         job = await loop.run_in_executor(self.pool, ShardJob, task, self.settings)
         self.active[task.entry_id] = job
         started = time.monotonic()
@@ -240,6 +262,13 @@ class WorkerProcess:
         log.info("shard %s/%05d: %d ok, %d failed, %.1f MB in %.1fs (%.0f rows/s)",
                  task.partition, task.shard, outcome.ok, outcome.failed, outcome.bytes / 1e6,
                  elapsed, task.rows / max(elapsed, 1e-9))
+
+    def _outcome_on_disk(self, task: Task) -> Outcome | None:
+        """Incremental mode: a shard an earlier run wrote completely is reported, not redone."""
+        part_dir = self.settings.store_root / parts.relative_dir(task.partition)
+        rows = parts.decode_table(task.payload).column("row").to_pylist()
+        samples = read_complete_shard(part_dir, task.shard, rows)
+        return None if samples is None else outcome_of(samples)
 
     @staticmethod
     def _extras(job: ShardJob) -> list[dict]:
