@@ -6,7 +6,10 @@ every test gets a unique key prefix that is deleted afterwards.
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +101,25 @@ def worker_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAION_")}
     env.update(settings.to_env())
     return env
+
+
+@pytest.fixture(autouse=True)
+def connects(monkeypatch) -> list:
+    """Every IP address a socket in this process connects to, for every test.
+
+    (asyncio's sock_connect calls socket.connect.)
+    Anything but loopback is refused here, never attempted: a broken guard then fails a test
+    instead of reaching whatever answers on 10.x or 169.254.169.254 where the tests run.
+    """
+    seen = []
+    real = socket.socket.connect
+
+    def spy(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            seen.append(address[0])
+            if not ipaddress.ip_address(address[0]).is_loopback:
+                raise ConnectionRefusedError(errno.ECONNREFUSED, f"test refuses {address[0]}")
+        return real(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", spy)
+    return seen

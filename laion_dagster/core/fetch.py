@@ -102,10 +102,21 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def address_blocked(address: str) -> bool:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def address_blocked(address: str, allowed: tuple[Network, ...] = ()) -> bool:
+    """True for addresses we refuse to fetch from: not global, or multicast.
+
+    `allowed` (Settings.allowed_networks) lets named non-public networks through, so tests can
+    serve from 127.0.0.1 while the guard still refuses 10.x or 169.254.169.254. Mapped IPv6
+    (::ffff:10.0.0.1) is judged as the IPv4 address it reaches.
+    """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
+    if any(ip in network for network in allowed):
+        return False
     return not ip.is_global or ip.is_multicast
 
 
@@ -135,15 +146,17 @@ class GuardedResolver(AbstractResolver):
     169.254.169.254 or 10.x from reaching a cloud metadata service or a private network.
     """
 
-    def __init__(self, inner: AbstractResolver, allow_private: bool):
+    def __init__(self, inner: AbstractResolver, allow_private: bool,
+                 allowed: tuple[Network, ...] = ()):
         self.inner = inner
         self.allow_private = allow_private
+        self.allowed = allowed
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         results = await self.inner.resolve(host, port, family)
         if not self.allow_private:
-            results = [r for r in results if not address_blocked(r["host"])]
+            results = [r for r in results if not address_blocked(r["host"], self.allowed)]
             if not results:
                 raise BlockedAddress(0, f"{host} resolves only to non-public addresses")
         return results
@@ -189,6 +202,8 @@ class Fetcher:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.session: aiohttp.ClientSession | None = None
+        # Parsed once here; the same networks open both guards (resolver and IP literals).
+        self.allowed = tuple(ipaddress.ip_network(n) for n in settings.allowed_networks)
 
     async def __aenter__(self) -> Fetcher:
         s = self.settings
@@ -200,7 +215,7 @@ class Fetcher:
             ttl_dns_cache=300,
             use_dns_cache=True,
             ssl=shared_ssl_context(),
-            resolver=GuardedResolver(inner, s.allow_private_addresses),
+            resolver=GuardedResolver(inner, s.allow_private_addresses, self.allowed),
             enable_cleanup_closed=True,
         )
         self.session = aiohttp.ClientSession(
@@ -257,7 +272,7 @@ class Fetcher:
                 raise FetchFailed("invalid_url", f"not an http(s) URL: {url[:200]}")
             if not s.allow_private_addresses:
                 try:
-                    if address_blocked(target.host):
+                    if address_blocked(target.host, self.allowed):
                         raise FetchFailed("blocked_address", f"{target.host} is not public")
                 except ValueError:
                     pass  # a name, not an address literal: the resolver guards it

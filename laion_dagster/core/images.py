@@ -99,3 +99,84 @@ def inspect(body: bytes) -> ImageInfo:
         raise NotAnImage("decode_error", f"bad dimensions {width}x{height}")
     return ImageInfo(format=fmt, ext=EXTENSIONS.get(fmt, fmt.lower()), width=width,
                      height=height, sha256=hashlib.sha256(body).hexdigest())
+
+
+RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+ENCODERS = {"jpg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png"),
+            "webp": ("WEBP", "image/webp")}
+
+
+@dataclass(frozen=True)
+class Resize:
+    """img2dataset's resize modes and encoding options; mode "no" keeps the original bytes."""
+
+    mode: str = "no"
+    size: int = 256
+    only_if_bigger: bool = False
+    encode_format: str = "jpg"
+    quality: int = 95
+
+    def target(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+        """(size to resize to, final canvas or crop size) for an image of width × height."""
+        side = self.size
+        if self.mode in ("keep_ratio", "center_crop"):
+            scale = side / min(width, height)
+        else:  # keep_ratio_largest, border
+            scale = side / max(width, height)
+        if self.only_if_bigger and scale >= 1:
+            scale = 1.0
+        resized = (max(1, round(width * scale)), max(1, round(height * scale)))
+        if self.mode == "center_crop":
+            return resized, (min(side, resized[0]), min(side, resized[1]))
+        if self.mode == "border":
+            return resized, (max(side, resized[0]), max(side, resized[1]))
+        return resized, None
+
+
+def transform(body: bytes, info: ImageInfo, resize: Resize) -> tuple[bytes, str, int, int]:
+    """The bytes to store, their extension, width and height.
+
+    Nothing is decoded when nothing would change: the original bytes are kept when the mode
+    is "no", or when the size is right already and the format is the one asked for.
+    """
+    if resize.mode == "no":
+        return body, info.ext, info.width, info.height
+    resized, canvas = resize.target(info.width, info.height)
+    final = canvas or resized
+    same_geometry = resized == (info.width, info.height) and final == resized
+    if same_geometry and info.ext == resize.encode_format:
+        return body, info.ext, info.width, info.height
+    pil_format, _ = ENCODERS[resize.encode_format]
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            if resized[0] < info.width and image.format == "JPEG":
+                # The JPEG decoder can scale by 1/2, 1/4, 1/8 while decoding: much cheaper
+                # than decoding full size and shrinking afterwards.
+                image.draft("RGB", resized)
+            image = image.convert("RGBA" if _keeps_alpha(image, pil_format) else "RGB")
+            if image.size != resized:
+                image = image.resize(resized, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            if final != resized:
+                image = _fit(image, final, resize.mode)
+            out = io.BytesIO()
+            options = {"quality": resize.quality} if pil_format in ("JPEG", "WEBP") else {}
+            image.save(out, format=pil_format, **options)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise NotAnImage("decode_error", f"cannot decode to resize: {error}") from error
+    return out.getvalue(), resize.encode_format, final[0], final[1]
+
+
+def _keeps_alpha(image: Image.Image, pil_format: str) -> bool:
+    return pil_format != "JPEG" and (image.mode in ("RGBA", "LA", "PA")
+                                     or "transparency" in image.info)
+
+
+def _fit(image: Image.Image, final: tuple[int, int], mode: str) -> Image.Image:
+    """center_crop cuts the middle out; border pads to a square on black, as img2dataset does."""
+    w, h = image.size
+    if mode == "center_crop":
+        left, top = (w - final[0]) // 2, (h - final[1]) // 2
+        return image.crop((left, top, left + final[0], top + final[1]))
+    canvas = Image.new(image.mode, final, (0, 0, 0, 0) if image.mode == "RGBA" else (0, 0, 0))
+    canvas.paste(image, ((final[0] - w) // 2, (final[1] - h) // 2))
+    return canvas

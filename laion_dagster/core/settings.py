@@ -7,6 +7,7 @@ scripts' `setting.py` names are listed in `ORIGINAL_NAMES` and in the README.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -76,6 +77,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
     max_retry_after: float = Field(10.0, ge=0)
     allow_private_addresses: bool = False
+    # Non-public networks (CIDRs) fetched anyway, e.g. ["127.0.0.1/32"] for a loopback test
+    # server; narrower than allow_private_addresses, so the guard stays on for everything else.
+    allowed_networks: list[str] = Field(default_factory=list)
     host_map: dict[str, str] = Field(default_factory=dict)
 
     # Image checks
@@ -83,6 +87,13 @@ class Settings(BaseSettings):
     max_image_area: int | None = Field(None, ge=1)
     max_aspect_ratio: float | None = Field(None, ge=1)
     verify_hash_column: str | None = None  # an input column holding each image's sha256
+
+    # Resizing (img2dataset's modes); "no" stores the original bytes untouched
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "no"
+    image_size: int = Field(256, ge=1)
+    resize_only_if_bigger: bool = False
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
 
     # Output and checks
     output_format: OutputFormat = "webdataset"
@@ -96,6 +107,16 @@ class Settings(BaseSettings):
         # Dagster runs and workers start in other working directories; relative paths would
         # silently point somewhere else there.
         return None if value is None else value.expanduser().absolute()
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        # A typo here would silently leave the guard wider or narrower than meant: refuse it.
+        try:
+            return [str(ipaddress.ip_network(cidr.strip())) for cidr in value]
+        except ValueError as error:
+            raise ValueError(
+                f"allowed_networks: not a network in CIDR notation ({error})") from None
 
     @property
     def parts_root(self) -> Path:

@@ -64,9 +64,11 @@ class SampleRecord:
     error_class: str | None = None
     error_message: str | None = None
     http_status: int | None = None
-    width: int | None = None
+    width: int | None = None  # as stored (after any resize)
     height: int | None = None
-    sha256: str | None = None
+    original_width: int | None = None  # as downloaded
+    original_height: int | None = None
+    sha256: str | None = None  # of the downloaded bytes
     bytes: int | None = None
     format: str | None = None
     extra: dict = field(default_factory=dict)
@@ -76,8 +78,8 @@ class SampleRecord:
         meta = {"key": sample_key(self.row), "row": self.row, "url": self.url,
                 "caption": self.caption, "status": self.status,
                 "error_message": self.error_message, "width": self.width,
-                "height": self.height, "original_width": self.width,
-                "original_height": self.height, "sha256": self.sha256, "bytes": self.bytes,
+                "height": self.height, "original_width": self.original_width,
+                "original_height": self.original_height, "sha256": self.sha256, "bytes": self.bytes,
                 "format": self.format}
         meta.update(self.extra)
         return meta
@@ -226,8 +228,8 @@ def records_table(records: list[SampleRecord]) -> pa.Table:
         columns["http_status"].append(r.http_status)
         columns["width"].append(r.width)
         columns["height"].append(r.height)
-        columns["original_width"].append(r.width)
-        columns["original_height"].append(r.height)
+        columns["original_width"].append(r.original_width)
+        columns["original_height"].append(r.original_height)
         columns["sha256"].append(r.sha256)
         columns["bytes"].append(r.bytes)
         columns["format"].append(r.format)

@@ -57,18 +57,20 @@ class Shared:
 
 
 def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: images.Filters,
-           expected_sha256: str | None) -> SampleRecord:
-    """Thread-pool side of a success: identify the image, hash and check it, write it."""
+           resize: images.Resize, expected_sha256: str | None) -> SampleRecord:
+    """Thread-pool side of a success: identify, hash, check, resize and write the image."""
     try:
         info = images.inspect(body)
         filters.check(info, expected_sha256)
+        stored, ext, width, height = images.transform(body, info, resize)
     except images.NotAnImage as error:
         record.status, record.error_class, record.error_message = "failed", error.error_class, \
             str(error)
         return record
-    record.width, record.height, record.sha256 = info.width, info.height, info.sha256
-    record.format, record.bytes = info.ext, len(body)
-    writer.add(record, body)
+    record.original_width, record.original_height = info.width, info.height
+    record.width, record.height, record.sha256 = width, height, info.sha256
+    record.format, record.bytes = ext, len(stored)
+    writer.add(record, stored)
     return record
 
 
@@ -117,6 +119,10 @@ class WorkerProcess:
         self.filters = images.Filters(min_size=settings.min_image_size,
                                       max_area=settings.max_image_area,
                                       max_aspect_ratio=settings.max_aspect_ratio)
+        self.resize = images.Resize(mode=settings.resize_mode, size=settings.image_size,
+                                    only_if_bigger=settings.resize_only_if_bigger,
+                                    encode_format=settings.encode_format,
+                                    quality=settings.encode_quality)
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -290,7 +296,7 @@ class WorkerProcess:
         column = self.settings.verify_hash_column
         expected = record.extra.get(parts.extra_name(column)) if column else None
         return await loop.run_in_executor(self.pool, _store, job.writer, record, result.body,
-                                          self.filters, expected)
+                                          self.filters, self.resize, expected)
 
     async def _dead_letter(self, task: Task) -> None:
         table = parts.decode_table(task.payload)
