@@ -42,7 +42,7 @@ def _common(parser: argparse.ArgumentParser, pool: bool = True) -> None:
         parser.add_argument("--concurrency", type=int, help="concurrent fetches per process")
         parser.add_argument("--shard-size", dest="shard_size", type=int)
         parser.add_argument("--output-format", dest="output_format",
-                            choices=["webdataset", "files"])
+                            choices=["webdataset", "files", "parquet"])
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-OutputFormat = Literal["files", "webdataset"]
+OutputFormat = Literal["files", "webdataset", "parquet"]
 
 
 def _default_data_dir() -> Path:

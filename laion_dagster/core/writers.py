@@ -44,10 +44,20 @@ def sample_key(row: int) -> str:
     return f"{row:010d}"
 
 
+# output_format="parquet" spools images here while the shard downloads (uncompressed Arrow,
+# read back memory-mapped), so a worker never holds a shard's images in memory.
+IMAGE_SPOOL = pa.schema([("row", pa.int64()), ("image", pa.binary())])
+SPOOL_BATCH = 32
+ROW_GROUP = 256
+
+
 def shard_paths(part_dir: Path, shard: int, output_format: str) -> dict[str, Path]:
+    """A shard's files. With output_format "parquet" the images live in the shard parquet's
+    `image` column, and "data" names only the spool used while downloading."""
     name = f"{shard:05d}"
-    data = part_dir / (f"{name}.tar" if output_format == "webdataset" else name)
-    return {"data": data, "parquet": part_dir / f"{name}.parquet",
+    data = {"webdataset": f"{name}.tar", "files": name,
+            "parquet": f"{name}.images.arrow"}[output_format]
+    return {"data": part_dir / data, "parquet": part_dir / f"{name}.parquet",
             "stats": part_dir / f"{name}_stats.json"}
 
 
@@ -107,10 +117,14 @@ class ShardWriter:
         part_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale_temporaries()
         self._tmp_data = self.paths["data"].with_name(self.paths["data"].name + self.tag)
+        self._tar: tarfile.TarFile | None = None
+        self._spool: pa.ipc.RecordBatchFileWriter | None = None
+        self._spooled: list[tuple[int, bytes]] = []
         if output_format == "webdataset":
-            self._tar: tarfile.TarFile | None = tarfile.open(self._tmp_data, "w")  # noqa: SIM115 - closed in close()/abort()
+            self._tar = tarfile.open(self._tmp_data, "w")  # noqa: SIM115 - closed in close()/abort()
+        elif output_format == "parquet":
+            self._spool = pa.ipc.new_file(str(self._tmp_data), IMAGE_SPOOL)
         else:
-            self._tar = None
             self._tmp_data.mkdir()
 
     def _clear_stale_temporaries(self) -> None:
@@ -128,6 +142,12 @@ class ShardWriter:
 
     def add(self, record: SampleRecord, body: bytes) -> None:
         """Store a successful sample (called from worker threads)."""
+        if self._spool is not None:
+            with self._lock:
+                self._spooled.append((record.row, body))
+                if len(self._spooled) >= SPOOL_BATCH:
+                    self._flush_spool()
+            return
         key = sample_key(record.row)
         members = {
             f"{key}.{record.format}": body,
@@ -145,6 +165,29 @@ class ShardWriter:
                 else:
                     (self._tmp_data / name).write_bytes(data)
 
+    def _flush_spool(self) -> None:
+        if self._spooled and self._spool is not None:
+            rows, bodies = zip(*self._spooled, strict=True)
+            self._spool.write_batch(pa.record_batch(
+                [pa.array(rows, pa.int64()), pa.array(bodies, pa.binary())], schema=IMAGE_SPOOL))
+            self._spooled = []
+
+    def _write_with_images(self, table: pa.Table, path: Path) -> None:
+        """The shard parquet with an `image` column, one row group at a time."""
+        with self._lock:
+            self._flush_spool()
+            self._spool.close()
+        spool = pa.ipc.open_file(pa.memory_map(str(self._tmp_data))).read_all()
+        position = {row: i for i, row in enumerate(spool.column("row").to_pylist())}
+        schema = table.schema.append(pa.field("image", pa.binary()))
+        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+            for start in range(0, table.num_rows, ROW_GROUP):
+                chunk = table.slice(start, ROW_GROUP)
+                where = pa.array([position.get(r) for r in chunk.column("row").to_pylist()],
+                                 pa.int64())
+                images = spool.column("image").take(where)
+                writer.write_table(chunk.append_column("image", images))
+
     def close(self, records: list[SampleRecord], extra_columns: pa.Table | None) -> dict:
         """Write the parquet and stats, publish everything; returns the stats."""
         if self._tar is not None:
@@ -158,13 +201,20 @@ class ShardWriter:
         stats.update({"shard": self.shard, "output_format": self.output_format})
         tmp_parquet = self.paths["parquet"].with_name(self.paths["parquet"].name + self.tag)
         tmp_stats = self.paths["stats"].with_name(self.paths["stats"].name + self.tag)
-        pq.write_table(table, tmp_parquet, compression="zstd")
+        if self._spool is not None:
+            self._write_with_images(table, tmp_parquet)
+        else:
+            pq.write_table(table, tmp_parquet, compression="zstd")
         tmp_stats.write_text(json.dumps(stats, indent=2))
-        for tmp in (self._tmp_data, tmp_parquet, tmp_stats):
+        data = [] if self._spool is not None else [self._tmp_data]
+        for tmp in [*data, tmp_parquet, tmp_stats]:
             _fsync(tmp)
         # An older copy of this shard stops counting as complete before any of it is replaced.
         self.paths["stats"].unlink(missing_ok=True)
-        _publish(self._tmp_data, self.paths["data"])
+        if self._spool is not None:
+            self._tmp_data.unlink()
+        else:
+            _publish(self._tmp_data, self.paths["data"])
         os.replace(tmp_parquet, self.paths["parquet"])
         os.replace(tmp_stats, self.paths["stats"])
         _fsync_dir(self.part_dir)
@@ -175,7 +225,9 @@ class ShardWriter:
         try:
             if self._tar is not None:
                 self._tar.close()
-        except OSError:
+            if self._spool is not None:
+                self._spool.close()
+        except (OSError, pa.ArrowException):
             pass
         for path in self.part_dir.glob(f"*{self.tag}"):
             if path.is_dir():
@@ -254,8 +306,10 @@ def read_complete_shard(part_dir: Path, shard: int, rows: list[int]) -> pa.Table
     """
     if not shard_complete(part_dir, shard):
         return None
+    path = shard_paths(part_dir, shard, "files")["parquet"]
     try:
-        samples = pq.read_table(shard_paths(part_dir, shard, "files")["parquet"])
+        names = pq.read_schema(path).names
+        samples = pq.read_table(path, columns=[n for n in SAMPLE_SCHEMA.names if n in names])
     except (OSError, pa.ArrowException):
         return None
     if sorted(samples.column("row").to_pylist()) != sorted(rows):
