@@ -1,4 +1,4 @@
-"""`laion-dagster`: run, demo, up, worker, status, errors export, discover.
+"""`laion-dagster`: run, demo, up, worker, status, errors export|retry, discover.
 
 Flags override LAION_* environment variables, which override the defaults; all three are the
 one settings model (`core/settings.py`).
@@ -136,6 +136,31 @@ def cmd_errors_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_errors_retry(args: argparse.Namespace) -> int:
+    from laion_dagster.core import parts
+    from laion_dagster.core.queue import Queue
+    from laion_dagster.core.retry import RetryRefused, retry_failed
+
+    settings = _settings(args)
+    client = connect(settings, name="laion-dagster-errors", retries=2)
+    queue = Queue(client, settings.prefix, settings.visibility_timeout, settings.max_deliveries)
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    try:
+        part = parts.find(settings.parts_root, args.part)
+        report = retry_failed(queue, part, settings, classes)
+    except (parts.PartError, RetryRefused, FileNotFoundError) as error:
+        print(f"laion-dagster: {error}", file=sys.stderr)
+        return 2
+    if not report.rows:
+        print(f"no failed rows of {', '.join(classes)} in {args.part}; nothing to retry")
+        return 0
+    by_class = ", ".join(f"{k} {v:,}" for k, v in sorted(report.classes.items()))
+    print(f"retry round {report.round}: {report.rows:,} rows ({by_class}) queued again in "
+          f"{report.shards} shards; running workers pick them up, and the part is finalized "
+          "again when they are done")
+    return 0
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     from laion_dagster.core import parts
     from laion_dagster.defs.partitions import PARTS
@@ -233,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("part", help="the partition key, <subset>__<part>")
     export.add_argument("--out", type=Path, help="folder for the files (default: here)")
     export.set_defaults(func=cmd_errors_export)
+    retry = errors_sub.add_parser("retry", help="queue a part's failed rows again")
+    _common(retry, pool=False)
+    retry.add_argument("part", help="the partition key, <subset>__<part>")
+    retry.add_argument("--classes", default="timeout,connection,dns,http_5xx",
+                       help="error classes to retry, comma-separated (default: %(default)s)")
+    retry.set_defaults(func=cmd_errors_retry)
     discover = sub.add_parser("discover", help="add new parts as Dagster partitions")
     _common(discover, pool=False)
     discover.set_defaults(func=cmd_discover)

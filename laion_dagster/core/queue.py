@@ -6,7 +6,8 @@ Keys (all under the prefix):
   parts                 set of partitions the queue has seen (status views never scan keys)
   queued_rows           rows enqueued and not complete: the backpressure signal
   part:<p>              hash: generation, rows, invalid, shards, shards_total, shards_done, ok,
-                        failed, bytes, pending, started_at, enqueued_at, done_at, finalized_at
+                        failed, bytes, pending, retry_round, started_at, enqueued_at, done_at,
+                        finalized_at
   part:<p>:queued       shard ids enqueued in this generation (makes enqueue idempotent)
   part:<p>:done         shard ids completed in this generation (makes completion count once)
   part:<p>:classes      error class -> rows
@@ -101,6 +102,37 @@ end
 return 1
 """
 
+_RETRY = _NOW + """
+local part, queued, errors, classes, queued_rows, tasks = unpack(KEYS)
+local p, gen, remaining, nrows = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local nclasses = tonumber(ARGV[5])
+if redis.call('HGET', part, 'generation') ~= gen then return -1 end
+local round = redis.call('HINCRBY', part, 'retry_round', 1)
+-- The retried rows' old failures leave the counts and the error records...
+redis.call('HINCRBY', part, 'failed', -nrows)
+for i = 6, 5 + 2 * nclasses, 2 do
+  redis.call('HINCRBY', classes, ARGV[i], -tonumber(ARGV[i + 1]))
+end
+redis.call('DEL', errors)
+if remaining ~= '' then redis.call('XADD', errors, '*', 'shard', 'kept', 'data', remaining) end
+-- ...and the rows go back on the queue as new shards of this generation.
+redis.call('HDEL', part, 'done_at', 'finalized_at')
+local first = 6 + 2 * nclasses
+local nshards = 0
+for i = first, #ARGV, 3 do
+  local shard = tostring(round * 1000000 + tonumber(ARGV[i]))
+  redis.call('SADD', queued, shard)
+  redis.call('XADD', tasks, '*', 'p', p, 'g', gen, 's', shard, 'n', ARGV[i + 1],
+             'd', ARGV[i + 2])
+  nshards = nshards + 1
+end
+redis.call('HINCRBY', part, 'shards', nshards)
+redis.call('HINCRBY', part, 'shards_total', nshards)
+redis.call('HINCRBY', part, 'pending', nrows)
+redis.call('INCRBY', queued_rows, nrows)
+return round
+"""
+
 _RESET = _NOW + """
 local part, queued, done, queued_rows, errors, classes = unpack(KEYS)
 local pending = tonumber(redis.call('HGET', part, 'pending') or '0')
@@ -189,6 +221,7 @@ class PartState:
     failed: int = 0
     bytes: int = 0
     pending: int = 0
+    retry_round: int = 0
     started_at: float | None = None
     enqueued_at: float | None = None
     done_at: float | None = None
@@ -211,7 +244,7 @@ class PartState:
         values = {_text(k): _text(v) for k, v in raw.items()}
         state = cls(partition=partition)
         for name in ("generation", "rows", "invalid", "shards", "shards_done", "ok", "failed",
-                     "bytes", "pending"):
+                     "bytes", "pending", "retry_round"):
             setattr(state, name, int(values.get(name) or 0))
         if values.get("shards_total") is not None:
             state.shards_total = int(values["shards_total"])
@@ -234,6 +267,7 @@ class Queue:
         self._finish = client.register_script(_FINISH_ENQUEUE)
         self._complete = client.register_script(_COMPLETE)
         self._reset = client.register_script(_RESET)
+        self._retry = client.register_script(_RETRY)
 
     # -- setup
     def ensure_group(self) -> None:
@@ -270,6 +304,22 @@ class Queue:
 
     def finish_enqueue(self, partition: str, generation: int, shards_total: int) -> None:
         self._finish(keys=[self.keys.part(partition)], args=[generation, shards_total])
+
+    def requeue_failed(self, partition: str, generation: int, remaining_errors: bytes,
+                       classes: dict[str, int], shards: list[tuple[int, int, bytes]]) -> int:
+        """Put failed rows back on the queue in one step; returns the retry round (-1: the
+        generation moved on). `shards` are (index within the round, rows, payload); their ids
+        are round × 1,000,000 + index, so they never meet the part's own shard ids."""
+        k = self.keys
+        args: list = [partition, generation, remaining_errors,
+                      sum(rows for _, rows, _ in shards), len(classes)]
+        for name, count in sorted(classes.items()):
+            args += [name, count]
+        for index, rows, payload in shards:
+            args += [index, rows, payload]
+        return int(self._retry(keys=[k.part(partition), k.queued(partition),
+                                     k.errors(partition), k.classes(partition), k.queued_rows,
+                                     k.tasks], args=args))
 
     def is_queued(self, partition: str, shard: int) -> bool:
         return bool(self.r.sismember(self.keys.queued(partition), shard))

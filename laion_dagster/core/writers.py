@@ -134,7 +134,10 @@ class ShardWriter:
         for it belongs to a killed worker (or one that lost its claim and will fail to publish,
         which is harmless: the shard is counted once, by its current owner).
         """
-        for path in self.part_dir.glob(f"{self.shard:05d}*.tmp-*"):
+        name = f"{self.shard:05d}"
+        # "<name>." and "<name>_" only: shard 10000's temporaries are not shard 1000000's.
+        for path in [*self.part_dir.glob(f"{name}.*.tmp-*"), *self.part_dir.glob(f"{name}.tmp-*"),
+                     *self.part_dir.glob(f"{name}_*.tmp-*")]:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

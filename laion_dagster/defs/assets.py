@@ -9,6 +9,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    Config,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -20,6 +21,7 @@ from laion_dagster.core.accounting import PartNotDone, PartSummary, finalize_par
 from laion_dagster.core.connection import RedisUnavailable
 from laion_dagster.core.embedded import EmbeddedServerError
 from laion_dagster.core.enqueue import enqueue_part
+from laion_dagster.core.retry import RetryRefused, retry_failed
 from laion_dagster.defs.partitions import parts_partitions
 from laion_dagster.defs.resources import LaionResource
 
@@ -28,11 +30,21 @@ BALANCED = "rows_accounted_for"
 SUCCESS_RATE = "success_rate_floor"
 
 
+class PartTasksConfig(Config):
+    """Leave empty to enqueue the part. Name error classes (e.g. ["timeout", "http_5xx"]) to
+    queue only the part's failed rows of those classes again, as `errors retry` does."""
+
+    retry_classes: list[str] = []
+
+
 @asset(partitions_def=parts_partitions, group_name=GROUP,
        description="A parquet part's rows, cut into shards and queued on Redis for the workers.")
-def part_tasks(context: AssetExecutionContext, laion: LaionResource) -> MaterializeResult:
+def part_tasks(context: AssetExecutionContext, config: PartTasksConfig,
+               laion: LaionResource) -> MaterializeResult:
     settings = laion.settings()
     key = context.partition_key
+    if config.retry_classes:
+        return _retry(key, settings, laion, tuple(config.retry_classes))
     last_tenth = -1
 
     def progress(done: int, total: int) -> None:
@@ -61,6 +73,24 @@ def part_tasks(context: AssetExecutionContext, laion: LaionResource) -> Material
         "waited_for_queue_s": round(report.waited_seconds, 1),
         "generation": report.generation,
         "part_file": MetadataValue.path(report.path),
+    })
+
+
+def _retry(key: str, settings, laion: LaionResource, classes: tuple[str, ...]):
+    try:
+        part = parts.find(settings.parts_root, key)
+        with laion.queue() as queue:
+            report = retry_failed(queue, part, settings, classes)
+    except (parts.PartError, RetryRefused, FileNotFoundError, RedisUnavailable,
+            EmbeddedServerError) as error:
+        raise Failure(description=str(error)) from None
+    return MaterializeResult(metadata={
+        "retried_rows": report.rows,
+        "retry_shards": report.shards,
+        "retry_round": report.round,
+        "retried_classes": MetadataValue.md("\n".join(
+            ["| error class | rows |", "|---|---:|"]
+            + [f"| {k} | {v:,} |" for k, v in sorted(report.classes.items())])),
     })
 
 

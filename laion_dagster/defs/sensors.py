@@ -115,7 +115,9 @@ def finalize_parts(context: SensorEvaluationContext, laion: LaionResource):
             states = queue.parts_states(keys)
     except (RedisUnavailable, EmbeddedServerError) as error:
         return SkipReason(f"Redis unavailable: {error}")
-    requests = [RunRequest(run_key=f"finalize:{k}:g{s.generation}", partition_key=k)
+    # A retry round finalizes the part again: it gets a run key of its own.
+    requests = [RunRequest(run_key=f"finalize:{k}:g{s.generation}:r{s.retry_round}",
+                           partition_key=k)
                 for k, s in states.items() if s.done and s.finalized_at is None]
     if requests:
         return requests

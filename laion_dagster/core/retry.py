@@ -1,0 +1,75 @@
+"""Retrying only the failed rows of a part: what img2dataset cannot do.
+
+The rows of the chosen error classes go back on the queue as new shards (ids above a
+million, one range per retry round) in one atomic step that also takes their old failures out
+of the part's counts and error records; their new outcome is counted when those shards
+complete, and finalizing writes the error file again. Nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from laion_dagster.core import parts
+from laion_dagster.core.accounting import part_errors
+from laion_dagster.core.queue import Queue
+from laion_dagster.core.settings import Settings
+
+# Worth another try by default: a transient network or server failure, or a DNS hiccup
+# (a flaky resolver is the commonest cause of poor LAION success rates).
+DEFAULT_CLASSES = ("timeout", "connection", "dns", "http_5xx")
+ROUND = 1_000_000
+
+
+class RetryRefused(RuntimeError):
+    """The part cannot be retried now; the message says why."""
+
+
+@dataclass
+class RetryReport:
+    partition: str
+    round: int
+    rows: int
+    shards: int
+    classes: dict[str, int]
+
+
+def retry_failed(queue: Queue, part: parts.Part, settings: Settings,
+                 classes: tuple[str, ...] = DEFAULT_CLASSES) -> RetryReport:
+    state = queue.part(part.key)
+    if not state.done:
+        raise RetryRefused(f"{part.key} is still downloading ({state.shards_done} of "
+                           f"{state.shards_total or '?'} shards); retry once it is done")
+    wanted = sorted(set(classes) - {"invalid_url"})  # a URL that is not one stays invalid
+    errors = part_errors(queue, part.key, settings)
+    chosen_mask = pc.is_in(errors.column("error_class"), pa.array(wanted, pa.string()))
+    chosen = errors.filter(chosen_mask)
+    if chosen.num_rows == 0:
+        return RetryReport(part.key, state.retry_round, 0, 0, {})
+    counts = dict(zip(*pc.value_counts(chosen.column("error_class")).flatten(), strict=True))
+    counts = {k.as_py(): v.as_py() for k, v in counts.items()}
+    rows = pa.array(sorted(set(chosen.column("row").to_pylist())), pa.int64())
+    required = (settings.verify_hash_column,) if settings.verify_hash_column else ()
+    # The rows' full input (extra columns included) comes from the part file itself.
+    pending, batches = [], []
+    for shard in parts.iter_shards(part.path, settings.shard_size, settings.url_column,
+                                   settings.caption_column, required,
+                                   settings.save_additional_columns):
+        picked = shard.valid.filter(pc.is_in(shard.valid.column("row"), rows))
+        if picked.num_rows:
+            pending.append(picked)
+        if sum(t.num_rows for t in pending) >= settings.shard_size:
+            batches.append(pa.concat_tables(pending))
+            pending = []
+    if pending:
+        batches.append(pa.concat_tables(pending))
+    shards = [(i, table.num_rows, parts.encode_table(table)) for i, table in enumerate(batches)]
+    remaining = errors.filter(pc.invert(chosen_mask))
+    blob = parts.encode_table(remaining) if remaining.num_rows else b""
+    round_ = queue.requeue_failed(part.key, state.generation, blob, counts, shards)
+    if round_ == -1:
+        raise RetryRefused(f"{part.key} was reset while retrying; run again")
+    return RetryReport(part.key, round_, sum(n for _, n, _ in shards), len(shards), counts)

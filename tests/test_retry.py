@@ -1,0 +1,106 @@
+"""Retrying only the failed rows of a part, from the CLI and from Dagster; nothing counted twice."""
+
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from dagster import instance_for_test, materialize
+
+from laion_dagster.core import parts
+from laion_dagster.core.accounting import finalize_part
+from laion_dagster.core.connection import connect
+from laion_dagster.core.enqueue import enqueue_part
+from laion_dagster.core.queue import Queue
+from laion_dagster.core.retry import RetryRefused, retry_failed
+from laion_dagster.defs.assets import part_tasks
+from laion_dagster.defs.partitions import PARTS
+from laion_dagster.defs.resources import LaionResource
+from laion_dagster.demo.server import ImageServer
+from tests.conftest import worker_env
+from tests.outputs import all_done, tar_members, wait_until
+from tests.test_worker import start_worker, stop_worker
+
+
+@pytest.fixture
+def own_server(images):
+    """A server of this test's own: it gains images half way through."""
+    with ImageServer({image.path: image for image in images[:20]}) as server:
+        yield server
+
+
+def download(queue, settings, key):
+    worker = start_worker(settings)
+    try:
+        wait_until(lambda: all_done(queue, [key]), 60, what="the part")
+    finally:
+        stop_worker(worker)
+    return finalize_part(queue, key, settings)
+
+
+def test_retry_replaces_old_failures_with_new_outcomes(settings, own_server, images):
+    base = own_server.url("img-a.test")
+    late = images[20:30]  # not on the server yet: 404 at first
+    urls = ([base + i.path for i in images[:20]] + [base + i.path for i in late]
+            + [f"{base}/status/503/{n}.jpg" for n in range(5)] + [None, "ftp://x.test/a.jpg"])
+    folder = settings.parts_root / "laion2B-en"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"URL": urls, "TEXT": [f"c{n}" for n in range(len(urls))],
+                             "SAMPLE_ID": list(range(len(urls)))}),
+                   folder / "part-00000-r-c000.snappy.parquet")
+    part = parts.discover(settings.parts_root)[0]
+    client = connect(settings)
+    queue = Queue(client, settings.prefix)
+    enqueue_part(queue, part, settings)
+    with pytest.raises(RetryRefused, match="still downloading"):
+        retry_failed(queue, part, settings, ("http_4xx",))
+
+    first = download(queue, settings, part.key)
+    assert (first.ok, first.failed, first.invalid) == (20, 15, 2)
+    assert first.classes == {"http_4xx": 10, "http_5xx": 5, "invalid_url": 2}
+
+    own_server.images.update({i.path: i for i in late})  # the 404s come back to life
+    env = worker_env(settings)
+    result = subprocess.run([sys.executable, "-m", "laion_dagster.cli", "errors", "retry",
+                             part.key, "--classes", "http_4xx"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "retry round 1: 10 rows (http_4xx 10) queued again in 1 shards" in result.stdout
+    state = queue.part(part.key)
+    assert not state.done and state.finalized_at is None and state.failed == 5
+
+    second = download(queue, settings, part.key)
+    assert (second.ok, second.failed, second.invalid, second.rows) == (30, 5, 2, 37)
+    assert second.classes == {"http_5xx": 5, "invalid_url": 2}
+    errors = pq.read_table(second.error_file)
+    assert sorted(errors.column("error_class").to_pylist()) == ["http_5xx"] * 5 + [
+        "invalid_url"] * 2
+    part_dir = settings.store_root / part.relative_dir
+    retry_shard = pq.read_table(part_dir / "1000000.parquet").to_pylist()
+    assert sorted(r["row"] for r in retry_shard) == list(range(20, 30))
+    members = tar_members(part_dir)
+    for record in retry_shard:
+        assert record["status"] == "success"
+        image = late[record["row"] - 20]
+        assert members[f"{record['key']}.{record['format']}"] == image.body
+
+    # Rows that fail again stay failed once, not twice; from Dagster this time.
+    resource = LaionResource(data_dir=str(settings.data_dir),
+                             parquet_dir=str(settings.parts_root),
+                             store_dir=str(settings.store_root), redis_url=settings.redis_url,
+                             prefix=settings.prefix, shard_size=settings.shard_size)
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(PARTS, [part.key])
+        run = materialize([part_tasks], partition_key=part.key, instance=instance,
+                          resources={"laion": resource},
+                          run_config={"ops": {"part_tasks": {"config": {
+                              "retry_classes": ["http_5xx"]}}}})
+        assert run.success
+        meta = run.asset_materializations_for_node("part_tasks")[0].metadata
+        assert meta["retried_rows"].value == 5 and meta["retry_round"].value == 2
+    third = download(queue, settings, part.key)
+    assert (third.ok, third.failed, third.invalid) == (30, 5, 2)
+    assert third.classes == {"http_5xx": 5, "invalid_url": 2}
+    assert own_server.requests["/status/503/0.jpg"] == 2 * (1 + settings.retries)
+    client.close()
