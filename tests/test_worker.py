@@ -158,3 +158,44 @@ def test_full_disk_pauses_the_pool_until_space_frees_up(settings, dataset, queue
             check_part(small, part, dataset)
     finally:
         subprocess.run(["umount", "-l", str(store)], capture_output=True)
+
+
+def test_a_stop_during_a_slow_shard_hands_it_back_within_the_grace(settings, image_server,
+                                                                    images, queue):
+    """A worker whose only shard waits on a URL that never answers still stops within its
+    grace period, and the shard is handed back at once: another worker can take it now, not
+    after the visibility timeout."""
+    import asyncio
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import redis.asyncio as aioredis
+
+    from laion_dagster.core.queue import AsyncQueue
+
+    base = image_server.url("img-a.test")
+    urls = [base + i.path for i in images[:4]] + [f"{base}/slow/never.jpg"]
+    folder = settings.parts_root / "laion2B-en"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"URL": urls}), folder / "part-00000-s-c000.snappy.parquet")
+    slow = settings.with_overrides(timeout=60.0, shutdown_grace=1.0, shards_in_flight=1,
+                                   shard_size=5, visibility_timeout=600.0)
+    enqueue_all(queue, slow)
+    before = image_server.requests["/slow/never.jpg"]
+    worker = start_worker(slow)
+    wait_until(lambda: image_server.requests["/slow/never.jpg"] > before, 30,
+               what="the slow request")
+    started = time.monotonic()
+    stop_worker(worker)
+    assert time.monotonic() - started < 10, "the stop waited for the slow shard"
+    assert not leftovers(slow.store_root)
+
+    async def take_over():
+        client = aioredis.Redis.from_url(slow.redis_url)
+        other = AsyncQueue(client, slow.prefix, "other-host:1", visibility_timeout=600.0)
+        task = await other.claim(block_ms=200)
+        await client.aclose()
+        return task
+
+    task = asyncio.run(take_over())
+    assert task is not None and task.rows == 5

@@ -145,9 +145,9 @@ class WorkerProcess:
                     if self.shared.paused.value:
                         await self._sleep(1.0)
                         continue
-                    await slots.acquire()
-                    await dispatch_idle.wait()
-                    if self.stopping.is_set():
+                    if not await self._unless_stopped(slots.acquire()):
+                        break
+                    if not await self._unless_stopped(dispatch_idle.wait()):
                         slots.release()
                         break
                     try:
@@ -170,6 +170,25 @@ class WorkerProcess:
             watcher.cancel()
             self.pool.shutdown(wait=True)
             await client.aclose()
+
+    async def _unless_stopped(self, awaitable) -> bool:
+        """Await `awaitable` unless a stop comes first (True if it completed).
+
+        A stop must not wait for a slot to free up: that can take a whole shard, and the grace
+        period for handing shards back starts only once the claiming loop has ended.
+        """
+        if self.stopping.is_set():
+            return False
+        wanted = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        done, _ = await asyncio.wait({wanted, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if wanted in done:
+            stop.cancel()
+            return True
+        wanted.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await wanted
+        return False
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
