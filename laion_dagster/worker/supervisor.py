@@ -52,7 +52,9 @@ class Supervisor:
 
     def start(self) -> None:
         settings = self.settings
-        self._redis = connect(settings, name=f"supervisor:{self.host}")
+        # Heartbeats come every few seconds and a missed one is harmless: a short retry budget
+        # keeps a dead Redis from delaying a stop or a disk check by the full reconnect time.
+        self._redis = connect(settings, name=f"supervisor:{self.host}", retries=1)
         ensure_group(self._redis, Keys(settings.prefix).tasks)
         settings.store_root.mkdir(parents=True, exist_ok=True)
         self.children = [self._spawn(i) for i in range(settings.processes)]
