@@ -26,7 +26,7 @@ from laion_dagster.defs.resources import LaionResource
 from laion_dagster.defs.sensors import discover_parts, finalize_parts, launch_or_hold
 from laion_dagster.instance import failure_message
 from tests.outputs import all_done, wait_until
-from tests.test_worker import start_worker, stop_worker
+from tests.pool import start_worker, stop_worker
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from laion_dagster.core.connection import connect
 from laion_dagster.core.enqueue import enqueue_part
 from laion_dagster.core.fetch import Fetcher, opt_out_directive, retry_after_seconds
 from laion_dagster.core.queue import Queue
-from tests.outputs import all_done, shard_rows, wait_until
-from tests.test_worker import start_worker, stop_worker
+from tests.outputs import shard_rows
+from tests.pool import download
 
 
 class QuirkServer:
@@ -193,16 +193,9 @@ def test_workers_record_filtered_and_hash_mismatch_rows(settings, image_server, 
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), folder / "part-00000-q-c000.snappy.parquet")
     strict = settings.with_overrides(verify_hash_column="sha256", min_image_size=floor)
-    client = connect(strict)
-    queue = Queue(client, strict.prefix)
-    part = parts.discover(strict.parts_root)[0]
-    enqueue_part(queue, part, strict)
-    worker = start_worker(strict)
-    try:
-        wait_until(lambda: all_done(queue, [part.key]), 60, what="the part")
-    finally:
-        stop_worker(worker)
-    table = shard_rows(strict.store_root / part.relative_dir).sort_by("row")
+    done = download(strict)
+    queue, part = done.queue, done.part
+    table = shard_rows(done.part_dir).sort_by("row")
     for n, record in enumerate(table.to_pylist()):
         info = infos[n]
         if n % 3 == 0:
@@ -213,7 +206,6 @@ def test_workers_record_filtered_and_hash_mismatch_rows(settings, image_server, 
             expected = None
         assert record["error_class"] == expected, (n, record)
     assert queue.classes(part.key).get("hash_mismatch") == 4
-    client.close()
 
 
 def test_a_missing_hash_column_fails_the_part_before_it_is_queued(settings, dataset):
@@ -234,20 +226,12 @@ def test_incremental_runs_skip_complete_shards_and_overwrite_redoes_them(setting
     part = parts.discover(settings.parts_root)[0]
 
     def run_once(s):
-        client = connect(s)
-        queue = Queue(client, s.prefix)
-        enqueue_part(queue, part, s)
-        worker = start_worker(s)
-        try:
-            wait_until(lambda: all_done(queue, [part.key]), 60, what="the part")
-        finally:
-            log = stop_worker(worker)
-        state = queue.part(part.key)
-        errors = queue.read_errors(part.key)
-        keys = list(client.scan_iter(match=f"{s.prefix}:*"))
-        client.delete(*keys)
-        client.close()
-        return state, errors, log
+        done = download(s, part)
+        state = done.queue.part(part.key)
+        errors = done.queue.read_errors(part.key)
+        client = done.queue.r
+        client.delete(*client.scan_iter(match=f"{s.prefix}:*"))
+        return state, errors, done.log
 
     first, first_errors, _ = run_once(settings)
     served = sum(image_server.requests.values())

@@ -6,27 +6,13 @@ from urllib.parse import urlsplit
 import pytest
 import webdataset as wds
 
-from laion_dagster.core import parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.queue import Queue
-from tests.outputs import all_done, shard_rows, wait_until
-from tests.test_worker import start_worker, stop_worker
+from tests.outputs import shard_rows
+from tests.pool import download
 
 
 @pytest.fixture
 def downloaded(settings, dataset):
-    client = connect(settings)
-    queue = Queue(client, settings.prefix)
-    part = parts.discover(settings.parts_root)[0]
-    enqueue_part(queue, part, settings)
-    worker = start_worker(settings)
-    try:
-        wait_until(lambda: all_done(queue, [part.key]), 60, what="the part")
-    finally:
-        stop_worker(worker)
-    client.close()
-    return settings.store_root / part.relative_dir
+    return download(settings).part_dir
 
 
 def test_webdataset_loads_every_successful_sample(downloaded, dataset):
@@ -63,18 +49,9 @@ def test_parquet_output_holds_every_image_in_its_row(settings, dataset):
     """output_format=parquet: one file per shard, the image bytes in an `image` column (null
     for failures), read back with pyarrow alone; no tar, no spool left behind."""
     as_parquet = settings.with_overrides(output_format="parquet")
-    client = connect(as_parquet)
-    queue = Queue(client, as_parquet.prefix)
-    part = parts.discover(as_parquet.parts_root)[0]
-    enqueue_part(queue, part, as_parquet)
-    worker = start_worker(as_parquet)
-    try:
-        wait_until(lambda: all_done(queue, [part.key]), 60, what="the part")
-    finally:
-        stop_worker(worker)
-    state = queue.part(part.key)
-    client.close()
-    part_dir = as_parquet.store_root / part.relative_dir
+    done = download(as_parquet)
+    state = done.queue.part(done.part.key)
+    part_dir = done.part_dir
     assert not list(part_dir.glob("*.tar")) and not list(part_dir.glob("*.arrow*"))
     import pyarrow.parquet as pq
 

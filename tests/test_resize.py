@@ -6,12 +6,8 @@ import pytest
 from PIL import Image
 
 from laion_dagster.core import images as image_checks
-from laion_dagster.core import parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.queue import Queue
-from tests.outputs import all_done, shard_rows, tar_members, wait_until
-from tests.test_worker import start_worker, stop_worker
+from tests.outputs import shard_rows, tar_members
+from tests.pool import download
 
 
 def encoded(size, fmt="JPEG", mode="RGB"):
@@ -96,17 +92,7 @@ def test_an_image_that_breaks_while_decoding_is_a_decode_error():
 def test_workers_store_resized_images_and_keep_the_original_size(settings, dataset):
     small = settings.with_overrides(resize_mode="center_crop", image_size=32,
                                     encode_format="webp")
-    client = connect(small)
-    queue = Queue(client, small.prefix)
-    part = parts.discover(small.parts_root)[0]
-    enqueue_part(queue, part, small)
-    worker = start_worker(small)
-    try:
-        wait_until(lambda: all_done(queue, [part.key]), 60, what="the part")
-    finally:
-        stop_worker(worker)
-    client.close()
-    part_dir = small.store_root / part.relative_dir
+    part_dir = download(small).part_dir
     rows = [r for r in shard_rows(part_dir).to_pylist() if r["status"] == "success"]
     members = tar_members(part_dir)
     assert rows

@@ -20,7 +20,7 @@ from laion_dagster.defs.resources import LaionResource
 from laion_dagster.demo.server import ImageServer
 from tests.conftest import worker_env
 from tests.outputs import all_done, tar_members, wait_until
-from tests.test_worker import start_worker, stop_worker
+from tests.pool import start_worker, stop_worker
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -13,21 +12,8 @@ from laion_dagster.core import parts
 from laion_dagster.core.connection import connect
 from laion_dagster.core.enqueue import enqueue_part
 from laion_dagster.core.queue import Queue
-from tests.conftest import worker_env
 from tests.outputs import all_done, check_part, leftovers, wait_until
-
-
-def start_worker(settings, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "laion_dagster.cli", "worker", *extra],
-                            env=worker_env(settings), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_worker(proc: subprocess.Popen, timeout: float = 30) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=timeout)
-    return out.decode(errors="replace")
+from tests.pool import start_worker, stop_worker
 
 
 @pytest.fixture
