@@ -23,6 +23,18 @@ def queue(settings):
     client.close()
 
 
+def shards_done(queue, found) -> int:
+    return sum(queue.part(p.key).shards_done for p in found)
+
+
+def assert_every_row_accounted(queue, settings, found, dataset, log: str = "") -> None:
+    """Each part balances (rows = ok + failed + invalid) and its outputs match the input."""
+    for part in found:
+        state = queue.part(part.key)
+        assert state.rows == state.ok + state.failed + state.invalid, log
+        check_part(settings, part, dataset)
+
+
 def enqueue_all(queue, settings):
     found = parts.discover(settings.parts_root)
     for part in found:
@@ -38,10 +50,7 @@ def test_pool_downloads_every_row_once_with_the_served_bytes(settings, dataset, 
     finally:
         log = stop_worker(worker)
     assert worker.returncode == 0, log
-    for part in found:
-        state = queue.part(part.key)
-        assert state.rows == state.ok + state.failed + state.invalid
-        check_part(settings, part, dataset)
+    assert_every_row_accounted(queue, settings, found, dataset, log)
     assert queue.queued_rows() == 0
     assert "shard " in log  # one structured line per shard
 
@@ -52,8 +61,8 @@ def test_sigkilled_processes_are_restarted_and_nothing_is_lost(settings, dataset
     worker = start_worker(slow)
     try:
         supervisor = psutil.Process(worker.pid)
-        wait_until(lambda: len(supervisor.children()) >= 2 and sum(
-            queue.part(p.key).shards_done for p in found) >= 2, 30, what="first shards")
+        wait_until(lambda: len(supervisor.children()) >= 2 and shards_done(queue, found) >= 2,
+                   30, what="first shards")
         for killed in range(3):  # kill a fetching process mid-shard, three times
             children = [c for c in supervisor.children() if "resource_tracker" not in
                         " ".join(c.cmdline())]
@@ -63,18 +72,14 @@ def test_sigkilled_processes_are_restarted_and_nothing_is_lost(settings, dataset
     finally:
         log = stop_worker(worker)
     assert "restarting" in log
-    for part in found:
-        state = queue.part(part.key)
-        assert state.rows == state.ok + state.failed + state.invalid, log
-        check_part(slow, part, dataset)
+    assert_every_row_accounted(queue, slow, found, dataset, log)
 
 
 def test_a_whole_pool_killed_and_started_again_finishes_the_job(settings, dataset, queue):
     slow = settings.with_overrides(concurrency=2, visibility_timeout=2.0, shard_size=20)
     found = enqueue_all(queue, slow)
     first = start_worker(slow)
-    wait_until(lambda: sum(queue.part(p.key).shards_done for p in found) >= 2, 30,
-               what="first shards")
+    wait_until(lambda: shards_done(queue, found) >= 2, 30, what="first shards")
     os.killpg(first.pid, signal.SIGKILL)  # the host dies: supervisor and children at once
     first.wait(10)
     second = start_worker(slow)
@@ -82,22 +87,18 @@ def test_a_whole_pool_killed_and_started_again_finishes_the_job(settings, datase
         wait_until(lambda: all_done(queue, [p.key for p in found]), 90, what="all parts done")
     finally:
         stop_worker(second)
-    for part in found:
-        state = queue.part(part.key)
-        assert state.rows == state.ok + state.failed + state.invalid
-        check_part(slow, part, dataset)
+    assert_every_row_accounted(queue, slow, found, dataset)
 
 
 def test_sigterm_finishes_or_hands_back_in_flight_shards(settings, dataset, queue):
     slow = settings.with_overrides(concurrency=2, shard_size=30, shutdown_grace=0.5)
     found = enqueue_all(queue, slow)
     worker = start_worker(slow)
-    wait_until(lambda: sum(queue.part(p.key).shards_done for p in found) >= 1, 30,
-               what="a first shard")
+    wait_until(lambda: shards_done(queue, found) >= 1, 30, what="a first shard")
     log = stop_worker(worker)
     assert worker.returncode == 0, log
     assert not leftovers(slow.store_root)  # nothing half-written
-    done = sum(queue.part(p.key).shards_done for p in found)
+    done = shards_done(queue, found)
     total = sum(queue.part(p.key).shards_total for p in found)
     assert done < total
     # What was not finished went back to the queue at once, not after the visibility timeout.
@@ -133,7 +134,7 @@ def test_full_disk_pauses_the_pool_until_space_frees_up(settings, dataset, queue
                                 20, what="a host report")
             wait_until(lambda: next(iter(queue.hosts().values()))["paused"], 10, what="pause")
             time.sleep(2)
-            assert sum(queue.part(p.key).shards_done for p in found) == 0
+            assert shards_done(queue, found) == 0
             report = next(iter(queue.hosts().values()))
             assert "GB free" in report["pause_reason"]
             ballast.unlink()
