@@ -1,4 +1,4 @@
-"""`laion-dagster`: run, demo, up, worker, status, errors export|retry, discover.
+"""`laion-dagster`: run, demo, up, worker, status, errors export|retry, reset, discover.
 
 Flags override LAION_* environment variables, which override the defaults; all three are the
 one settings model (`core/settings.py`).
@@ -14,6 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+import types
+import typing
+from collections.abc import Iterable
 from pathlib import Path
 
 from laion_dagster.core import embedded
@@ -29,20 +32,52 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings().with_overrides(**overrides)
 
 
+# Flags of the commands that only look at the queue and the files, not at downloading.
+WHERE = ("data_dir", "parquet_dir", "store_dir", "error_dir", "redis_url", "prefix",
+         "url_column", "caption_column", "save_additional_columns", "shard_size")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _host_map(text: str) -> dict[str, str]:
+    """'name=ip,name2=ip2' (or a JSON object)."""
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    pairs = [item.split("=", 1) for item in _comma_list(text)]
+    if any(len(pair) != 2 for pair in pairs):
+        raise argparse.ArgumentTypeError("expected name=address[,name=address...]")
+    return {name.strip(): address.strip() for name, address in pairs}
+
+
+def _settings_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
+    """One flag per setting, made from the settings model so the two can never drift apart."""
+    group = parser.add_argument_group("settings (each also LAION_<NAME>; flags win)")
+    for name in names or Settings.model_fields:
+        field = Settings.model_fields[name]
+        kind = field.annotation
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
+        flag = "--" + name.replace("_", "-")
+        default = field.default if field.default_factory is None else None
+        shown = f" (default: {default})" if default not in (None, [], {}) else ""
+        options: dict = {"dest": name, "default": None, "help": (field.description or "") + shown}
+        if typing.get_origin(kind) is typing.Literal:
+            options["choices"] = typing.get_args(kind)
+        elif kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:
+            options.update(type=_comma_list, metavar="A,B,...")
+        elif typing.get_origin(kind) is dict:
+            options.update(type=_host_map, metavar="NAME=ADDRESS,...")
+        elif kind in (int, float, Path):
+            options["type"] = kind
+        group.add_argument(flag, **options)
+
+
 def _common(parser: argparse.ArgumentParser, pool: bool = True) -> None:
-    parser.add_argument("--parquet-dir", dest="parquet_dir", type=Path)
-    parser.add_argument("--store-dir", dest="store_dir", type=Path)
-    parser.add_argument("--data-dir", dest="data_dir", type=Path,
-                        help="where the embedded Redis, logs and the Dagster instance live")
-    parser.add_argument("--redis-url", dest="redis_url",
-                        help="redis:// or rediss:// URL; unset means the embedded server")
-    parser.add_argument("--prefix")
-    if pool:
-        parser.add_argument("--processes", type=int)
-        parser.add_argument("--concurrency", type=int, help="concurrent fetches per process")
-        parser.add_argument("--shard-size", dest="shard_size", type=int)
-        parser.add_argument("--output-format", dest="output_format",
-                            choices=["webdataset", "files", "parquet"])
+    _settings_flags(parser, None if pool else WHERE)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -161,6 +196,23 @@ def cmd_errors_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reset(args: argparse.Namespace) -> int:
+    from laion_dagster.core.queue import Queue
+
+    settings = _settings(args)
+    client = connect(settings, name="laion-dagster-reset", retries=2)
+    queue = Queue(client, settings.prefix, settings.visibility_timeout, settings.max_deliveries)
+    if args.part not in queue.partitions():
+        print(f"laion-dagster: {args.part} was never enqueued; nothing to reset", file=sys.stderr)
+        return 2
+    generation = queue.reset(args.part)
+    print(f"{args.part}: generation {generation}; its queued shards and counts are dropped. "
+          "Enqueue it again (the launch_or_hold sensor does, or `run`, or the UI) to download "
+          "it with the current settings; shards already complete on disk are kept unless "
+          "overwrite is set")
+    return 0
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     from laion_dagster.core import parts
     from laion_dagster.defs.partitions import PARTS
@@ -244,7 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     worker = sub.add_parser("worker", help="a worker pool on this host (downloader.py)")
     _common(worker)
-    worker.add_argument("--host-id", dest="host_id")
     worker.set_defaults(func=cmd_worker)
     status = sub.add_parser("status", help="queue, rates, ETA, parts and hosts (speed.py)")
     _common(status, pool=False)
@@ -264,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--classes", default="timeout,connection,dns,http_5xx",
                        help="error classes to retry, comma-separated (default: %(default)s)")
     retry.set_defaults(func=cmd_errors_retry)
+    reset = sub.add_parser("reset", help="start a part over as a new generation")
+    _common(reset, pool=False)
+    reset.add_argument("part", help="the partition key, <subset>__<part>")
+    reset.set_defaults(func=cmd_reset)
     discover = sub.add_parser("discover", help="add new parts as Dagster partitions")
     _common(discover, pool=False)
     discover.set_defaults(func=cmd_discover)

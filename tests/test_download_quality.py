@@ -95,11 +95,16 @@ def quirks(images):
 
 
 def fetch(settings, *urls):
+    """Fetch concurrently; every URL, retries and waits included, ends within the deadline."""
+
     async def run():
         async with Fetcher(settings) as fetcher:
             return await asyncio.gather(*(fetcher.fetch(u) for u in urls))
 
-    return asyncio.run(run())
+    started = time.monotonic()
+    results = asyncio.run(run())
+    assert time.monotonic() - started < settings.timeout + 1.0
+    return results
 
 
 def test_x_robots_tag_opt_outs_are_honoured(settings, quirks):

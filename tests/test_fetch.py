@@ -491,3 +491,79 @@ def test_inspect_bomb_check_holds_with_two_threads(images, monkeypatch):
             t.join(10)
 
     assert outcome["b"] == "decode_error", outcome
+
+
+# ---------------------------------------------------------------- politeness and DNS
+
+def fetch_concurrently(settings, handle, urls_for_port):
+    """Serve `handle` on loopback and fetch `urls_for_port(port)` all at once in one session."""
+
+    async def run():
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        await web.SockSite(runner, sock).start()
+        try:
+            async with Fetcher(settings) as fetcher:
+                urls = urls_for_port(sock.getsockname()[1])
+                return await asyncio.gather(*(fetcher.fetch(u) for u in urls))
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(run())
+
+
+def test_per_host_limit_caps_one_host_without_holding_back_the_others(settings, images):
+    """40 URLs on each of two hosts, 64 fetch slots, per_host_limit 3: never more than 3
+    requests at once on a host, and both hosts are served side by side."""
+    body = images[0].body
+    now = {"img-a.test": 0, "img-b.test": 0}
+    peak = dict(now)
+    peak_total = 0
+
+    async def handle(request):
+        nonlocal peak_total
+        host = request.host.split(":")[0]
+        now[host] += 1
+        peak[host] = max(peak[host], now[host])
+        peak_total = max(peak_total, sum(now.values()))
+        await asyncio.sleep(0.05)
+        now[host] -= 1
+        return web.Response(body=body, headers={"Content-Type": "image/jpeg"})
+
+    polite = settings.with_overrides(per_host_limit=3, concurrency=64)
+    results = fetch_concurrently(polite, handle, lambda port: [
+        f"http://{host}:{port}/{i}.jpg" for host in now for i in range(40)])
+    assert all(r.ok for r in results)
+    assert peak == {"img-a.test": 3, "img-b.test": 3}
+    assert peak_total == 6
+
+
+def test_a_host_is_resolved_once_per_process_not_once_per_url(settings, images, monkeypatch):
+    """60 URLs on one host, every response closing its connection (so each URL needs a new
+    one): the name is looked up once, from the fetcher's DNS cache afterwards."""
+    from laion_dagster.core import fetch as fetch_module
+
+    lookups = []
+    real_resolve = fetch_module.StaticResolver.resolve
+
+    async def counting(self, host, port=0, family=socket.AF_INET):
+        lookups.append(host)
+        return await real_resolve(self, host, port, family)
+
+    monkeypatch.setattr(fetch_module.StaticResolver, "resolve", counting)
+    body = images[0].body
+
+    async def handle(request):
+        return web.Response(body=body, headers={"Content-Type": "image/jpeg",
+                                                "Connection": "close"})
+
+    results = fetch_concurrently(settings.with_overrides(per_host_limit=4), handle,
+                                 lambda port: [f"http://img-c.test:{port}/{i}.jpg"
+                                               for i in range(60)])
+    assert all(r.ok for r in results)
+    assert lookups == ["img-c.test"]

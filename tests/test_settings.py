@@ -1,9 +1,11 @@
 """One settings model: environment, overrides, children, and the original scripts' names."""
 
+import os
 from pathlib import Path
 
 import pytest
 
+from laion_dagster.cli import _settings, build_parser
 from laion_dagster.core.settings import ORIGINAL_NAMES, Settings
 from laion_dagster.defs.resources import LaionResource
 
@@ -43,10 +45,46 @@ def test_children_see_the_same_settings(monkeypatch, tmp_path):
     assert Settings() == s
 
 
-def test_dagster_resource_fields_are_settings():
-    assert set(LaionResource.model_fields) <= set(Settings.model_fields)
-    resource = LaionResource(shard_size=7, prefix="p")
-    assert resource.settings().shard_size == 7 and resource.settings().prefix == "p"
+def test_every_setting_is_dagster_config_and_a_flag_of_run_and_worker():
+    assert set(LaionResource.model_fields) == set(Settings.model_fields)
+    parser = build_parser()
+    for command in ("run", "worker", "up", "demo"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        flags = {action.dest for action in sub._actions}
+        assert set(Settings.model_fields) <= flags, set(Settings.model_fields) - flags
+
+
+def test_dagster_config_reaches_the_settings_with_every_kind_of_value():
+    resource = LaionResource(shard_size=7, prefix="p", resize_mode="border",
+                             host_map={"a.test": "127.0.0.2"}, opt_out_directives=["noai"],
+                             overwrite=True, store_dir="/tmp/x")
+    s = resource.settings()
+    assert (s.shard_size, s.prefix, s.resize_mode, s.overwrite) == (7, "p", "border", True)
+    assert s.host_map == {"a.test": "127.0.0.2"} and s.opt_out_directives == ["noai"]
+    assert s.store_root == Path("/tmp/x")
+    with pytest.raises(ValueError, match="resize_mode"):
+        LaionResource(resize_mode="squash").settings()
+
+
+def test_worker_flags_parse_into_the_settings(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("LAION_")]:
+        monkeypatch.delenv(key)
+    args = build_parser().parse_args([
+        "worker", "--resize-mode", "center_crop", "--image-size", "64",
+        "--host-map", "a.test=127.0.0.1, b.test=127.0.0.2", "--opt-out-directives", "noai,noindex",
+        "--allow-private-addresses", "--overwrite", "--max-aspect-ratio", "2.5",
+        "--save-additional-columns", "similarity,LICENSE", "--host-id", "gpu-07"])
+    s = _settings(args)
+    assert (s.resize_mode, s.image_size, s.overwrite, s.max_aspect_ratio) == \
+        ("center_crop", 64, True, 2.5)
+    assert s.host_map == {"a.test": "127.0.0.1", "b.test": "127.0.0.2"}
+    assert s.opt_out_directives == ["noai", "noindex"] and s.allow_private_addresses
+    assert s.save_additional_columns == ["similarity", "LICENSE"] and s.host_id == "gpu-07"
+    # Unset flags keep the environment's value.
+    monkeypatch.setenv("LAION_CONCURRENCY", "9")
+    assert _settings(build_parser().parse_args(["worker"])).concurrency == 9
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--encode-format", "gif"])
 
 
 def test_readme_maps_every_original_setting():

@@ -12,6 +12,8 @@ from laion_dagster.core import parts
 from laion_dagster.core.connection import connect
 from laion_dagster.core.enqueue import enqueue_part
 from laion_dagster.core.queue import Queue
+from laion_dagster.demo.dataset import write_dataset
+from tests.conftest import TEST_HOSTS
 from tests.outputs import all_done, check_part, leftovers, wait_until
 from tests.pool import start_worker, stop_worker
 
@@ -90,7 +92,11 @@ def test_a_whole_pool_killed_and_started_again_finishes_the_job(settings, datase
     assert_every_row_accounted(queue, slow, found, dataset)
 
 
-def test_sigterm_finishes_or_hands_back_in_flight_shards(settings, dataset, queue):
+def test_sigterm_finishes_or_hands_back_in_flight_shards(settings, image_server, images, queue):
+    # Rows on /slow/ hold their shard until the 5 s deadline: those shards cannot finish
+    # within the 0.5 s grace, whatever the machine's speed, and must be handed back.
+    dataset = write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
+                            rows_per_part=120, images=images, seed=3, slow_rows=True)
     slow = settings.with_overrides(concurrency=2, shard_size=30, shutdown_grace=0.5)
     found = enqueue_all(queue, slow)
     worker = start_worker(slow)

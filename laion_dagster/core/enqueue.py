@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from laion_dagster.core import parts
 from laion_dagster.core.queue import Queue
+from laion_dagster.core.recipe import Recipe
 from laion_dagster.core.settings import Settings
 
 log = logging.getLogger("laion_dagster.enqueue")
@@ -32,6 +33,7 @@ class EnqueueReport:
     shards_skipped: int
     waited_seconds: float
     duration: float
+    recipe: Recipe
 
     @property
     def rows_per_second(self) -> float:
@@ -63,7 +65,14 @@ def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
     # Read the first shard before the part is registered: a part with a missing column or
     # no rows fails here and leaves no trace in the queue.
     first = next(shards)
-    generation = queue.begin(part.key)
+    wanted = Recipe.from_settings(settings)
+    generation, stored = queue.begin(part.key, wanted.to_json())
+    recipe = Recipe.from_json(stored) if stored else wanted
+    if changed := recipe.differences(wanted):
+        log.warning("%s keeps the recipe its first shards were made with; these settings are "
+                    "not applied: %s (reset the part to start it over with them)", part.key,
+                    ", ".join(f"{k}={new!r} (part: {old!r})" for k, (old, new) in
+                              changed.items()))
     queue.ensure_group()
     rows = invalid = shards_seen = added = skipped = 0
     waited = 0.0
@@ -98,4 +107,5 @@ def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
     return EnqueueReport(partition=part.key, path=str(part.path), generation=generation,
                          rows=rows, invalid=invalid, shards=shards_seen, shards_added=added,
                          shards_skipped=skipped,
-                         waited_seconds=waited, duration=time.monotonic() - started)
+                         waited_seconds=waited, duration=time.monotonic() - started,
+                         recipe=recipe)

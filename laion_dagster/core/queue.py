@@ -7,7 +7,7 @@ Keys (all under the prefix):
   queued_rows           rows enqueued and not complete: the backpressure signal
   part:<p>              hash: generation, rows, invalid, shards, shards_total, shards_done, ok,
                         failed, bytes, pending, retry_round, started_at, enqueued_at, done_at,
-                        finalized_at
+                        finalized_at, recipe (JSON, see recipe.py)
   part:<p>:queued       shard ids enqueued in this generation (makes enqueue idempotent)
   part:<p>:done         shard ids completed in this generation (makes completion count once)
   part:<p>:classes      error class -> rows
@@ -274,16 +274,26 @@ class Queue:
         ensure_group(self.r, self.keys.tasks)
 
     # -- enqueue side
-    def begin(self, partition: str) -> int:
-        """Register a part; returns its generation (kept if it exists, so a re-run resumes)."""
+    def begin(self, partition: str, recipe: str | None = None) -> tuple[int, str | None]:
+        """Register a part; returns its generation and recipe.
+
+        Both are kept if the part exists, so a re-run resumes the same generation with the
+        recipe its first shards were made with; a reset starts both afresh.
+        """
         k = self.keys
         seconds, micros = self.r.time()
         pipe = self.r.pipeline()
         pipe.hsetnx(k.part(partition), "generation", GENERATION_START)
         pipe.hsetnx(k.part(partition), "started_at", f"{seconds}.{micros:06d}")
+        if recipe is not None:
+            pipe.hsetnx(k.part(partition), "recipe", recipe)
         pipe.sadd(k.parts, partition)
-        pipe.hget(k.part(partition), "generation")
-        return int(pipe.execute()[-1])
+        pipe.hmget(k.part(partition), ["generation", "recipe"])
+        generation, stored = pipe.execute()[-1]
+        return int(generation), _text(stored)
+
+    def recipe(self, partition: str) -> str | None:
+        return _text(self.r.hget(self.keys.part(partition), "recipe"))
 
     def reset(self, partition: str) -> int:
         """Start the part over as a new generation; late results of the old one are ignored."""
@@ -482,8 +492,11 @@ class AsyncQueue:
                                 [t.entry_id for t in tasks], idle=self.visibility_ms + 1,
                                 justid=True)
 
-    async def current_generation(self, partition: str) -> str | None:
-        return _text(await self.r.hget(self.keys.part(partition), "generation"))
+    async def current_generation(self, partition: str) -> tuple[str | None, str | None]:
+        """The part's generation and its recipe (JSON), in one round trip."""
+        generation, recipe = await self.r.hmget(self.keys.part(partition),
+                                                ["generation", "recipe"])
+        return _text(generation), _text(recipe)
 
     async def complete(self, task: Task, outcome: Outcome) -> int:
         return int(await self._complete(keys=complete_keys(self.keys, task.partition),

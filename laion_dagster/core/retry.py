@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from laion_dagster.core import parts
 from laion_dagster.core.accounting import part_errors
 from laion_dagster.core.queue import Queue
+from laion_dagster.core.recipe import Recipe
 from laion_dagster.core.settings import Settings
 
 # Worth another try by default: a transient network or server failure, or a DNS hiccup
@@ -52,7 +53,9 @@ def retry_failed(queue: Queue, part: parts.Part, settings: Settings,
     counts = dict(zip(*pc.value_counts(chosen.column("error_class")).flatten(), strict=True))
     counts = {k.as_py(): v.as_py() for k, v in counts.items()}
     rows = pa.array(sorted(set(chosen.column("row").to_pylist())), pa.int64())
-    required = (settings.verify_hash_column,) if settings.verify_hash_column else ()
+    stored = queue.recipe(part.key)
+    recipe = Recipe.from_json(stored) if stored else Recipe.from_settings(settings)
+    required = (recipe.verify_hash_column,) if recipe.verify_hash_column else ()
     # The rows' full input (extra columns included) comes from the part file itself.
     pending, batches = [], []
     for shard in parts.iter_shards(part.path, settings.shard_size, settings.url_column,

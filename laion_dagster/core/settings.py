@@ -33,73 +33,110 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LAION_", extra="forbid", validate_default=True)
 
     # Where things live
-    data_dir: Path = Field(default_factory=_default_data_dir)
-    parquet_dir: Path | None = None
-    store_dir: Path | None = None
-    error_dir: Path | None = None
+    data_dir: Path = Field(default_factory=_default_data_dir, description=(
+        "home of the embedded Redis, the Dagster instance, and every path left unset"))
+    parquet_dir: Path | None = Field(None, description=(
+        "folder of input parquet parts (<data_dir>/parquet); subfolders are subsets"))
+    store_dir: Path | None = Field(None, description="where shards are written (<data_dir>/store)")
+    error_dir: Path | None = Field(None, description=(
+        "where each part's error file goes (<store_dir>/_errors)"))
 
     # Redis: unset means the embedded server under data_dir/redis
-    redis_url: str | None = None
-    prefix: str = "laion"
+    redis_url: str | None = Field(None, description=(
+        "redis:// or rediss:// URL with password and /db; unset starts the embedded server"))
+    prefix: str = Field("laion", description="prefix of every Redis key (the old task_key)")
 
     # Reading parts and the queue
-    url_column: str | None = None
-    caption_column: str | None = None
-    # Input columns kept with each sample; unset keeps them all (LAION's metadata is the point).
-    save_additional_columns: list[str] | None = None
-    shard_size: int = Field(10_000, ge=1)
-    queue_threshold: int = Field(5_000_000, ge=1)
-    queue_high_watermark: int = Field(6_000_000, ge=1)
-    visibility_timeout: float = Field(600.0, gt=0)
-    max_deliveries: int = Field(3, ge=1)
+    url_column: str | None = Field(None, description=(
+        "input column holding URLs (default: URL/url, matched case-insensitively)"))
+    caption_column: str | None = Field(None, description=(
+        "input column holding captions (default: TEXT/caption)"))
+    save_additional_columns: list[str] | None = Field(None, description=(
+        "input columns kept with each sample; unset keeps them all (LAION's metadata is the "
+        "point)"))
+    shard_size: int = Field(10_000, ge=1, description="rows per shard (one queue entry)")
+    queue_threshold: int = Field(5_000_000, ge=1, description=(
+        "the sensor launches a part only while fewer rows than this are queued"))
+    queue_high_watermark: int = Field(6_000_000, ge=1, description=(
+        "an enqueue waits while more rows than this are queued (bounds Redis memory)"))
+    visibility_timeout: float = Field(600.0, gt=0, description=(
+        "seconds without a sign of life after which another worker takes over a shard"))
+    max_deliveries: int = Field(3, ge=1, description=(
+        "deliveries after which a shard that never completes goes to the dead-letter stream"))
 
     # Workers
-    processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    concurrency: int = Field(64, ge=1)
-    per_host_limit: int = Field(8, ge=0)
-    shards_in_flight: int = Field(2, ge=1)
-    heartbeat_interval: float = Field(5.0, gt=0)
-    shutdown_grace: float = Field(30.0, ge=0)
-    disk_stop_used_gb: float | None = None
-    disk_min_free_gb: float = 5.0
-    host_id: str | None = None
+    processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description=(
+        "worker processes per host (default: one per core)"))
+    concurrency: int = Field(64, ge=1, description=(
+        "concurrent fetches per worker process (the old thread_num)"))
+    per_host_limit: int = Field(8, ge=0, description=(
+        "concurrent connections per web host per process; 0 means no limit"))
+    shards_in_flight: int = Field(2, ge=1, description=(
+        "shards a process works on at once, so one slow URL does not idle it"))
+    heartbeat_interval: float = Field(5.0, gt=0, description=(
+        "seconds between a worker host's reports (disk, rate, state)"))
+    shutdown_grace: float = Field(30.0, ge=0, description=(
+        "seconds a stopping worker may finish its shards before handing them back"))
+    disk_stop_used_gb: float | None = Field(None, description=(
+        "pause a host whose store disk has this many GB used (the old stop_threshold)"))
+    disk_min_free_gb: float = Field(5.0, description=(
+        "pause a host whose store disk has fewer GB free than this"))
+    host_id: str | None = Field(None, description="this worker host's name (default: hostname)")
 
     # Fetching
-    connect_timeout: float = Field(10.0, gt=0)
-    timeout: float = Field(30.0, gt=0)
-    max_bytes: int = Field(20_000_000, ge=1)
-    max_redirects: int = Field(5, ge=0)
-    retries: int = Field(1, ge=0)
-    user_agent: str = "laion-dagster/0.1 (+https://github.com/laion-dagster/laion-dagster)"
-    # The token site owners address in `X-Robots-Tag: laion-dagster: noai`.
-    user_agent_token: str = "laion-dagster"
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to connect (DNS included)")
+    timeout: float = Field(30.0, gt=0, description=(
+        "total seconds per URL, redirects and body included; a trickling server cannot hold a "
+        "slot longer"))
+    max_bytes: int = Field(20_000_000, ge=1, description=(
+        "largest body accepted; enforced while streaming (class too_large)"))
+    max_redirects: int = Field(5, ge=0, description="redirects followed per URL")
+    retries: int = Field(1, ge=0, description=(
+        "retries of a timeout, connection error, 429 or 5xx, with backoff and jitter"))
+    user_agent: str = Field(
+        "laion-dagster/0.1 (+https://github.com/laion-dagster/laion-dagster)",
+        description="User-Agent header; name your project and a contact URL")
+    user_agent_token: str = Field("laion-dagster", description=(
+        "the token site owners address in 'X-Robots-Tag: <token>: noai'"))
     opt_out_directives: list[str] = Field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
-    max_retry_after: float = Field(10.0, ge=0)
-    allow_private_addresses: bool = False
-    # Non-public networks (CIDRs) fetched anyway, e.g. ["127.0.0.1/32"] for a loopback test
-    # server; narrower than allow_private_addresses, so the guard stays on for everything else.
-    allowed_networks: list[str] = Field(default_factory=list)
-    host_map: dict[str, str] = Field(default_factory=dict)
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that opt an image out (class opted_out)")
+    max_retry_after: float = Field(10.0, ge=0, description=(
+        "longest Retry-After honoured on a 429 or 503; longer ones fail the row"))
+    allow_private_addresses: bool = Field(False, description=(
+        "fetch private, loopback and link-local addresses too (only for tests and demos)"))
+    allowed_networks: list[str] = Field(default_factory=list, description=(
+        "non-public networks (CIDR) fetched anyway, e.g. 127.0.0.1/32 for a local test "
+        "server; narrower than allow_private_addresses"))
+    host_map: dict[str, str] = Field(default_factory=dict, description=(
+        "host name -> IP address answered without DNS (tests and the demo)"))
 
     # Image checks
-    min_image_size: int = Field(0, ge=0)
-    max_image_area: int | None = Field(None, ge=1)
-    max_aspect_ratio: float | None = Field(None, ge=1)
-    verify_hash_column: str | None = None  # an input column holding each image's sha256
+    min_image_size: int = Field(0, ge=0, description=(
+        "smallest width and height kept (class filtered)"))
+    max_image_area: int | None = Field(None, ge=1, description=(
+        "largest width x height kept (class filtered)"))
+    max_aspect_ratio: float | None = Field(None, ge=1, description=(
+        "largest long side / short side kept (class filtered)"))
+    verify_hash_column: str | None = Field(None, description=(
+        "input column holding each image's sha256 (class hash_mismatch)"))
 
     # Resizing (img2dataset's modes); "no" stores the original bytes untouched
-    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "no"
-    image_size: int = Field(256, ge=1)
-    resize_only_if_bigger: bool = False
-    encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = Field(95, ge=1, le=100)
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = \
+        Field("no", description="img2dataset's resize modes; no keeps the original bytes")
+    image_size: int = Field(256, ge=1, description="target size of the resize, in pixels")
+    resize_only_if_bigger: bool = Field(False, description="never upscale")
+    encode_format: Literal["jpg", "png", "webp"] = Field("jpg", description=(
+        "format of resized images"))
+    encode_quality: int = Field(95, ge=1, le=100, description="jpg/webp quality of resized images")
 
     # Output and checks
-    output_format: OutputFormat = "webdataset"
-    # Re-download shards that are already complete on disk (default: report them from disk).
-    overwrite: bool = False
-    min_success_rate: float = Field(0.5, ge=0, le=1)
+    output_format: OutputFormat = Field("webdataset", description=(
+        "webdataset (tar), files (folders) or parquet (image bytes in a column)"))
+    overwrite: bool = Field(False, description=(
+        "download shards that are already complete on disk again (default: keep them)"))
+    min_success_rate: float = Field(0.5, ge=0, le=1, description=(
+        "the part_images check warns below this success rate"))
 
     @field_validator("data_dir", "parquet_dir", "store_dir", "error_dir")
     @classmethod

@@ -106,10 +106,12 @@ def _json_default(value):
 class ShardWriter:
     """Collects one shard's samples into temporary files and publishes them atomically."""
 
-    def __init__(self, part_dir: Path, shard: int, output_format: str):
+    def __init__(self, part_dir: Path, shard: int, output_format: str,
+                 made_with: dict | None = None):
         self.part_dir = part_dir
         self.shard = shard
         self.output_format = output_format
+        self.made_with = made_with  # the part's recipe, kept in _stats.json
         self.paths = shard_paths(part_dir, shard, output_format)
         self.tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.start_time = time.time()
@@ -202,6 +204,8 @@ class ShardWriter:
         end = time.time()
         stats = shard_stats(records, self.start_time, end)
         stats.update({"shard": self.shard, "output_format": self.output_format})
+        if self.made_with is not None:
+            stats["recipe"] = self.made_with
         tmp_parquet = self.paths["parquet"].with_name(self.paths["parquet"].name + self.tag)
         tmp_stats = self.paths["stats"].with_name(self.paths["stats"].name + self.tag)
         if self._spool is not None:
@@ -219,9 +223,21 @@ class ShardWriter:
         else:
             _publish(self._tmp_data, self.paths["data"])
         os.replace(tmp_parquet, self.paths["parquet"])
+        self._remove_other_formats()
         os.replace(tmp_stats, self.paths["stats"])
         _fsync_dir(self.part_dir)
         return stats
+
+    def _remove_other_formats(self) -> None:
+        """A part started over in another format leaves no stale copy of this shard behind."""
+        for other in ("webdataset", "files"):
+            if other == self.output_format:
+                continue
+            stale = shard_paths(self.part_dir, self.shard, other)["data"]
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            elif stale.exists():
+                stale.unlink()
 
     def abort(self) -> None:
         """Remove the temporary files: nothing partial is left behind."""
@@ -301,15 +317,25 @@ def failed_rows(samples: pa.Table) -> pa.Table:
     return failed.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
 
 
-def read_complete_shard(part_dir: Path, shard: int, rows: list[int]) -> pa.Table | None:
+def read_complete_shard(part_dir: Path, shard: int, rows: list[int],
+                        made_with: dict | None = None) -> pa.Table | None:
     """The sample table of a shard already complete on disk for exactly these rows, or None.
 
     Incremental mode: a shard written by an earlier run (or another Redis) need not be
-    downloaded again. The row check guards against a different shard_size since then.
+    downloaded again. The row check guards against a different shard_size since then; the
+    recipe check against a part started over with another format, size or filter.
     """
     if not shard_complete(part_dir, shard):
         return None
-    path = shard_paths(part_dir, shard, "files")["parquet"]
+    paths = shard_paths(part_dir, shard, "files")
+    if made_with is not None:
+        try:
+            recorded = json.loads(paths["stats"].read_text()).get("recipe")
+        except (OSError, ValueError):
+            return None
+        if recorded is not None and recorded != made_with:
+            return None
+    path = paths["parquet"]
     try:
         names = pq.read_schema(path).names
         samples = pq.read_table(path, columns=[n for n in SAMPLE_SCHEMA.names if n in names])

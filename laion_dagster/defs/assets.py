@@ -3,6 +3,7 @@
 Thin: each calls one core function and turns its report into metadata the UI can plot.
 """
 
+import dataclasses
 
 from dagster import (
     AssetCheckResult,
@@ -31,10 +32,13 @@ SUCCESS_RATE = "success_rate_floor"
 
 
 class PartTasksConfig(Config):
-    """Leave empty to enqueue the part. Name error classes (e.g. ["timeout", "http_5xx"]) to
-    queue only the part's failed rows of those classes again, as `errors retry` does."""
+    """Leave empty to enqueue the part (or resume its enqueue). Name error classes (e.g.
+    ["timeout", "http_5xx"]) to queue only the part's failed rows of those classes again, as
+    `errors retry` does. Set start_over to begin the part again as a new generation, with the
+    recipe (format, filters, resize) of this run's settings, as `laion-dagster reset` does."""
 
     retry_classes: list[str] = []
+    start_over: bool = False
 
 
 @asset(partitions_def=parts_partitions, group_name=GROUP,
@@ -57,6 +61,9 @@ def part_tasks(context: AssetExecutionContext, config: PartTasksConfig,
     try:
         part = parts.find(settings.parts_root, key)
         with laion.queue() as queue:
+            if config.start_over:
+                generation = queue.reset(key)
+                context.log.info(f"{key}: starting over as generation {generation}")
             report = enqueue_part(queue, part, settings, progress=progress)
     except (parts.PartError, RedisUnavailable, EmbeddedServerError) as error:
         # The message names the file and the problem; the core's traceback adds nothing.
@@ -73,6 +80,8 @@ def part_tasks(context: AssetExecutionContext, config: PartTasksConfig,
         "waited_for_queue_s": round(report.waited_seconds, 1),
         "generation": report.generation,
         "part_file": MetadataValue.path(report.path),
+        "output_format": report.recipe.output_format,
+        "recipe": MetadataValue.json(dataclasses.asdict(report.recipe)),
     })
 
 

@@ -5,29 +5,42 @@ says, so the same names work from the UI's launchpad, `dagster ... --config`, an
 """
 
 
+import types
+import typing
 from contextlib import contextmanager
+from pathlib import Path
 
 from dagster import ConfigurableResource
+from pydantic import Field, create_model
 
 from laion_dagster.core.connection import connect
 from laion_dagster.core.queue import Queue
 from laion_dagster.core.settings import Settings
 
 
-class LaionResource(ConfigurableResource):
-    data_dir: str | None = None
-    parquet_dir: str | None = None
-    store_dir: str | None = None
-    error_dir: str | None = None
-    redis_url: str | None = None
-    prefix: str | None = None
-    url_column: str | None = None
-    caption_column: str | None = None
-    shard_size: int | None = None
-    queue_threshold: int | None = None
-    queue_high_watermark: int | None = None
-    output_format: str | None = None
-    min_success_rate: float | None = None
+def _config_type(annotation: typing.Any) -> typing.Any:
+    """The Dagster config type of a setting: optional, and plain str where Dagster has no
+    equivalent (paths, choices); the settings model still validates the value."""
+    kind = annotation
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    if kind is Path or typing.get_origin(kind) is typing.Literal:
+        kind = str
+    return kind | None
+
+
+# One optional config field per setting, made from the settings model so the UI's launchpad
+# offers every setting with its description, and the two can never drift apart.
+_SettingsConfig = create_model(
+    "_SettingsConfig", __base__=ConfigurableResource,
+    **{name: (_config_type(field.annotation), Field(None, description=field.description))
+       for name, field in Settings.model_fields.items()},
+)
+
+
+class LaionResource(_SettingsConfig):
+    """The settings, as Dagster config; per-part settings (see core/recipe.py) set here reach
+    every worker through the part's recipe."""
 
     def settings(self) -> Settings:
         overrides = {name: getattr(self, name) for name in type(self).model_fields}

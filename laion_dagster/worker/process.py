@@ -26,6 +26,7 @@ from laion_dagster.core import images, parts
 from laion_dagster.core.connection import connect_async
 from laion_dagster.core.fetch import Fetcher, FetchResult
 from laion_dagster.core.queue import AsyncQueue, Outcome, Task
+from laion_dagster.core.recipe import Recipe
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.writers import (
     SampleRecord,
@@ -77,11 +78,12 @@ def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: imag
 class ShardJob:
     """Everything about one claimed shard while it is being worked on."""
 
-    def __init__(self, task: Task, settings: Settings):
+    def __init__(self, task: Task, settings: Settings, recipe: Recipe):
         self.task = task
+        self.recipe = recipe
         self.table = parts.decode_table(task.payload)
         part_dir = settings.store_root / parts.relative_dir(task.partition)
-        self.writer = ShardWriter(part_dir, task.shard, settings.output_format)
+        self.writer = ShardWriter(part_dir, task.shard, recipe.output_format, recipe.made_with)
         self.records: list[SampleRecord] = []
 
     def extra_columns(self) -> pa.Table:
@@ -116,13 +118,8 @@ class WorkerProcess:
         self.consumer = f"{host}:{os.getpid()}"
         self.active: dict[str, ShardJob] = {}
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-cpu")
-        self.filters = images.Filters(min_size=settings.min_image_size,
-                                      max_area=settings.max_image_area,
-                                      max_aspect_ratio=settings.max_aspect_ratio)
-        self.resize = images.Resize(mode=settings.resize_mode, size=settings.image_size,
-                                    only_if_bigger=settings.resize_only_if_bigger,
-                                    encode_format=settings.encode_format,
-                                    quality=settings.encode_quality)
+        # The recipe of parts enqueued without one (see recipe.py).
+        self.own_recipe = Recipe.from_settings(settings)
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -243,7 +240,7 @@ class WorkerProcess:
             slots.release()
 
     async def _work(self, task: Task, dispatch_idle: asyncio.Event) -> None:
-        generation = await self.queue.current_generation(task.partition)
+        generation, stored_recipe = await self.queue.current_generation(task.partition)
         if generation != task.generation:
             # The part was reset: this entry belongs to a generation nobody wants any more.
             await self.queue.complete(task, Outcome(0, 0, 0, {}))
@@ -251,16 +248,18 @@ class WorkerProcess:
         if task.deliveries > self.settings.max_deliveries:
             await self._dead_letter(task)
             return
+        recipe = Recipe.from_json(stored_recipe) if stored_recipe else self.own_recipe
         loop = asyncio.get_running_loop()
-        if not self.settings.overwrite:
-            existing = await loop.run_in_executor(self.pool, self._outcome_on_disk, task)
+        if not recipe.overwrite:
+            existing = await loop.run_in_executor(self.pool, self._outcome_on_disk, task,
+                                                  recipe)
             if existing is not None:
                 await self.queue.complete(task, existing)
                 log.info("shard %s/%05d: complete on disk already (%d ok, %d failed); "
                          "not downloaded", task.partition, task.shard, existing.ok,
                          existing.failed)
                 return
-        job = await loop.run_in_executor(self.pool, ShardJob, task, self.settings)
+        job = await loop.run_in_executor(self.pool, ShardJob, task, self.settings, recipe)
         self.active[task.entry_id] = job
         started = time.monotonic()
         fetches = []
@@ -288,11 +287,12 @@ class WorkerProcess:
                  task.partition, task.shard, outcome.ok, outcome.failed, outcome.bytes / 1e6,
                  elapsed, task.rows / max(elapsed, 1e-9))
 
-    def _outcome_on_disk(self, task: Task) -> Outcome | None:
-        """Incremental mode: a shard an earlier run wrote completely is reported, not redone."""
+    def _outcome_on_disk(self, task: Task, recipe: Recipe) -> Outcome | None:
+        """Incremental mode: a shard an earlier run wrote completely, with the same recipe, is
+        reported, not redone."""
         part_dir = self.settings.store_root / parts.relative_dir(task.partition)
         rows = parts.decode_table(task.payload).column("row").to_pylist()
-        samples = read_complete_shard(part_dir, task.shard, rows)
+        samples = read_complete_shard(part_dir, task.shard, rows, recipe.made_with)
         return None if samples is None else outcome_of(samples)
 
     @staticmethod
@@ -312,10 +312,10 @@ class WorkerProcess:
             record.error_message, record.http_status = result.error_message, result.http_status
             return record
         loop = asyncio.get_running_loop()
-        column = self.settings.verify_hash_column
+        column = job.recipe.verify_hash_column
         expected = record.extra.get(parts.extra_name(column)) if column else None
         return await loop.run_in_executor(self.pool, _store, job.writer, record, result.body,
-                                          self.filters, self.resize, expected)
+                                          job.recipe.filters, job.recipe.resize, expected)
 
     async def _dead_letter(self, task: Task) -> None:
         table = parts.decode_table(task.payload)
