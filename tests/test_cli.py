@@ -65,7 +65,7 @@ def test_run_downloads_everything_reports_bad_parts_and_resumes(settings, datase
     counts = dataset.outcome_counts()
     assert f"rows: {total_rows:,}  ok: {counts['success']:,}" in output
     state = embedded.read_state(settings.data_dir / "redis")
-    assert state is None  # the embedded server it started is stopped again
+    assert state is not None and not embedded.is_alive(state)  # the server it started is stopped
 
     bad.unlink()
     again = cli(user_env, *args)
@@ -150,7 +150,8 @@ def test_up_starts_everything_and_one_ctrl_c_stops_it_all(settings, dataset, use
         group = [p for p in psutil.process_iter(["pid"]) if _in_group(p, up.pid)]
         names = " ".join(" ".join(p.cmdline()) for p in group if p.is_running())
         assert "laion_dagster.cli worker" in names and "dagster" in names
-        assert embedded.read_state(settings.data_dir / "redis") is not None
+        server = embedded.read_state(settings.data_dir / "redis")
+        assert server is not None and embedded.is_alive(server)
         os.killpg(up.pid, signal.SIGINT)  # Ctrl-C
         up.wait(120)
     finally:
@@ -160,7 +161,7 @@ def test_up_starts_everything_and_one_ctrl_c_stops_it_all(settings, dataset, use
     assert up.returncode == 0, out
     time.sleep(1)
     assert not [p for p in psutil.process_iter(["pid"]) if _in_group(p, up.pid)]
-    assert embedded.read_state(settings.data_dir / "redis") is None
+    assert not embedded.is_alive(server)  # `up` started the embedded Redis, so it stops it
 
 
 def _in_group(process, group: int) -> bool:

@@ -127,3 +127,45 @@ def test_a_cli_backfill_is_picked_up_and_completed_by_running_workers(settings, 
     for part in parts.discover(settings.parts_root):
         if part.key in keys:
             check_part(settings, part, dataset)
+
+
+def test_a_daemon_killed_mid_run_and_started_again_launches_nothing_twice(settings,
+                                                                         image_server, images,
+                                                                         tmp_path):
+    """The daemon dies without warning (SIGKILL) once the first part is queued; a new daemon
+    picks up from the sensors' cursors and run keys: every part is enqueued and finalized by
+    exactly one run each, and the outputs are complete."""
+    dataset = _dataset(settings, image_server, images, parts_per_subset=3)
+    env = _home(tmp_path, settings)
+    home = Path(env["DAGSTER_HOME"])
+    first = _start(env, tmp_path, *DAEMON)
+    worker = _start(env, tmp_path, *WORKER)
+    client = connect(settings)
+    queue = Queue(client, settings.prefix)
+    second = None
+    try:
+        wait_until(lambda: queue.partitions(), 180, interval=0.5, what="a first part enqueued")
+        os.kill(first.pid, signal.SIGKILL)  # the daemon only: runs it launched carry on
+        first.wait(10)
+        second = _start(env, tmp_path, *DAEMON)
+        keys = sorted(p.key for p in parts.discover(settings.parts_root))
+        wait_until(lambda: len(queue.partitions()) == 3, 180, interval=1,
+                   what="every part enqueued")
+        _wait_final(queue, keys)
+    finally:
+        _stop(*(p for p in (worker, second, first) if p is not None))
+        client.close()
+    for part in parts.discover(settings.parts_root):
+        check_part(settings, part, dataset)
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        instance = DagsterInstance.get()
+        runs = instance.get_runs()
+        for key in keys:
+            mine = [r for r in runs if r.tags.get("dagster/partition") == key]
+            by_job = sorted(r.job_name for r in mine)
+            assert by_job == ["enqueue_job", "finalize_job"], (key, by_job)
+            assert all(r.is_success for r in mine), [(r.job_name, r.status) for r in mine]
+        instance.dispose()
+    finally:
+        del os.environ["DAGSTER_HOME"]

@@ -119,19 +119,26 @@ def test_a_live_worker_keeps_its_shard(queue, settings, redis_server, one_shard)
     assert asyncio.run(scenario()) is None
 
 
-def test_released_shard_is_taken_at_once(queue, settings, redis_server, one_shard):
+def test_released_shard_is_taken_at_once_without_using_up_a_delivery(queue, settings,
+                                                                     redis_server, one_shard):
     async def scenario():
         a = _async_queue(redis_server, settings, "host-a:1", visibility=60)
         b = _async_queue(redis_server, settings, "host-b:1", visibility=60)
+        taken = []
         task = await a.claim(block_ms=100)
-        await a.release([task])
-        other = await b.claim(block_ms=100)
+        for _ in range(5):  # five stops in a row: handed back every time
+            await a.release([task])
+            task = await b.claim(block_ms=100)
+            taken.append(task)
+            a, b = b, a
         await a.r.aclose()
         await b.r.aclose()
-        return task, other
+        return taken
 
-    task, other = asyncio.run(scenario())
-    assert other is not None and other.entry_id == task.entry_id
+    taken = asyncio.run(scenario())
+    assert all(t is not None and t.entry_id == taken[0].entry_id for t in taken)
+    # Each hand-over is one delivery, not an extra one: the shard stays far from max_deliveries.
+    assert [t.deliveries for t in taken] == [1] * 5
 
 
 def test_dead_letter_counts_rows_as_failed(queue, settings, redis_server, one_shard):

@@ -3,13 +3,17 @@
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import threading
+import time
 
 import pytest
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from laion_dagster.core import embedded
 from laion_dagster.core.connection import RedisUnavailable, connect, redacted
@@ -120,3 +124,26 @@ def test_rediss_url_connects_over_tls(redis_server, tmp_path):
     finally:
         listener.close()
     os.environ.pop("LAION_REDIS_URL", None)
+
+
+def test_a_restarted_server_comes_back_at_the_same_address(tmp_path):
+    """Workers and runs hold the URL they started with: after a crash or a stop, the server
+    must come back where they are knocking, with the same password, and its data."""
+    directory = tmp_path / "redis"
+    first = embedded.ensure_running(directory)
+    client = redis.Redis.from_url(first.url, retry=Retry(ExponentialBackoff(cap=0.5), 20),
+                                  retry_on_error=[redis.ConnectionError])
+    try:
+        client.set("kept", "yes")
+        time.sleep(1.2)  # appendfsync everysec
+        os.kill(first.pid, signal.SIGKILL)  # a crash, not a clean stop
+        second = embedded.ensure_running(directory)
+        assert second.url == first.url and second.pid != first.pid
+        assert client.get("kept") == b"yes"  # the old client reconnects by itself
+        embedded.stop(directory)
+        third = embedded.ensure_running(directory)
+        assert third.url == first.url
+        assert client.get("kept") == b"yes"
+    finally:
+        client.close()
+        embedded.stop(directory)

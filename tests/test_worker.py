@@ -192,3 +192,22 @@ def test_a_stop_during_a_slow_shard_hands_it_back_within_the_grace(settings, ima
 
     task = asyncio.run(take_over())
     assert task is not None and task.rows == 5
+
+
+def test_a_low_success_rate_is_a_warning_that_names_the_likely_cause(caplog):
+    from laion_dagster.core.queue import Outcome
+    from laion_dagster.worker.process import SuccessWatch
+
+    watch = SuccessWatch(window=1000, floor=0.5, every=60.0)
+    healthy = Outcome(ok=700, failed=300, bytes=0, classes={"http_4xx": 300})
+    broken = Outcome(ok=200, failed=800, bytes=0, classes={"dns": 700, "timeout": 100})
+    assert watch.add(healthy) is None
+    assert watch.add(Outcome(ok=100, failed=100, bytes=0, classes={"dns": 100})) is None
+    with caplog.at_level("WARNING", logger="laion_dagster.worker"):
+        message = watch.add(broken)
+    assert message and "under 50%" in message and "top failure dns (700 rows)" in message
+    assert "resolver" in message and "success rate" in caplog.text
+    assert watch.add(broken) is None  # once a minute, not once a shard
+    watch.last_warning -= 61
+    other = Outcome(ok=100, failed=900, bytes=0, classes={"http_5xx": 900})
+    assert "resolver" not in watch.add(other)

@@ -101,9 +101,30 @@ def ensure_running(directory: Path, timeout: float = 15.0) -> EmbeddedServer:
         return _start(directory, timeout)
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        # As the server binds: connections of the previous server still in TIME_WAIT do not
+        # make the port busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def _start(directory: Path, timeout: float) -> EmbeddedServer:
-    port = _free_port()
-    password = secrets.token_hex(16)
+    # A restart (after a crash, a reboot, `stop`) comes back on the same port with the same
+    # password when it can: every worker and run still holds the old URL, and their clients'
+    # backoff then simply reconnects instead of knocking on a dead port forever.
+    previous = read_state(directory)
+    if previous is not None:
+        old = redis.connection.parse_url(previous.url)
+        port, password = old["port"], old["password"]
+        if not _port_is_free(port):
+            port = _free_port()
+    else:
+        port, password = _free_port(), secrets.token_hex(16)
     config = directory / "valkey.conf"
     config.write_text(
         "\n".join(
@@ -114,7 +135,9 @@ def _start(directory: Path, timeout: float) -> EmbeddedServer:
                 "daemonize no",
                 f'requirepass "{password}"',
                 "appendonly yes",
-                "appendfsync everysec",
+                # Every write is on disk before it is acknowledged: a crash loses no
+                # enqueue or completion. Writes are per shard, not per image, so it is cheap.
+                "appendfsync always",
                 'save ""',
                 "protected-mode yes",
                 'logfile "valkey.log"',
@@ -155,14 +178,16 @@ def _start(directory: Path, timeout: float) -> EmbeddedServer:
 
 
 def stop(directory: Path, timeout: float = 10.0) -> bool:
-    """Stop the server for `directory` (it flushes its append-only file on SIGTERM)."""
+    """Stop the server for `directory` (it flushes its append-only file on SIGTERM).
+
+    `server.json` stays, so the next start comes back at the same address and password.
+    """
     state = read_state(directory)
     if state is None:
         return False
     try:
         os.kill(state.pid, signal.SIGTERM)
     except ProcessLookupError:
-        (directory / STATE_FILE).unlink(missing_ok=True)
         return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -173,5 +198,4 @@ def stop(directory: Path, timeout: float = 10.0) -> bool:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(state.pid, os.WNOHANG)
         time.sleep(0.05)
-    (directory / STATE_FILE).unlink(missing_ok=True)
     return True

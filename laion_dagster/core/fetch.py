@@ -16,7 +16,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -102,6 +102,28 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+# Left as written in a URL's path and query: RFC 3986's reserved and unreserved characters and
+# "%", so existing escapes (even lower-case ones) and delimiters reach the server unchanged.
+_AS_WRITTEN = "!$&'()*+,;=:@/?-._~%"
+# Around a URL, never part of it: whitespace and control characters from sloppy exports.
+_AROUND = "".join(map(chr, range(33))) + "\x7f"
+
+
+def request_url(url: str) -> URL:
+    """The URL to request, as its author wrote it.
+
+    yarl's own parsing normalises escapes (`%7E` becomes `~`, `%3B` becomes `;`, a space in
+    the query becomes `+`), which changes what signed URLs and picky servers answer. Here only
+    what cannot travel as is gets escaped (non-ASCII, spaces, `"<>\\^`{|}`), the host becomes
+    its IDNA form, and the fragment stays home.
+    """
+    split = urlsplit(url.strip(_AROUND))
+    origin = URL(f"{split.scheme}://{split.netloc}")  # validates and IDNA-encodes the host
+    return URL.build(scheme=origin.scheme, authority=origin.raw_authority,
+                     path=quote(split.path, safe=_AS_WRITTEN) or "/",
+                     query_string=quote(split.query, safe=_AS_WRITTEN), encoded=True)
+
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -120,11 +142,19 @@ def address_blocked(address: str, allowed: tuple[Network, ...] = ()) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
+def _idna(name: str) -> str:
+    try:
+        return name.lower().rstrip(".").encode("idna").decode("ascii")
+    except UnicodeError:
+        return name.lower().rstrip(".")
+
+
 class StaticResolver(AbstractResolver):
     """Resolves only the names it is given: what tests and the demo use, so no DNS is asked."""
 
     def __init__(self, names: dict[str, str]):
-        self.names = {k.lower(): v for k, v in names.items()}
+        # Asked for the IDNA form of a name (xn--...), so keys are stored in it too.
+        self.names = {_idna(k): v for k, v in names.items()}
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
@@ -267,7 +297,11 @@ class Fetcher:
         assert self.session is not None
         s = self.settings
         for _hop in range(s.max_redirects + 1):
-            target = URL(url)
+            try:
+                target = request_url(url)
+            except ValueError as error:
+                raise FetchFailed("invalid_url", f"not a valid URL ({error}): {url[:200]}") \
+                    from None
             if target.scheme not in ("http", "https") or not target.host:
                 raise FetchFailed("invalid_url", f"not an http(s) URL: {url[:200]}")
             if not s.allow_private_addresses:

@@ -33,7 +33,7 @@ def disk_state(path: Path, settings: Settings) -> DiskState:
     usage = psutil.disk_usage(str(path))
     used, free = usage.used / GB, usage.free / GB
     reason = full_reason(used, free, settings)
-    return DiskState(used_gb=round(used, 2), free_gb=round(free, 2), full=reason is not None,
+    return DiskState(used_gb=round(used, 3), free_gb=round(free, 3), full=reason is not None,
                      reason=reason)
 
 

@@ -175,17 +175,22 @@ def _valid_mask(urls: pa.Array) -> tuple[pa.Array, pa.Array]:
     """(is valid, reason) for each URL; the check is vectorised because parts are huge."""
     lowered = pc.utf8_lower(pc.utf8_trim_whitespace(urls))
     http = pc.or_(pc.starts_with(lowered, "http://"), pc.starts_with(lowered, "https://"))
+    # After the scheme: optional user info, then at least one character of a host.
+    has_host = pc.match_substring_regex(lowered, r"^https?://([^/?#@]*@)?[^/?#:@\s]")
     length = pc.utf8_length(urls)
     too_long = pc.greater(length, MAX_URL_LENGTH)
     too_short = pc.less_equal(length, len("https://"))
     missing = pc.is_null(urls)
-    valid = pc.and_(pc.and_(pc.fill_null(http, False), pc.invert(pc.fill_null(too_long, False))),
-                    pc.invert(pc.fill_null(too_short, True)))
+    bad_scheme = pc.fill_null(pc.invert(http), True)
+    no_host = pc.fill_null(pc.invert(has_host), True)
+    valid = pc.and_(pc.and_(pc.invert(bad_scheme), pc.invert(no_host)),
+                    pc.and_(pc.invert(pc.fill_null(too_long, False)),
+                            pc.invert(pc.fill_null(too_short, True))))
     reason = pc.case_when(
-        pc.make_struct(missing, pc.fill_null(pc.invert(http), True),
-                       pc.fill_null(too_long, False), pc.fill_null(too_short, True)),
+        pc.make_struct(missing, bad_scheme, pc.fill_null(too_long, False),
+                       pc.fill_null(too_short, True), no_host),
         "missing URL", "not an http(s) URL", f"URL longer than {MAX_URL_LENGTH} characters",
-        "URL too short",
+        "URL too short", "URL has no host",
     )
     return valid, reason
 
@@ -195,11 +200,22 @@ def extra_name(name: str) -> str:
     return f"input_{name}" if name in RESERVED else name
 
 
+def _text(values: pa.Array) -> pa.Array:
+    """Captions as strings. A binary caption column may hold invalid UTF-8 (scraped alt text
+    often does): those values are decoded with U+FFFD, since one bad byte must not cost a
+    row, let alone a part."""
+    try:
+        return values.cast(pa.string())
+    except pa.ArrowInvalid:
+        return pa.array([None if v is None else v.decode("utf-8", errors="replace")
+                         for v in values.to_pylist()], pa.string())
+
+
 def _shard(index: int, first_row: int, batch: pa.RecordBatch, columns: Columns) -> Shard:
     n = batch.num_rows
     row = pa.array(range(first_row, first_row + n), pa.int64())
     url = batch.column(columns.url).cast(pa.string())
-    caption = (batch.column(columns.caption).cast(pa.string()) if columns.caption
+    caption = (_text(batch.column(columns.caption)) if columns.caption
                else pa.nulls(n, pa.string()))
     valid, reason = _valid_mask(url)
     arrays = [row, url, caption] + [batch.column(c) for c in columns.extra]

@@ -486,11 +486,20 @@ class AsyncQueue:
                                 [t.entry_id for t in tasks], justid=True)
 
     async def release(self, tasks: list[Task]) -> None:
-        """Hand shards back at once (on shutdown) instead of after the visibility timeout."""
-        if tasks:
-            await self.r.xclaim(self.keys.tasks, GROUP, self.consumer, 0,
-                                [t.entry_id for t in tasks], idle=self.visibility_ms + 1,
-                                justid=True)
+        """Hand shards back at once (on a stop, or a full disk) instead of after the visibility
+        timeout. The delivery is forgiven: a shard handed back in good order is not poison, and
+        must not reach the dead-letter stream because its workers were stopped three times."""
+        for task in tasks:
+            await self.r.xclaim(self.keys.tasks, GROUP, self.consumer, 0, [task.entry_id],
+                                idle=self.visibility_ms + 1, justid=True,
+                                retrycount=max(task.deliveries - 1, 0))
+
+    async def still_mine(self, task: Task) -> bool:
+        """Whether this consumer still holds the shard: False once another worker took it
+        over (this one was cut off or stalled past the visibility timeout) or completed it."""
+        info = await self.r.xpending_range(self.keys.tasks, GROUP, min=task.entry_id,
+                                           max=task.entry_id, count=1)
+        return bool(info) and _text(info[0]["consumer"]) == self.consumer
 
     async def current_generation(self, partition: str) -> tuple[str | None, str | None]:
         """The part's generation and its recipe (JSON), in one round trip."""

@@ -61,6 +61,24 @@ def shard_paths(part_dir: Path, shard: int, output_format: str) -> dict[str, Pat
             "stats": part_dir / f"{name}_stats.json"}
 
 
+def clear_stale_temporaries(part_dir: Path, shard: int) -> None:
+    """Remove temporaries that earlier owners of this shard left when they died.
+
+    Whoever holds the claim is the shard's only rightful writer, so any other temporary for it
+    belongs to a killed worker (or one that lost its claim and will fail to publish, which is
+    harmless: the shard is counted once, by its current owner). Called when a new writer starts
+    and when a shard is dead-lettered, so no killed attempt leaves files behind.
+    """
+    name = f"{shard:05d}"
+    # "<name>." and "<name>_" only: shard 10000's temporaries are not shard 1000000's.
+    for path in [*part_dir.glob(f"{name}.*.tmp-*"), *part_dir.glob(f"{name}.tmp-*"),
+                 *part_dir.glob(f"{name}_*.tmp-*")]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def shard_complete(part_dir: Path, shard: int) -> bool:
     return (part_dir / f"{shard:05d}_stats.json").exists()
 
@@ -117,7 +135,7 @@ class ShardWriter:
         self.start_time = time.time()
         self._lock = threading.Lock()
         part_dir.mkdir(parents=True, exist_ok=True)
-        self._clear_stale_temporaries()
+        clear_stale_temporaries(part_dir, shard)
         self._tmp_data = self.paths["data"].with_name(self.paths["data"].name + self.tag)
         self._tar: tarfile.TarFile | None = None
         self._spool: pa.ipc.RecordBatchFileWriter | None = None
@@ -128,22 +146,6 @@ class ShardWriter:
             self._spool = pa.ipc.new_file(str(self._tmp_data), IMAGE_SPOOL)
         else:
             self._tmp_data.mkdir()
-
-    def _clear_stale_temporaries(self) -> None:
-        """Remove temporaries that an earlier owner of this shard left when it died.
-
-        Whoever holds the claim is the shard's only rightful writer, so any other temporary
-        for it belongs to a killed worker (or one that lost its claim and will fail to publish,
-        which is harmless: the shard is counted once, by its current owner).
-        """
-        name = f"{self.shard:05d}"
-        # "<name>." and "<name>_" only: shard 10000's temporaries are not shard 1000000's.
-        for path in [*self.part_dir.glob(f"{name}.*.tmp-*"), *self.part_dir.glob(f"{name}.tmp-*"),
-                     *self.part_dir.glob(f"{name}_*.tmp-*")]:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
 
     def add(self, record: SampleRecord, body: bytes) -> None:
         """Store a successful sample (called from worker threads)."""

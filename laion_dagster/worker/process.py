@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ from laion_dagster.core.settings import Settings
 from laion_dagster.core.writers import (
     SampleRecord,
     ShardWriter,
+    clear_stale_temporaries,
     error_table,
     failed_rows,
     read_complete_shard,
@@ -55,6 +57,9 @@ class Shared:
     stop: Any  # RawValue('b'): finish in-flight shards, claim nothing new
     paused: Any  # RawValue('b'): the disk is full; claim nothing new until it clears
     counters: Any  # RawArray('q', 3): ok, failed, bytes done by this process
+    # RawValue('b'), set by the process on ENOSPC, cleared by the supervisor once space is
+    # freed: the process claims nothing meanwhile.
+    out_of_space: Any = None
 
 
 def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: images.Filters,
@@ -109,6 +114,44 @@ def outcome_of(samples: pa.Table) -> Outcome:
                    errors=parts.encode_table(errors) if errors.num_rows else b"")
 
 
+class SuccessWatch:
+    """Warns when the success rate over the last `window` rows drops under `floor`.
+
+    On LAION a healthy run keeps 60-80% of its rows; under 50% it is nearly always this host's
+    DNS resolver giving up under load (class `dns`), or its network, not the web.
+    """
+
+    def __init__(self, window: int = 1000, floor: float = 0.5, every: float = 60.0):
+        self.window, self.floor, self.every = window, floor, every
+        self.recent: list[Outcome] = []
+        self.last_warning = -every
+
+    def add(self, outcome: Outcome) -> str | None:
+        self.recent.append(outcome)
+        while len(self.recent) > 1 and sum(o.ok + o.failed for o in self.recent[1:]) >= \
+                self.window:
+            self.recent.pop(0)
+        rows = sum(o.ok + o.failed for o in self.recent)
+        if rows < self.window:
+            return None
+        rate = sum(o.ok for o in self.recent) / rows
+        now = time.monotonic()
+        if rate >= self.floor or now - self.last_warning < self.every:
+            return None
+        self.last_warning = now
+        classes = Counter()
+        for o in self.recent:
+            classes.update(o.classes)
+        top, count = classes.most_common(1)[0] if classes else ("unknown", 0)
+        advice = (" Most failures are dns: this host's resolver is likely overwhelmed; use a "
+                  "local caching resolver (e.g. unbound or systemd-resolved) with generous "
+                  "limits." if top == "dns" else "")
+        message = (f"success rate {rate:.0%} over the last {rows:,} rows is under "
+                   f"{self.floor:.0%}; top failure {top} ({count:,} rows).{advice}")
+        log.warning(message)
+        return message
+
+
 class WorkerProcess:
     def __init__(self, settings: Settings, index: int, shared: Shared):
         self.settings = settings
@@ -117,7 +160,9 @@ class WorkerProcess:
         host = settings.host_id or socket.gethostname()
         self.consumer = f"{host}:{os.getpid()}"
         self.active: dict[str, ShardJob] = {}
+        self.held: Task | None = None  # a suspect shard claimed, waiting to run alone
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-cpu")
+        self.health = SuccessWatch()
         # The recipe of parts enqueued without one (see recipe.py).
         self.own_recipe = Recipe.from_settings(settings)
         self.stopping = asyncio.Event()
@@ -139,7 +184,7 @@ class WorkerProcess:
             async with Fetcher(s) as fetcher:
                 self.fetcher = fetcher
                 while not self.stopping.is_set():
-                    if self.shared.paused.value:
+                    if self.shared.paused.value or self.shared.out_of_space.value:
                         await self._sleep(1.0)
                         continue
                     if not await self._unless_stopped(slots.acquire()):
@@ -157,16 +202,39 @@ class WorkerProcess:
                     if task is None:
                         slots.release()
                         continue
+                    suspect = task.deliveries > 1
+                    if suspect:
+                        self.held = task  # kept fresh while it waits, so nobody takes it
+                        alone = await self._alone(running)
+                        self.held = None
+                        if not alone:
+                            with contextlib.suppress(Exception):
+                                await self.queue.release([task])
+                            slots.release()
+                            break
                     dispatch_idle.clear()
                     job = asyncio.create_task(self._handle(task, dispatch_idle, slots))
                     running.add(job)
                     job.add_done_callback(running.discard)
+                    if suspect:
+                        await self._alone(running)
                 await self._drain(running)
         finally:
             keeper.cancel()
             watcher.cancel()
             self.pool.shutdown(wait=True)
             await client.aclose()
+
+    async def _alone(self, running: set[asyncio.Task]) -> bool:
+        """Wait until no shard is in flight (False if a stop comes first).
+
+        A shard delivered before was in a process that died or stalled: it may be the cause.
+        It runs alone, so if it kills this process too, no innocent shard dies with it and
+        uses up a delivery; a poison shard then reaches the dead-letter stream by itself.
+        """
+        if not running:
+            return True
+        return await self._unless_stopped(asyncio.wait(set(running)))
 
     async def _unless_stopped(self, awaitable) -> bool:
         """Await `awaitable` unless a stop comes first (True if it completed).
@@ -205,7 +273,8 @@ class WorkerProcess:
         while True:
             await asyncio.sleep(period)
             try:
-                await self.queue.refresh([j.task for j in self.active.values()])
+                held = [self.held] if self.held is not None else []
+                await self.queue.refresh([j.task for j in self.active.values()] + held)
             except Exception as error:
                 log.warning("could not refresh claims: %s", error)
 
@@ -229,15 +298,27 @@ class WorkerProcess:
             await self._work(task, dispatch_idle)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("shard %s/%s failed; it will be retried after the visibility timeout",
-                          task.partition, task.shard)
-            job = self.active.pop(task.entry_id, None)
-            if job is not None:
-                job.writer.abort()
+        except Exception as error:
+            self._abandon(task)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                # Not the shard's fault: its half-written files are gone; hand it back without
+                # using up a delivery, and claim nothing until the supervisor sees space again.
+                self.shared.out_of_space.value = 1
+                log.error("shard %s/%05d: no space left in %s; handed back, pausing until "
+                          "space is freed", task.partition, task.shard, self.settings.store_root)
+                with contextlib.suppress(Exception):
+                    await self.queue.release([task])
+            else:
+                log.exception("shard %s/%s failed; it will be retried after the visibility "
+                              "timeout", task.partition, task.shard)
         finally:
             dispatch_idle.set()
             slots.release()
+
+    def _abandon(self, task: Task) -> None:
+        job = self.active.pop(task.entry_id, None)
+        if job is not None:
+            job.writer.abort()
 
     async def _work(self, task: Task, dispatch_idle: asyncio.Event) -> None:
         generation, stored_recipe = await self.queue.current_generation(task.partition)
@@ -273,19 +354,43 @@ class WorkerProcess:
             record = SampleRecord(row=rows[i], url=urls[i], caption=captions[i], extra=extras[i])
             fetches.append(asyncio.create_task(self._one(job, record)))
         dispatch_idle.set()
-        job.records = list(await asyncio.gather(*fetches))
+        try:
+            job.records = list(await asyncio.gather(*fetches))
+        except BaseException:
+            # One sample could not be stored (e.g. the disk is full): the others stop here.
+            for fetch in fetches:
+                fetch.cancel()
+            await asyncio.gather(*fetches, return_exceptions=True)
+            raise
         job.records.sort(key=lambda r: r.row)
+        if not await self.queue.still_mine(task):
+            # Another worker has it (we were cut off or stalled): its attempt is the one that
+            # counts, and ours must not replace the files it publishes.
+            self._abandon(task)
+            log.warning("shard %s/%05d: taken over by another worker while this one worked on "
+                        "it; discarding this attempt", task.partition, task.shard)
+            return
         await loop.run_in_executor(self.pool, job.writer.close, job.records, job.extra_columns())
         outcome = job.outcome()
-        await self.queue.complete(task, outcome)
+        counted = await self.queue.complete(task, outcome)
         self.active.pop(task.entry_id, None)
+        if counted != 1:
+            log.info("shard %s/%05d: already completed by another worker (or the part was "
+                     "reset); not counted again", task.partition, task.shard)
+            return
         self.shared.counters[0] += outcome.ok
         self.shared.counters[1] += outcome.failed
         self.shared.counters[2] += outcome.bytes
         elapsed = time.monotonic() - started
-        log.info("shard %s/%05d: %d ok, %d failed, %.1f MB in %.1fs (%.0f rows/s)",
+        errors = ",".join(f"{k}:{v}" for k, v in
+                          sorted(outcome.classes.items(), key=lambda kv: -kv[1]))
+        # A sentence for people, then key=value fields for log tools.
+        log.info("shard %s/%05d: %d ok, %d failed, %.1f MB in %.1fs (%.0f rows/s) | part=%s "
+                 "shard=%d rows=%d ok=%d failed=%d bytes=%d seconds=%.3f errors=%s",
                  task.partition, task.shard, outcome.ok, outcome.failed, outcome.bytes / 1e6,
-                 elapsed, task.rows / max(elapsed, 1e-9))
+                 elapsed, task.rows / max(elapsed, 1e-9), task.partition, task.shard,
+                 task.rows, outcome.ok, outcome.failed, outcome.bytes, elapsed, errors or "-")
+        self.health.add(outcome)
 
     def _outcome_on_disk(self, task: Task, recipe: Recipe) -> Outcome | None:
         """Incremental mode: a shard an earlier run wrote completely, with the same recipe, is
@@ -331,6 +436,9 @@ class WorkerProcess:
                           errors=parts.encode_table(error_table(records)))
         log.error("dead-lettering %s/%05d after %d deliveries", task.partition, task.shard,
                   task.deliveries)
+        part_dir = self.settings.store_root / parts.relative_dir(task.partition)
+        await asyncio.get_running_loop().run_in_executor(
+            self.pool, clear_stale_temporaries, part_dir, task.shard)
         await self.queue.dead_letter(task, outcome, message)
 
 

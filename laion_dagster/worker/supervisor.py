@@ -9,6 +9,7 @@ period is handed back to the queue, never left half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import signal
@@ -18,7 +19,8 @@ from collections.abc import Callable
 
 import redis
 
-from laion_dagster.core.connection import connect
+from laion_dagster.core import embedded
+from laion_dagster.core.connection import RedisUnavailable, connect
 from laion_dagster.core.hosts import HostReport, disk_state
 from laion_dagster.core.queue import Keys, ensure_group
 from laion_dagster.core.settings import Settings
@@ -37,13 +39,15 @@ class Supervisor:
         self.host = settings.host_id or socket.gethostname()
         self.restarts = 0
         self._last = (time.monotonic(), 0, 0)
+        self._free_at_enospc: float | None = None
         self._redis: redis.Redis | None = None
         self._signal: int | None = None
 
     # -- processes
     def _spawn(self, index: int) -> tuple[mp.process.BaseProcess, process.Shared]:
         shared = process.Shared(stop=self.stop, paused=self.paused,
-                                counters=self.ctx.RawArray("q", 3))
+                                counters=self.ctx.RawArray("q", 3),
+                                out_of_space=self.ctx.RawValue("b", 0))
         child = self.ctx.Process(target=process.main, name=f"laion-worker-{index}",
                                  args=(self.settings.model_dump_json(), index, shared),
                                  daemon=False)
@@ -52,14 +56,32 @@ class Supervisor:
 
     def start(self) -> None:
         settings = self.settings
-        # Heartbeats come every few seconds and a missed one is harmless: a short retry budget
-        # keeps a dead Redis from delaying a stop or a disk check by the full reconnect time.
-        self._redis = connect(settings, name=f"supervisor:{self.host}", retries=1)
+        self._redis = self._wait_for_redis()
+        if self._redis is None:
+            return
         ensure_group(self._redis, Keys(settings.prefix).tasks)
         settings.store_root.mkdir(parents=True, exist_ok=True)
         self.children = [self._spawn(i) for i in range(settings.processes)]
         log.info("worker pool on %s: %d processes × %d concurrent fetches, store %s",
                  self.host, settings.processes, settings.concurrency, settings.store_root)
+
+    def _wait_for_redis(self) -> redis.Redis | None:
+        """Connect, waiting as long as it takes: a pool started before Redis (a reboot, a
+        restart of both) begins once Redis answers, instead of exiting. None if stopped first.
+
+        Heartbeats come every few seconds and a missed one is harmless: the client's short
+        retry budget keeps a dead Redis from delaying a stop or a disk check.
+        """
+        last_note = 0.0
+        while not self.stop.value:
+            try:
+                return connect(self.settings, name=f"supervisor:{self.host}", retries=1)
+            except RedisUnavailable as error:
+                if time.monotonic() - last_note >= 10:
+                    log.warning("%s; waiting for it (Ctrl-C to give up)", error)
+                    last_note = time.monotonic()
+                time.sleep(0.5)
+        return None
 
     def _revive(self) -> None:
         for index, (child, shared) in enumerate(self.children):
@@ -84,8 +106,31 @@ class Supervisor:
             nbytes += shared.counters[2]
         return ok, failed, nbytes
 
+    def _check_out_of_space(self, free_gb: float) -> str | None:
+        """A process that hit ENOSPC waits until space is freed: until the free space has
+        doubled (and grown by at least 1 MB) since. Returns the pause reason while it waits."""
+        stuck = [shared for _, shared in self.children if shared.out_of_space.value]
+        if not stuck:
+            self._free_at_enospc = None
+            return None
+        if self._free_at_enospc is None:
+            self._free_at_enospc = free_gb
+            log.warning("a process ran out of space writing a shard (%.3f GB free); pausing "
+                        "until space is freed", free_gb)
+        if free_gb >= 2 * self._free_at_enospc + 0.001:
+            log.info("space was freed (%.3f GB free): resuming", free_gb)
+            for shared in stuck:
+                shared.out_of_space.value = 0
+            self._free_at_enospc = None
+            return None
+        return (f"no space left on device writing a shard ({free_gb * 1000:,.0f} MB free); "
+                "waiting for space to be freed")
+
     def heartbeat(self) -> HostReport:
         disk = disk_state(self.settings.store_root, self.settings)
+        out_of_space = self._check_out_of_space(disk.free_gb)
+        if out_of_space and not disk.full:
+            disk = dataclasses.replace(disk, full=True, reason=out_of_space)
         if disk.full and not self.paused.value:
             log.warning("store disk full (%s): pausing", disk.reason)
             self.paused.value = 1
@@ -108,7 +153,19 @@ class Supervisor:
             self._redis.hset(Keys(self.settings.prefix).hosts, self.host, report.to_json())
         except redis.RedisError as error:
             log.warning("could not report host state: %s", error)
+            self._restart_embedded_server()
         return report
+
+    def _restart_embedded_server(self) -> None:
+        """With the embedded server (no redis_url), a pool on its machine brings it back after
+        a crash: at the same address, from its append-only file, so every client's backoff
+        reconnects by itself."""
+        if self.settings.redis_url:
+            return
+        try:
+            embedded.ensure_running(self.settings.redis_dir)
+        except embedded.EmbeddedServerError as error:
+            log.error("could not restart the embedded Redis: %s", error)
 
     # -- the loop
     def run(self, until: Callable[[], bool] | None = None, handle_signals: bool = True) -> int:
@@ -116,7 +173,6 @@ class Supervisor:
 
         `until` is asked every heartbeat, not every loop turn: it may cost a Redis round trip.
         """
-        self.start()
         sigs = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
         previous = {sig: signal.getsignal(sig) for sig in sigs}
 
@@ -129,6 +185,7 @@ class Supervisor:
         for sig in previous:
             signal.signal(sig, request_stop)
         try:
+            self.start()
             next_beat = 0.0
             while not self.stop.value:
                 if time.monotonic() >= next_beat:
