@@ -52,6 +52,7 @@ class OneShot:
         self.enqueuing: dict[str, subprocess.Popen] = {}
         self.failures: dict[str, str] = {}
         self.finalized: set[str] = set()
+        self.total_rows = 0
         self.started_redis = False
 
     def say(self, text: str) -> None:
@@ -101,6 +102,7 @@ class OneShot:
         if not found:
             raise SystemExit(f"no parquet parts under {s.parts_root}/<subset>/*.parquet")
         keys = [p.key for p in found]
+        self.total_rows = sum(_footer_rows(p) for p in found)
         known = set(instance.get_dynamic_partitions(PARTS))
         new = [k for k in keys if k not in known]
         if new:
@@ -171,14 +173,28 @@ class OneShot:
         self._launch_enqueue(waiting[0])
 
     def _progress_line(self, queue: Queue, states: dict[str, PartState]) -> str:
-        rows = sum(st.rows for st in states.values())
+        """A progress bar over every row of every part, with counts, rate and ETA."""
         ok = sum(st.ok for st in states.values())
         failed = sum(st.failed for st in states.values())
+        done = ok + failed + sum(st.invalid for st in states.values())
+        total = max(self.total_rows, 1)
+        width = 24
+        bar = "#" * (width * done // total) + "." * (width - width * done // total)
         rate = queue.rates(minutes=1)
-        return (f"[{time.strftime('%H:%M:%S')}] parts final {len(self.finalized)}/{len(states)}"
-                f" | rows enqueued {rows:,} | ok {ok:,} | failed {failed:,}"
-                f" | queue {queue.queued_rows():,} | last minute {rate['ok'] + rate['failed']:,}"
-                " images")
+        recent = rate["ok"] + rate["failed"]
+        per_second = recent / 60.0
+        eta = f"{(total - done) / per_second:,.0f}s" if per_second > 0 and done < total else "-"
+        return (f"[{time.strftime('%H:%M:%S')}] [{bar}] {done / total:4.0%} rows {done:,}/"
+                f"{self.total_rows:,} | ok {ok:,} failed {failed:,} | parts final "
+                f"{len(self.finalized)}/{len(states)} | queue {queue.queued_rows():,} | "
+                f"{recent:,} images in the last minute | ETA {eta}")
+
+
+def _footer_rows(part: parts.Part) -> int:
+    try:
+        return parts.count_rows(part.path)
+    except parts.PartError:
+        return 0  # a broken part fails in its own run, with the file named
 
 
 def _partition_filter(key: str):

@@ -360,6 +360,13 @@ class Queue:
         raw = self.r.hgetall(self.keys.classes(partition))
         return {_text(k): int(v) for k, v in raw.items() if int(v)}
 
+    def classes_of(self, partitions: list[str]) -> list[dict[str, int]]:
+        """Error class counts of many parts in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for p in partitions:
+            pipe.hgetall(self.keys.classes(p))
+        return [{_text(k): int(v) for k, v in raw.items()} for raw in pipe.execute()]
+
     def hosts(self) -> dict[str, dict]:
         return {_text(k): json.loads(v) for k, v in self.r.hgetall(self.keys.hosts).items()}
 

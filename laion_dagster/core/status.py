@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+from laion_dagster.core import parts
 from laion_dagster.core.hosts import is_stale
 from laion_dagster.core.queue import Queue
 from laion_dagster.core.settings import Settings
@@ -22,7 +23,14 @@ class Status:
     failed_last_minute: int
     bytes_last_minute: int
     images_per_second: float
+    mb_per_second: float
+    images_per_second_hour: float
+    mb_per_second_hour: float
     eta_seconds: float | None
+    dataset_rows: int | None
+    rows_remaining: int | None
+    dataset_eta_seconds: float | None
+    top_errors: list[tuple[str, int]]
     parts: list[dict]
     hosts: list[dict]
 
@@ -30,13 +38,48 @@ class Status:
         return asdict(self)
 
 
+# Rows of parts not yet enqueued, read from parquet footers once per process: a status view
+# refreshing every few seconds must not reopen 384 files each time.
+_footer_rows: dict[str, int] = {}
+
+
+def _rows_not_enqueued(settings: Settings, enqueued: set[str]) -> tuple[int, int] | None:
+    """(rows, parts) of the parts under parquet_dir that the queue has not seen; None where
+    the folder is not readable from here (a status run on another machine)."""
+    root = settings.parts_root
+    if not root.is_dir():
+        return None
+    rows = count = 0
+    for part in parts.discover(root):
+        if part.key in enqueued:
+            continue
+        if part.key not in _footer_rows:
+            try:
+                _footer_rows[part.key] = parts.count_rows(part.path)
+            except parts.PartError:
+                continue
+        rows += _footer_rows[part.key]
+        count += 1
+    return rows, count
+
+
 def collect(queue: Queue, settings: Settings) -> Status:
     # The current minute is partial; the previous whole minutes give a steadier rate.
     rate = queue.rates(minutes=2)
     per_second = (rate["ok"] + rate["failed"]) / 120.0
-    parts = []
-    for state in queue.parts_states(queue.partitions()).values():
-        parts.append({
+    hour = queue.rates(minutes=60)
+    per_second_hour = (hour["ok"] + hour["failed"]) / 3600.0
+    parts_seen = []
+    classes: dict[str, int] = {}
+    keys = queue.partitions()
+    states = queue.parts_states(keys)
+    for counts in queue.classes_of(keys):
+        for name, count in counts.items():
+            classes[name] = classes.get(name, 0) + count
+    remaining = 0
+    for state in states.values():
+        remaining += max(state.rows - state.ok - state.failed - state.invalid, 0)
+        parts_seen.append({
             "partition": state.partition, "rows": state.rows, "ok": state.ok,
             "failed": state.failed, "invalid": state.invalid,
             "shards_done": state.shards_done, "shards_total": state.shards_total,
@@ -49,12 +92,25 @@ def collect(queue: Queue, settings: Settings) -> Status:
         hosts.append({**report, "host": host, "stale": is_stale(report, settings, now),
                       "last_seen_s": round(now - float(report.get("seen_at", 0)), 1)})
     depth = queue.queued_rows()
+    unseen = _rows_not_enqueued(settings, set(keys))
+    dataset_rows = rows_remaining = None
+    if unseen is not None:
+        rows_remaining = remaining + unseen[0]
+        dataset_rows = sum(st.rows for st in states.values()) + unseen[0]
+    steady = per_second_hour or per_second
     return Status(
         queued_rows=depth, dead_letters=queue.dead_letters(), ok_last_minute=rate["ok"],
         failed_last_minute=rate["failed"], bytes_last_minute=rate["bytes"],
         images_per_second=round(per_second, 1),
+        mb_per_second=round(rate["bytes"] / 120.0 / 1e6, 2),
+        images_per_second_hour=round(per_second_hour, 2),
+        mb_per_second_hour=round(hour["bytes"] / 3600.0 / 1e6, 2),
         eta_seconds=round(depth / per_second) if per_second > 0 else None,
-        parts=parts, hosts=hosts)
+        dataset_rows=dataset_rows, rows_remaining=rows_remaining,
+        dataset_eta_seconds=(round(rows_remaining / steady)
+                             if rows_remaining is not None and steady > 0 else None),
+        top_errors=sorted(classes.items(), key=lambda kv: -kv[1])[:6],
+        parts=parts_seen, hosts=hosts)
 
 
 def _bar(done: int, total: int | None, width: int = 20) -> str:
@@ -72,11 +128,19 @@ def _duration(seconds: float | None) -> str:
 
 
 def render(status: Status) -> str:
+    whole = ("dataset: parquet_dir not readable from here" if status.dataset_rows is None else
+             f"dataset: {status.rows_remaining:,} of {status.dataset_rows:,} rows to go, "
+             f"ETA {_duration(status.dataset_eta_seconds)}")
+    errors = ", ".join(f"{name} {count:,}" for name, count in status.top_errors) or "none"
     lines = [
-        f"queue: {status.queued_rows:,} rows   dead-lettered shards: {status.dead_letters}",
-        f"rate: {status.images_per_second:,.1f} images/s "
-        f"(ok {status.ok_last_minute:,}, failed {status.failed_last_minute:,} in the last 2 min)"
+        f"queue: {status.queued_rows:,} rows   dead-lettered shards: {status.dead_letters}"
         f"   ETA for the queue: {_duration(status.eta_seconds)}",
+        f"rate: {status.images_per_second:,.1f} images/s, {status.mb_per_second:,.2f} MB/s "
+        f"over the last 2 min (ok {status.ok_last_minute:,}, failed "
+        f"{status.failed_last_minute:,});  {status.images_per_second_hour:,.1f} images/s, "
+        f"{status.mb_per_second_hour:,.2f} MB/s over the last hour",
+        whole,
+        f"top errors: {errors}",
         "",
         "parts:",
     ]
