@@ -163,12 +163,27 @@ def cmd_errors_export(args: argparse.Namespace) -> int:
         return 2
     out = (args.out or Path.cwd()).absolute()
     try:
-        parquet_path, jsonl_path, count = export_errors(queue, args.part, settings, out)
+        parquet_path, jsonl_path, count = export_errors(queue, args.part, settings, out,
+                                                        progress=_progress_bar("export"))
     except FileNotFoundError as error:
         print(f"laion-dagster: {error}", file=sys.stderr)
         return 2
     print(f"{count:,} failed rows of {args.part}: {parquet_path} and {jsonl_path}")
     return 0
+
+
+def _progress_bar(label: str, width: int = 30):
+    """A progress callback that redraws one line on a terminal and stays silent in logs."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        filled = width * done // max(total, 1)
+        end = "\n" if done >= total else ""
+        print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}",
+              end=end, file=sys.stderr, flush=True)
+
+    return show
 
 
 def cmd_errors_retry(args: argparse.Namespace) -> int:

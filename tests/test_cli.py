@@ -172,3 +172,28 @@ def _in_group(process, group: int) -> bool:
         return os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE
     except (ProcessLookupError, PermissionError, psutil.Error):
         return False
+
+
+def test_errors_export_reports_progress_on_a_big_part(settings, tmp_path):
+    """25,000 failed rows (URLs that are not URLs, so no download is needed): the export
+    writes them all and reports its progress as it goes."""
+    import pyarrow as pa
+
+    from laion_dagster.core import parts
+    from laion_dagster.core.accounting import export_errors
+    from laion_dagster.core.connection import connect
+    from laion_dagster.core.enqueue import enqueue_part
+    from laion_dagster.core.queue import Queue
+
+    folder = settings.parts_root / "laion2B-en"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"URL": [f"ftp://x/{i}" for i in range(25_000)]}),
+                   folder / "part-00000-x-c000.snappy.parquet")
+    part = parts.discover(settings.parts_root)[0]
+    queue = Queue(connect(settings), settings.prefix)
+    enqueue_part(queue, part, settings.with_overrides(shard_size=5_000))
+    calls = []
+    _, jsonl, count = export_errors(queue, part.key, settings, tmp_path / "out",
+                                    progress=lambda done, total: calls.append((done, total)))
+    assert count == 25_000 and len(jsonl.read_text().splitlines()) == 25_000
+    assert calls == [(10_000, 25_000), (20_000, 25_000), (25_000, 25_000)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,15 +116,23 @@ def part_errors(queue: Queue, partition: str, settings: Settings) -> pa.Table:
     return ERROR_SCHEMA.empty_table()
 
 
-def export_errors(queue: Queue, partition: str, settings: Settings,
-                  out_dir: Path) -> tuple[Path, Path, int]:
-    """Write a part's failed rows as parquet and JSON lines (what save_error_task.py did)."""
+def export_errors(queue: Queue, partition: str, settings: Settings, out_dir: Path,
+                  progress: Callable[[int, int], None] | None = None
+                  ) -> tuple[Path, Path, int]:
+    """Write a part's failed rows as parquet and JSON lines (what save_error_task.py did).
+
+    `progress(done, total)` is called as the JSON lines are written: on a LAION part that can
+    be millions of rows.
+    """
     table = part_errors(queue, partition, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     parquet_path = out_dir / f"{partition}.errors.parquet"
     jsonl_path = out_dir / f"{partition}.errors.jsonl"
     pq.write_table(table, parquet_path, compression="zstd")
     with open(jsonl_path, "w") as handle:
-        for record in table.to_pylist():
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for start in range(0, table.num_rows, 10_000):
+            for record in table.slice(start, 10_000).to_pylist():
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if progress is not None:
+                progress(min(start + 10_000, table.num_rows), table.num_rows)
     return parquet_path, jsonl_path, table.num_rows
