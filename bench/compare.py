@@ -762,8 +762,7 @@ class Bench:
                    "--processes_count", str(a.processes), "--thread_count",
                    str(a.concurrency), "--number_sample_per_shard", str(a.shard_size),
                    "--timeout", "10", "--retries", "0", "--extract_exif", "False",
-                   "--compute_hash", "sha256", "--incremental_mode", "overwrite",
-                   "--enable_wandb", "False"]
+                   "--compute_hash", "sha256", "--enable_wandb", "False"]
         if mode.resize:
             command += ["--resize_mode", "keep_ratio", "--image_size", "256",
                         "--encode_format", "jpg", "--encode_quality", "95"]

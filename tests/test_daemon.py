@@ -1,5 +1,6 @@
 """Unattended: the Dagster daemon's sensors discover, enqueue and finalize parts by themselves."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -45,6 +46,18 @@ def _stop(*procs: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def _instance_at(home: Path):
+    """The instance the daemon wrote, opened as a user would (DAGSTER_HOME)."""
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        instance = DagsterInstance.get()
+        yield instance
+        instance.dispose()
+    finally:
+        del os.environ["DAGSTER_HOME"]
+
+
 def _wait_final(queue: Queue, keys: list[str]) -> None:
     def finalized():
         states = queue.parts_states(keys)
@@ -81,18 +94,13 @@ def test_daemon_runs_a_folder_unattended(settings, image_server, images, tmp_pat
         client.close()
     for part in parts.discover(settings.parts_root):
         check_part(settings, part, dataset)
-    os.environ["DAGSTER_HOME"] = str(home)
-    try:
-        instance = DagsterInstance.get()
+    with _instance_at(home) as instance:
         assert sorted(instance.get_dynamic_partitions(PARTS)) == sorted(keys)
         for key in keys:
             for asset in ("part_tasks", "part_images"):
                 record = instance.get_latest_materialization_event(AssetKey(asset))
                 assert record is not None
             assert (settings.errors_root / f"{key}.parquet").exists()
-        instance.dispose()
-    finally:
-        del os.environ["DAGSTER_HOME"]
 
 
 def test_a_cli_backfill_is_picked_up_and_completed_by_running_workers(settings, image_server,
@@ -157,15 +165,10 @@ def test_a_daemon_killed_mid_run_and_started_again_launches_nothing_twice(settin
         client.close()
     for part in parts.discover(settings.parts_root):
         check_part(settings, part, dataset)
-    os.environ["DAGSTER_HOME"] = str(home)
-    try:
-        instance = DagsterInstance.get()
+    with _instance_at(home) as instance:
         runs = instance.get_runs()
-        for key in keys:
-            mine = [r for r in runs if r.tags.get("dagster/partition") == key]
-            by_job = sorted(r.job_name for r in mine)
-            assert by_job == ["enqueue_job", "finalize_job"], (key, by_job)
-            assert all(r.is_success for r in mine), [(r.job_name, r.status) for r in mine]
-        instance.dispose()
-    finally:
-        del os.environ["DAGSTER_HOME"]
+    for key in keys:
+        mine = [r for r in runs if r.tags.get("dagster/partition") == key]
+        by_job = sorted(r.job_name for r in mine)
+        assert by_job == ["enqueue_job", "finalize_job"], (key, by_job)
+        assert all(r.is_success for r in mine), [(r.job_name, r.status) for r in mine]
