@@ -426,7 +426,7 @@ class Nginx:
                   f"        location / {{ }}\n")
         user = "user root;\n" if os.geteuid() == 0 else ""
         return f"""{user}worker_processes 1;
-worker_rlimit_nofile 16384;
+worker_rlimit_nofile 65536;
 pid {p}/nginx.pid;
 error_log {p}/error.log warn;
 events {{ worker_connections 8192; }}
@@ -437,7 +437,6 @@ http {{
     tcp_nodelay on;
     keepalive_timeout 65;
     keepalive_requests 1000000;
-    open_file_cache max=100000 inactive=120s;
     types {{ image/jpeg jpg jpeg; image/png png; image/webp webp; }}
     default_type application/octet-stream;
     client_body_temp_path {p}/tmp/body;
@@ -483,6 +482,22 @@ http {{
                         if time.monotonic() > deadline:
                             raise RuntimeError(f"nginx not listening on {address}:{port}") from None
                         time.sleep(0.05)
+
+    def log_size(self) -> int:
+        with contextlib.suppress(OSError):
+            return (self.prefix / "error.log").stat().st_size
+        return 0
+
+    def errors_since(self, offset: int) -> list[str]:
+        """Lines nginx logged at error level or worse since `offset` (a run's start)."""
+        try:
+            with open(self.prefix / "error.log", "rb") as handle:
+                handle.seek(offset)
+                text = handle.read().decode(errors="replace")
+        except OSError:
+            return []
+        return [line for line in text.splitlines()
+                if any(f"[{level}]" in line for level in ("error", "crit", "alert", "emerg"))]
 
     def cpu(self) -> float:
         import psutil
@@ -613,8 +628,13 @@ class Bench:
         result = Result(tool, mode.name, round_, len(self.corpus.files))
         if not mode.resize:
             result.bytes_expected = self.corpus.total_bytes
+        offset = self.nginx.log_size()
         try:
             getattr(self, f"_run_{tool.replace('2', '_to_')}")(mode, run_dir, result, profile)
+            server_errors = self.nginx.errors_since(offset)
+            if server_errors:
+                raise RuntimeError(f"nginx logged {len(server_errors)} errors, first: "
+                                   f"{server_errors[0]}")
         except Exception as error:  # one failed run is reported, the benchmark goes on
             result.error = f"{type(error).__name__}: {error}"
             log(f"  {tool} {mode.name} FAILED: {result.error} (logs in {run_dir})")
@@ -680,12 +700,22 @@ class Bench:
             enqueue_part(queue, part, settings)
             enqueue_cpu = time.thread_time() - thread0
             deadline = time.monotonic() + a.run_timeout
+            progress, moved = None, time.monotonic()
             while True:
-                mine["hget"] += 1
-                if watch.hget(keys.part(part.key), "done_at") is not None:
+                mine["hmget"] += 1
+                done_at, ok, failed = watch.hmget(keys.part(part.key),
+                                                  ["done_at", "ok", "failed"])
+                if done_at is not None:
                     break
+                if (ok, failed) != progress:
+                    progress, moved = (ok, failed), time.monotonic()
                 if proc.poll() is not None:
                     raise RuntimeError(f"the pool exited with {proc.returncode}")
+                if time.monotonic() - moved > a.stall_timeout:
+                    self._dump(sampler, run_dir)
+                    raise RuntimeError(f"no shard completed for {a.stall_timeout:g}s "
+                                       f"(ok {ok}, failed {failed}); py-spy dumps in "
+                                       f"{run_dir}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"not done within {a.run_timeout:g}s")
                 time.sleep(0.02)
@@ -735,6 +765,13 @@ class Bench:
         result.on_disk, result.bytes_on_disk = count_tars(settings.store_root)
         stop_redis(redis_dir)
         self.owned.redis_dirs.remove(redis_dir)
+
+    def _dump(self, sampler: Sampler, run_dir: Path) -> None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        for pid in sampler.role:
+            with open(run_dir / f"py-spy-dump-{pid}.txt", "wb") as out:
+                subprocess.run([spy, "dump", "--pid", str(pid)], stdout=out,
+                               stderr=subprocess.STDOUT, timeout=30, check=False)
 
     def _profile(self, profile: Path, sampler: Sampler, root: int, mode: Mode):
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -1097,7 +1134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--enqueue-rounds", type=int, default=3)
     parser.add_argument("--bare-loop", choices=("uvloop", "asyncio"), default=None,
                         help="default: uvloop if installed (as our workers use it)")
-    parser.add_argument("--run-timeout", type=float, default=900.0)
+    parser.add_argument("--run-timeout", type=float, default=600.0)
+    parser.add_argument("--stall-timeout", type=float, default=60.0,
+                        help="ours: give a run up when no shard completes for this long")
     parser.add_argument("--profile", type=Path, default=None,
                         help="after the rounds, one more run of ours per mode under py-spy "
                              "(raw collapsed stacks in this folder; not counted)")

@@ -172,3 +172,50 @@ def test_a_daemon_killed_mid_run_and_started_again_launches_nothing_twice(settin
         by_job = sorted(r.job_name for r in mine)
         assert by_job == ["enqueue_job", "finalize_job"], (key, by_job)
         assert all(r.is_success for r in mine), [(r.job_name, r.status) for r in mine]
+
+
+def test_an_enqueue_run_whose_process_died_is_launched_again(settings, image_server, images,
+                                                             tmp_path):
+    """An enqueue run killed without a word (SIGKILL, a reboot) stays STARTED in Dagster
+    forever. launch_or_hold sees that its process is gone, marks the run failed, and launches
+    the part again under a new run key instead of holding it for good."""
+    from dagster import RunRequest, build_sensor_context
+
+    from laion_dagster.defs.resources import LaionResource
+    from laion_dagster.defs.sensors import LOST_TAG, launch_or_hold
+
+    _dataset(settings, image_server, images, parts_per_subset=1)
+    env = _home(tmp_path, settings)
+    env["LAION_QUEUE_HIGH_WATERMARK"] = "10"  # the enqueue waits after its first shard
+    home = Path(env["DAGSTER_HOME"])
+    cli = [sys.executable, "-m", "laion_dagster.cli"]
+    found = subprocess.run([*cli, "discover"], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert found.returncode == 0, found.stderr
+    key = parts.discover(settings.parts_root)[0].key
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    enqueue = _start(env, tmp_path, dagster, "asset", "materialize", "-m",
+                     "laion_dagster.definitions", "--select", "part_tasks", "--partition", key)
+    client = connect(settings)
+    queue = Queue(client, settings.prefix)
+    try:
+        enqueuer = wait_until(lambda: queue.enqueuer(key), 120, what="the enqueue to start")
+        os.killpg(enqueue.pid, signal.SIGKILL)
+        enqueue.wait(10)
+    finally:
+        _stop(enqueue)
+    host, pid, run_id = enqueuer.split(":", 2)
+    laion = LaionResource(data_dir=str(settings.data_dir), parquet_dir=str(settings.parts_root),
+                          store_dir=str(settings.store_root), redis_url=settings.redis_url,
+                          prefix=settings.prefix)
+    with _instance_at(home) as instance:
+        [dead] = instance.get_runs()
+        assert dead.run_id == run_id
+        assert dead.status.value == "STARTED"  # what Dagster believes, forever
+        request = launch_or_hold(build_sensor_context(instance=instance,
+                                                      resources={"laion": laion}))
+        assert isinstance(request, RunRequest), request
+        assert request.partition_key == key and request.run_key.endswith(":l1")
+        dead = instance.get_run_by_id(dead.run_id)
+        assert dead.status.value == "FAILURE" and dead.tags[LOST_TAG] == "true"
+    client.close()

@@ -54,7 +54,7 @@ def wait_below_watermark(queue: Queue, watermark: int, poll: float = 1.0,
 
 def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
                  progress: Callable[[int, int], None] | None = None,
-                 poll: float = 1.0) -> EnqueueReport:
+                 poll: float = 1.0, enqueuer: str | None = None) -> EnqueueReport:
     """Queue every shard of `part` not yet queued in its current generation."""
     started = time.monotonic()
     total_rows = parts.count_rows(part.path)  # fails early, with the file named, if unreadable
@@ -66,7 +66,7 @@ def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
     # no rows fails here and leaves no trace in the queue.
     first = next(shards)
     wanted = Recipe.from_settings(settings)
-    generation, stored = queue.begin(part.key, wanted.to_json())
+    generation, stored = queue.begin(part.key, wanted.to_json(), enqueuer)
     recipe = Recipe.from_json(stored) if stored else wanted
     if changed := recipe.differences(wanted):
         log.warning("%s keeps the recipe its first shards were made with; these settings are "

@@ -274,11 +274,14 @@ class Queue:
         ensure_group(self.r, self.keys.tasks)
 
     # -- enqueue side
-    def begin(self, partition: str, recipe: str | None = None) -> tuple[int, str | None]:
+    def begin(self, partition: str, recipe: str | None = None,
+              enqueuer: str | None = None) -> tuple[int, str | None]:
         """Register a part; returns its generation and recipe.
 
         Both are kept if the part exists, so a re-run resumes the same generation with the
-        recipe its first shards were made with; a reset starts both afresh.
+        recipe its first shards were made with; a reset starts both afresh. `enqueuer`
+        ("host:pid:run id") names the process enqueuing it, so a sensor can tell a run that
+        died without a word (a reboot, SIGKILL) from one still at work.
         """
         k = self.keys
         seconds, micros = self.r.time()
@@ -287,6 +290,8 @@ class Queue:
         pipe.hsetnx(k.part(partition), "started_at", f"{seconds}.{micros:06d}")
         if recipe is not None:
             pipe.hsetnx(k.part(partition), "recipe", recipe)
+        if enqueuer is not None:
+            pipe.hset(k.part(partition), "enqueuer", enqueuer)
         pipe.sadd(k.parts, partition)
         pipe.hmget(k.part(partition), ["generation", "recipe"])
         generation, stored = pipe.execute()[-1]
@@ -294,6 +299,9 @@ class Queue:
 
     def recipe(self, partition: str) -> str | None:
         return _text(self.r.hget(self.keys.part(partition), "recipe"))
+
+    def enqueuer(self, partition: str) -> str | None:
+        return _text(self.r.hget(self.keys.part(partition), "enqueuer"))
 
     def reset(self, partition: str) -> int:
         """Start the part over as a new generation; late results of the old one are ignored."""

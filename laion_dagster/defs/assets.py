@@ -4,6 +4,8 @@ Thin: each calls one core function and turns its report into metadata the UI can
 """
 
 import dataclasses
+import os
+import socket
 
 from dagster import (
     AssetCheckResult,
@@ -64,7 +66,9 @@ def part_tasks(context: AssetExecutionContext, config: PartTasksConfig,
             if config.start_over:
                 generation = queue.reset(key)
                 context.log.info(f"{key}: starting over as generation {generation}")
-            report = enqueue_part(queue, part, settings, progress=progress)
+            report = enqueue_part(queue, part, settings, progress=progress,
+                                  enqueuer=f"{socket.gethostname()}:{os.getpid()}:"
+                                           f"{context.run_id}")
     except (parts.PartError, RedisUnavailable, EmbeddedServerError) as error:
         # The message names the file and the problem; the core's traceback adds nothing.
         raise Failure(description=str(error)) from None

@@ -4,7 +4,9 @@ All three are on by default, so `dagster dev` or the daemon runs a whole folder 
 Every skip says why in a sentence with the numbers in it.
 """
 
+import socket
 
+import psutil
 from dagster import (
     DagsterInstance,
     DagsterRunStatus,
@@ -54,9 +56,49 @@ def _latest_enqueue_run(instance: DagsterInstance, partition: str):
     return None
 
 
-def enqueue_run_key(partition: str, generation: int, mtime_ns: int) -> str:
-    """A new generation or a changed file gives a new key, so a failed part can run again."""
-    return f"enqueue:{partition}:g{generation}:{mtime_ns}"
+def enqueue_run_key(partition: str, generation: int, mtime_ns: int, lost: int = 0) -> str:
+    """A new generation or a changed file gives a new key, so a failed part can run again;
+    so does each run found dead (its process gone), which is no fault of the part."""
+    return f"enqueue:{partition}:g{generation}:{mtime_ns}" + (f":l{lost}" if lost else "")
+
+
+LOST_TAG = "laion/lost"
+
+
+def queue_enqueuer(laion: LaionResource, partition: str) -> str | None:
+    try:
+        with laion.queue() as queue:
+            return queue.enqueuer(partition)
+    except (RedisUnavailable, EmbeddedServerError):
+        return None
+
+
+def _lost_enqueue(run, started: float | None, enqueuer: str | None) -> str | None:
+    """Why an unfinished enqueue run is dead, or None if it may be alive.
+
+    Dagster's default run launcher cannot tell that a run's process died (a reboot, SIGKILL,
+    the OOM killer): the run stays STARTED forever and would hold its part for good. The run
+    recorded its host and pid in the part's hash; on the same host, a pid that is gone (or
+    reused by another process since) settles it.
+    """
+    if run.status != DagsterRunStatus.STARTED or not enqueuer:
+        return None
+    host, pid, run_id = enqueuer.split(":", 2)
+    if run_id != run.run_id or host != socket.gethostname():
+        return None
+    try:
+        process = psutil.Process(int(pid))
+        alive = process.status() != psutil.STATUS_ZOMBIE
+        if alive and started is not None:
+            alive = process.create_time() <= started + 60  # not a pid reused since
+    except (psutil.NoSuchProcess, ValueError):
+        alive = False
+    return None if alive else f"its process {host}:{pid} is gone"
+
+
+def _lost_runs(instance: DagsterInstance, partition: str) -> int:
+    return len(instance.get_run_records(
+        RunsFilter(tags={"dagster/partition": partition, LOST_TAG: "true"})))
 
 
 @sensor(minimum_interval_seconds=15, default_status=DefaultSensorStatus.RUNNING,
@@ -86,15 +128,25 @@ def launch_or_hold(context: SensorEvaluationContext, laion: LaionResource):
     for key in waiting:
         run = _latest_enqueue_run(context.instance, key)
         if run is not None and run.status in UNFINISHED:
-            return SkipReason(f"part {key} is being enqueued (run {run.run_id[:8]}); "
-                              f"{len(waiting) - 1} more waiting")
+            record = context.instance.get_run_record_by_id(run.run_id)
+            gone = _lost_enqueue(run, record.start_time if record else None,
+                                 queue_enqueuer(laion, key))
+            if gone is None:
+                return SkipReason(f"part {key} is being enqueued (run {run.run_id[:8]}); "
+                                  f"{len(waiting) - 1} more waiting")
+            context.log.warning(f"run {run.run_id[:8]} enqueuing {key}: {gone}; marking it "
+                                "failed and launching the part again")
+            context.instance.add_run_tags(run.run_id, {LOST_TAG: "true"})
+            context.instance.report_run_failed(run, message=gone)
+            run = context.instance.get_run_by_id(run.run_id)
         try:
             part = parts.find(settings.parts_root, key)
         except parts.PartError as error:
             failed.append(f"{key}: {error}")
             continue
         run_key = enqueue_run_key(key, max(states[key].generation, 1),
-                                  part.path.stat().st_mtime_ns)
+                                  part.path.stat().st_mtime_ns,
+                                  _lost_runs(context.instance, key))
         if (run is not None and run.status == DagsterRunStatus.FAILURE
                 and run.tags.get("dagster/run_key") == run_key):
             failed.append(f"{key}: its last enqueue run {run.run_id[:8]} failed; fix the file "

@@ -59,7 +59,7 @@ class Shared:
     counters: Any  # RawArray('q', 3): ok, failed, bytes done by this process
     # RawValue('b'), set by the process on ENOSPC, cleared by the supervisor once space is
     # freed: the process claims nothing meanwhile.
-    out_of_space: Any = None
+    out_of_space: Any
 
 
 def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: images.Filters,
