@@ -68,3 +68,22 @@ def test_parquet_output_holds_every_image_in_its_row(settings, dataset):
         else:
             assert record["image"] is None
     assert ok == state.ok
+
+
+def test_the_readmes_loading_snippet_works_as_written(settings, dataset):
+    """The README's Python block, run on a real download with only the store path changed."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = readme.split("Loading them", 1)[1]
+    code = re.search(r"```python\n(.*?)```", after, re.S).group(1)
+    done = download(settings)
+    code = code.replace("/data/laion/images", str(settings.store_root))
+    code = code.replace("laion2B-en/part-00000-", f"{done.part.subset}/{done.part.stem[:11]}")
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    successes = done.queue.part(done.part.key).ok
+    assert namespace["rows"].num_rows == successes
+    assert namespace["image"].size[0] > 0 and isinstance(namespace["caption"], str)
+    assert namespace["meta"]["url"].startswith("http")
