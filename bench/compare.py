@@ -38,7 +38,9 @@ also counts the enqueue, run in this process); server CPU is nginx's. Ours also 
 commands per image (INFO commandstats, this script's own polling subtracted; calls made inside
 Lua scripts count) and peak Redis memory (a fresh embedded Redis per run).
 
-Nothing but loopback is ever contacted; no name is resolved; the machine's Redis is not used.
+Prints a table, the ratios and each target with PASS/FAIL; exits 1 when a target fails or a run
+is incomplete. Nothing but loopback is ever contacted; no name is resolved; the machine's Redis
+is not used (each run of ours starts the project's embedded server in a temporary directory).
 """
 
 from __future__ import annotations
@@ -179,6 +181,21 @@ class Owned:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
         self.redis_dirs: list[Path] = []
+        self.redis_pids: list[int] = []  # in case a directory is gone before the cleanup
+
+    def redis(self, directory: Path):
+        """The embedded Redis for `directory`, started and remembered for the cleanup."""
+        from laion_dagster.core import embedded
+
+        self.redis_dirs.append(directory)
+        state = embedded.ensure_running(directory)
+        self.redis_pids.append(state.pid)
+        return state
+
+    def stop_redis(self, directory: Path) -> None:
+        stop_redis(directory)
+        with contextlib.suppress(ValueError):
+            self.redis_dirs.remove(directory)
 
     def popen(self, *args, **kwargs) -> subprocess.Popen:
         kwargs.setdefault("start_new_session", True)
@@ -187,6 +204,9 @@ class Owned:
         return proc
 
     def forget(self, proc: subprocess.Popen) -> None:
+        """Drop a process that has exited; one still running stays for the cleanup."""
+        if proc.poll() is None:
+            return
         with contextlib.suppress(ValueError):
             self.procs.remove(proc)
 
@@ -208,6 +228,12 @@ class Owned:
         for directory in self.redis_dirs:
             stop_redis(directory)
         self.redis_dirs.clear()
+        for pid in self.redis_pids:  # started by us, so ours to end if still there
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.redis_pids.clear()
 
 
 def stop_redis(directory: Path) -> None:
@@ -371,13 +397,25 @@ def write_lists(root: Path, corpus: Corpus, ports: dict[str, int]) -> dict[str, 
 
 # ---------------------------------------------------------------- nginx
 
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
 def make_cert(root: Path) -> tuple[Path, Path]:
+    """A self-signed certificate, and the CA file every client trusts: the system's whole CA
+    bundle with our certificate appended. A file with our certificate alone would make each
+    `ssl.create_default_context()` nearly free and hide the cost that clients building one
+    context per connection (urllib in img2dataset, requests) pay on the real web."""
     cert, key = root / "cert.pem", root / "key.pem"
     names = ",".join([f"DNS:{h}" for h in HOST_MAP] + [f"IP:{a}" for a in ADDRESSES])
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=img1.test",
-                    "-addext", f"subjectAltName={names}"],
+                    str(key), "-out", str(root / "server.pem"), "-days", "2",
+                    "-subj", "/CN=img1.test", "-addext", f"subjectAltName={names}"],
                    check=True, capture_output=True)
+    system = SYSTEM_CA_BUNDLE.read_text() if SYSTEM_CA_BUNDLE.exists() else ""
+    if not system:
+        log(f"warning: no {SYSTEM_CA_BUNDLE}; clients trust the test certificate alone, which "
+            "understates the cost of building an SSL context per connection")
+    cert.write_text(system + (root / "server.pem").read_text())
     return cert, key
 
 
@@ -571,6 +609,7 @@ class Result:
     peak_proc: int = 0  # largest process RSS (ours: largest worker process)
     peak_tree: int = 0
     peak_other: int = 0  # ours: the supervisor
+    idle_proc: int = 0  # ours: largest worker process when the pool is up, before any work
     on_disk: int = 0  # images found in the outputs
     bytes_on_disk: int = 0
     bytes_expected: int | None = None
@@ -640,6 +679,9 @@ class Bench:
             log(f"  {tool} {mode.name} FAILED: {result.error} (logs in {run_dir})")
             self.args.keep = True
         finally:
+            # Stop this run's Redis before its directory (and server.json) goes.
+            for directory in [d for d in self.owned.redis_dirs if run_dir in d.parents]:
+                self.owned.stop_redis(directory)
             if not self.args.keep:
                 shutil.rmtree(run_dir, ignore_errors=True)
         return result
@@ -648,7 +690,7 @@ class Bench:
     def _run_ours(self, mode: Mode, run_dir: Path, result: Result, profile: Path | None):
         import redis
 
-        from laion_dagster.core import embedded, parts
+        from laion_dagster.core import parts
         from laion_dagster.core.connection import connect
         from laion_dagster.core.enqueue import enqueue_part
         from laion_dagster.core.queue import GROUP, Keys, Queue
@@ -656,8 +698,7 @@ class Bench:
 
         a = self.args
         redis_dir = run_dir / "redis"
-        self.owned.redis_dirs.append(redis_dir)
-        state = embedded.ensure_running(redis_dir)
+        state = self.owned.redis(redis_dir)
         resize = ({"resize_mode": "keep_ratio", "image_size": 256, "encode_format": "jpg"}
                   if mode.resize else {"resize_mode": "no"})
         settings = Settings(
@@ -695,6 +736,9 @@ class Bench:
                     raise RuntimeError(f"the pool did not start (exit {proc.poll()})")
                 time.sleep(0.02)
             ready = time.perf_counter()
+            sampler.take()
+            result.idle_proc = max((rss for pid, rss in sampler.peak.items()
+                                    if sampler.role.get(pid) == "child"), default=0)
             spies = self._profile(profile, sampler, proc.pid, mode) if profile else []
             thread0 = time.thread_time()
             enqueue_part(queue, part, settings)
@@ -763,8 +807,6 @@ class Bench:
         result.failures = Counter(queue.classes(part.key))
         queue.r.close()
         result.on_disk, result.bytes_on_disk = count_tars(settings.store_root)
-        stop_redis(redis_dir)
-        self.owned.redis_dirs.remove(redis_dir)
 
     def _dump(self, sampler: Sampler, run_dir: Path) -> None:
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -898,7 +940,7 @@ class Bench:
 
 def enqueue_bench(owned: Owned, root: Path, rows: int, rounds: int) -> dict:
     """bench/enqueue.py's part and measurement, into a fresh embedded Redis; median rows/s."""
-    from laion_dagster.core import embedded, parts
+    from laion_dagster.core import parts
     from laion_dagster.core.connection import connect
     from laion_dagster.core.enqueue import enqueue_part
     from laion_dagster.core.queue import Queue
@@ -914,8 +956,7 @@ def enqueue_bench(owned: Owned, root: Path, rows: int, rounds: int) -> dict:
     module.make_part(folder / "part-00000-bench-c000.snappy.parquet", rows)
     log(f"enqueue: wrote a {rows:,}-row part in {time.perf_counter() - started:.1f}s")
     redis_dir = base / "redis"
-    owned.redis_dirs.append(redis_dir)
-    state = embedded.ensure_running(redis_dir)
+    state = owned.redis(redis_dir)
     rates, commands, memory = [], [], []
     try:
         for index in range(rounds):
@@ -938,8 +979,7 @@ def enqueue_bench(owned: Owned, root: Path, rows: int, rounds: int) -> dict:
             client.flushall()
             client.close()
     finally:
-        stop_redis(redis_dir)
-        owned.redis_dirs.remove(redis_dir)
+        owned.stop_redis(redis_dir)
         shutil.rmtree(base, ignore_errors=True)
     return {"rows": rows, "rate": statistics.median(rates), "rates": rates,
             "commands": statistics.median(commands), "memory": statistics.median(memory)}
@@ -975,6 +1015,7 @@ def summarize(results: list[Result]) -> dict[tuple[str, str], dict]:
             "peak_proc": max((r.peak_proc for r in runs), default=0),
             "peak_tree": max((r.peak_tree for r in runs), default=0),
             "peak_other": max((r.peak_other for r in runs), default=0),
+            "idle_proc": max((r.idle_proc for r in runs), default=0),
             "complete": all(r.complete for r in runs),
             "ok": [r.ok for r in runs],
             "on_disk": [r.on_disk for r in runs],
@@ -1014,13 +1055,14 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
                 continue
             rates = s["rates"]
             spread = f"({min(rates):,.0f}-{max(rates):,.0f})" if rates else "(failed)"
-            oks = "/".join(f"{o:,}" for o in s["ok"])
+            oks = (f"{s['ok'][0]:,}" if len(set(s["ok"])) == 1
+                   else "/".join(f"{o:,}" for o in s["ok"]))
             state = "all" if s["complete"] else "INCOMPLETE"
             print(f"{mode.name:<14}{tool:<12}{fmt(s['rate']):>8}{spread:>16}"
                   f"{fmt(s['warm']):>8}{fmt(s['startup'], '.2f'):>8}{fmt(s['cpu'], '.3f'):>11}"
                   f"{fmt(s['server'], '.3f'):>11}{fmt(s['server_core'], '.0%'):>9}"
                   f"{s['peak_proc'] / mb:>12,.0f}{s['peak_tree'] / mb:>8,.0f}  "
-                  f"{oks} of {len(corpus.files):,} ({state})")
+                  f"{oks} of {len(corpus.files):,} x{len(s['ok'])} ({state})")
             if s["failures"] or s["errors"]:
                 top = ", ".join(f"{k} {v}" for k, v in s["failures"].most_common(5))
                 print(f"{'':<26}failures: {top or '-'}; errors: {'; '.join(s['errors']) or '-'}")
@@ -1038,8 +1080,9 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
               f"(commandstats, max {fmt(s['redis_calls_max'], '.4f')}; "
               f"total_commands_processed {fmt(s['redis_top'], '.4f')}), Redis CPU "
               f"{fmt(s['redis_cpu'], '.3f')} ms/img, peak Redis memory "
-              f"{fmt(s['redis_peak'] and s['redis_peak'] / mb, ',.1f')} MB, supervisor RSS "
-              f"{s['peak_other'] / mb:,.0f} MB; top commands/img: {top}")
+              f"{fmt(s['redis_peak'] and s['redis_peak'] / mb, ',.1f')} MB; worker RSS "
+              f"{s['idle_proc'] / mb:,.0f} MB idle -> {s['peak_proc'] / mb:,.0f} MB peak, "
+              f"supervisor {s['peak_other'] / mb:,.0f} MB; top commands/img: {top}")
     if enqueue:
         print(f"enqueue: {enqueue['rate']:,.0f} rows/s median for a {enqueue['rows']:,}-row "
               f"part (rounds: {', '.join(f'{r:,.0f}' for r in enqueue['rates'])}), "
@@ -1065,6 +1108,26 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
                 parts_.append(f"/{label} {cold:.2f}x"
                               + (f" [{warm:.2f}x]" if warm is not None else ""))
         print(f"  {mode.name:<14}" + "   ".join(parts_))
+    print("client CPU per image, other/ours (>1: ours uses less CPU per image):")
+    for mode in modes:
+        ours_cpu = summary.get((mode.name, "ours"), {}).get("cpu")
+        parts_ = []
+        for other in ("img2dataset", "bare"):
+            theirs = summary.get((mode.name, other), {}).get("cpu")
+            if ours_cpu and theirs:
+                parts_.append(f"{other} {theirs:.3f} / ours {ours_cpu:.3f} ms = "
+                              f"{theirs / ours_cpu:.2f}x")
+        if parts_:
+            print(f"  {mode.name:<14}" + "   ".join(parts_))
+    print("server-bound ceilings:")
+    for mode in modes:
+        server = summary.get((mode.name, "ours"), {}).get("server")
+        i2d = summary.get((mode.name, "img2dataset"), {}).get("rate")
+        if server and i2d and not mode.resize:
+            ceiling = 1000 / server
+            print(f"  {mode.name}: nginx (1 worker process) needs {server:.3f} ms CPU per image, "
+                  f"so no client can exceed ~{ceiling:,.0f} img/s here = "
+                  f"{ceiling / i2d:.1f}x img2dataset's median")
 
     targets = []
 
@@ -1176,6 +1239,8 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Even when started in the background by a shell that ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     root = Path(tempfile.mkdtemp(prefix="laion-compare-", dir=args.tmp))
     nginx: Nginx | None = None
     try:
@@ -1193,7 +1258,7 @@ def main() -> int:
         cert, key = make_cert(root)
         ports = dict(zip(("http", "https", "https-noka"), free_ports(3), strict=True))
         lists = write_lists(root, corpus, ports)
-        nginx = Nginx(owned, root, corpus.www, cert, key, ports)
+        nginx = Nginx(owned, root, corpus.www, root / "server.pem", key, ports)
         nginx.start()
         check_served(lists, corpus, cert)
         log(f"nginx serving {', '.join(f'{k} :{v}' for k, v in ports.items())} on "

@@ -246,7 +246,9 @@ class Fetcher:
             use_dns_cache=True,
             ssl=shared_ssl_context(),
             resolver=GuardedResolver(inner, s.allow_private_addresses, self.allowed),
-            enable_cleanup_closed=True,
+            # Not enable_cleanup_closed: it keeps every closed TLS transport referenced for a
+            # while, which with a new connection per image grew a worker past 600 MB and cost
+            # ~7% of its CPU (bench/compare.py, https without keep-alive).
         )
         self.session = aiohttp.ClientSession(
             connector=connector,

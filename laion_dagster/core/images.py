@@ -155,7 +155,11 @@ def transform(body: bytes, info: ImageInfo, resize: Resize) -> tuple[bytes, str,
                 image.draft("RGB", resized)
             image = image.convert("RGBA" if _keeps_alpha(image, pil_format) else "RGB")
             if image.size != resized:
-                image = image.resize(resized, Image.Resampling.LANCZOS, reducing_gap=3.0)
+                # img2dataset's defaults: area averaging to shrink (Pillow's BOX is exactly
+                # that, ~4x cheaper than LANCZOS here), LANCZOS to enlarge.
+                shrink = resized[0] < image.size[0]
+                image = image.resize(resized, Image.Resampling.BOX if shrink
+                                     else Image.Resampling.LANCZOS)
             if final != resized:
                 image = _fit(image, final, resize.mode)
             out = io.BytesIO()
