@@ -8,16 +8,15 @@ complete. Rewriting a shard (after a reclaim) replaces it whole.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
 import shutil
-import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -121,6 +120,33 @@ def _json_default(value):
     return str(value)
 
 
+def tar_member(name: str, data: bytes, mtime: int) -> bytes:
+    """One regular file in POSIX ustar form: header, data, padding to 512 bytes.
+
+    tarfile.addfile builds the same header through many Python-level steps; for three small
+    members per image that was a third of a worker's CPU beyond the fetch itself. Names are
+    ours (`<row:010d>.<ext>`), short and ASCII, so the plain ustar fields always suffice.
+    """
+    header = bytearray(512)
+    header[0:len(name)] = name.encode("ascii")
+    header[100:108] = b"0000644\0"
+    header[108:116] = b"0000000\0"
+    header[116:124] = b"0000000\0"
+    header[124:136] = b"%011o\0" % len(data)
+    header[136:148] = b"%011o\0" % mtime
+    header[148:156] = b"        "
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\0 " % sum(header)
+    padding = -len(data) % 512
+    return bytes(header) + data + b"\0" * padding
+
+
+# Two zero blocks end an archive; tarfile pads the file to a multiple of 10 KiB, as we do.
+TAR_END = b"\0" * 1024
+TAR_RECORD = 10240
+
+
 class ShardWriter:
     """Collects one shard's samples into temporary files and publishes them atomically."""
 
@@ -137,11 +163,11 @@ class ShardWriter:
         part_dir.mkdir(parents=True, exist_ok=True)
         clear_stale_temporaries(part_dir, shard)
         self._tmp_data = self.paths["data"].with_name(self.paths["data"].name + self.tag)
-        self._tar: tarfile.TarFile | None = None
+        self._tar: BinaryIO | None = None
         self._spool: pa.ipc.RecordBatchFileWriter | None = None
         self._spooled: list[tuple[int, bytes]] = []
         if output_format == "webdataset":
-            self._tar = tarfile.open(self._tmp_data, "w")  # noqa: SIM115 - closed in close()/abort()
+            self._tar = open(self._tmp_data, "wb")  # noqa: SIM115 - closed in close()/abort()
         elif output_format == "parquet":
             self._spool = pa.ipc.new_file(str(self._tmp_data), IMAGE_SPOOL)
         else:
@@ -161,16 +187,14 @@ class ShardWriter:
             f"{key}.txt": (record.caption or "").encode(),
             f"{key}.json": json.dumps(record.meta(), default=_json_default).encode(),
         }
-        with self._lock:
-            for name, data in members.items():
-                if self._tar is not None:
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    info.mtime = int(self.start_time)
-                    info.mode = 0o644
-                    self._tar.addfile(info, io.BytesIO(data))
-                else:
-                    (self._tmp_data / name).write_bytes(data)
+        if self._tar is not None:
+            mtime = int(self.start_time)
+            chunk = b"".join(tar_member(name, data, mtime) for name, data in members.items())
+            with self._lock:
+                self._tar.write(chunk)
+            return
+        for name, data in members.items():
+            (self._tmp_data / name).write_bytes(data)
 
     def _flush_spool(self) -> None:
         if self._spooled and self._spool is not None:
@@ -198,6 +222,8 @@ class ShardWriter:
     def close(self, records: list[SampleRecord], extra_columns: pa.Table | None) -> dict:
         """Write the parquet and stats, publish everything; returns the stats."""
         if self._tar is not None:
+            self._tar.write(TAR_END)
+            self._tar.write(b"\0" * (-self._tar.tell() % TAR_RECORD))
             self._tar.close()
         table = records_table(records)
         if extra_columns is not None:
