@@ -412,24 +412,29 @@ class WorkerProcess:
         return extra.to_pylist()
 
     async def _one(self, job: ShardJob, record: SampleRecord) -> SampleRecord:
+        # The fetch slot is held until the image is stored, not just fetched: when resizing
+        # is slower than the network, bodies would otherwise pile up in the thread pool's
+        # queue (a whole shard's worth, hundreds of MB); this way at most `concurrency` are
+        # held in memory.
         try:
             result: FetchResult = await self.fetcher.fetch(record.url)
+            if not result.ok:
+                record.status, record.error_class = "failed", result.error_class
+                record.error_message = result.error_message
+                record.http_status = result.http_status
+                return record
+            column = job.recipe.verify_hash_column
+            expected = record.extra.get(parts.extra_name(column)) if column else None
+            arguments = (job.writer, record, result.body, job.recipe.filters,
+                         job.recipe.resize, expected)
+            if job.recipe.resize_mode == "no" and len(result.body) <= INLINE_BYTES:
+                # Header check, hash and an append to the shard: ~0.15 ms, less than handing
+                # it to a thread and back costs (and the GIL gives threads no parallelism).
+                return _store(*arguments)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.pool, _store, *arguments)
         finally:
             self.fetch_slots.release()
-        if not result.ok:
-            record.status, record.error_class = "failed", result.error_class
-            record.error_message, record.http_status = result.error_message, result.http_status
-            return record
-        loop = asyncio.get_running_loop()
-        column = job.recipe.verify_hash_column
-        expected = record.extra.get(parts.extra_name(column)) if column else None
-        arguments = (job.writer, record, result.body, job.recipe.filters, job.recipe.resize,
-                     expected)
-        if job.recipe.resize_mode == "no" and len(result.body) <= INLINE_BYTES:
-            # Header check, hash and an append to the shard: ~0.15 ms, less than handing it
-            # to a thread and back costs (and the GIL gives threads no parallelism here).
-            return _store(*arguments)
-        return await loop.run_in_executor(self.pool, _store, *arguments)
 
     async def _dead_letter(self, task: Task) -> None:
         table = parts.decode_table(task.payload)
