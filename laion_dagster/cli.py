@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from laion_dagster.core import embedded
 from laion_dagster.core.connection import RedisUnavailable, connect
 from laion_dagster.core.embedded import EmbeddedServerError
-from laion_dagster.core.settings import Settings
+from laion_dagster.core.settings import Settings, setting_kind
 
 DEMO_HOSTS = ("img-a.test", "img-b.test", "img-c.test")
 
@@ -56,9 +55,7 @@ def _settings_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None
     group = parser.add_argument_group("settings (each also LAION_<NAME>; flags win)")
     for name in names or Settings.model_fields:
         field = Settings.model_fields[name]
-        kind = field.annotation
-        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-            kind = next(k for k in typing.get_args(kind) if k is not type(None))
+        kind = setting_kind(name)
         flag = "--" + name.replace("_", "-")
         default = field.default if field.default_factory is None else None
         shown = f" (default: {default})" if default not in (None, [], {}) else ""

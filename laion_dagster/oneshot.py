@@ -102,7 +102,7 @@ class OneShot:
         if not found:
             raise SystemExit(f"no parquet parts under {s.parts_root}/<subset>/*.parquet")
         keys = [p.key for p in found]
-        self.total_rows = sum(_footer_rows(p) for p in found)
+        self.total_rows = sum(parts.rows_if_readable(p) for p in found)
         known = set(instance.get_dynamic_partitions(PARTS))
         new = [k for k in keys if k not in known]
         if new:
@@ -188,13 +188,6 @@ class OneShot:
                 f"{self.total_rows:,} | ok {ok:,} failed {failed:,} | parts final "
                 f"{len(self.finalized)}/{len(states)} | queue {queue.queued_rows():,} | "
                 f"{recent:,} images in the last minute | ETA {eta}")
-
-
-def _footer_rows(part: parts.Part) -> int:
-    try:
-        return parts.count_rows(part.path)
-    except parts.PartError:
-        return 0  # a broken part fails in its own run, with the file named
 
 
 def _partition_filter(key: str):

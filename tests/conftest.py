@@ -10,6 +10,7 @@ import errno
 import ipaddress
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ import pytest
 import redis
 
 from laion_dagster.core import embedded
+from laion_dagster.core.connection import connect
+from laion_dagster.core.queue import Queue
 from laion_dagster.core.settings import Settings
 from laion_dagster.demo.dataset import DemoDataset, DemoImage, make_images, write_dataset
 from laion_dagster.demo.server import ImageServer
@@ -94,6 +97,22 @@ def dataset(settings: Settings, image_server: ImageServer, images) -> DemoDatase
     """Two subsets × two parts of 120 rows each, with LAION's mix of failures."""
     return write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
                          rows_per_part=120, images=images, seed=3)
+
+
+@pytest.fixture
+def queue(settings: Settings) -> Iterator[Queue]:
+    """The queue under the test's prefix, as workers with these settings see it."""
+    client = connect(settings)
+    yield Queue(client, settings.prefix, settings.visibility_timeout, settings.max_deliveries)
+    client.close()
+
+
+def mount_tmpfs(path: Path, size_mb: int) -> bool:
+    """A small file system of the test's own, for full-disk tests (needs root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
+                             str(path)], capture_output=True)
+    return result.returncode == 0
 
 
 def worker_env(settings: Settings) -> dict[str, str]:

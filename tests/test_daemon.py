@@ -199,7 +199,7 @@ def test_an_enqueue_run_whose_process_died_is_launched_again(settings, image_ser
     client = connect(settings)
     queue = Queue(client, settings.prefix)
     try:
-        enqueuer = wait_until(lambda: queue.enqueuer(key), 120, what="the enqueue to start")
+        enqueuer = wait_until(lambda: queue.part(key).enqueuer, 120, what="the enqueue to start")
         os.killpg(enqueue.pid, signal.SIGKILL)
         enqueue.wait(10)
     finally:

@@ -17,8 +17,6 @@ from dagster import (
 )
 
 from laion_dagster.core import parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.queue import Queue
 from laion_dagster.definitions import defs
 from laion_dagster.defs.assets import part_images, part_tasks
 from laion_dagster.defs.partitions import PARTS
@@ -40,13 +38,6 @@ def laion(settings):
     return LaionResource(data_dir=str(settings.data_dir), parquet_dir=str(settings.parts_root),
                          store_dir=str(settings.store_root), redis_url=settings.redis_url,
                          prefix=settings.prefix, shard_size=settings.shard_size)
-
-
-@pytest.fixture
-def queue(settings):
-    client = connect(settings)
-    yield Queue(client, settings.prefix)
-    client.close()
 
 
 def metadata_of(instance, run_id, asset="part_tasks"):

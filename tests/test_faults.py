@@ -28,16 +28,9 @@ from laion_dagster.defs.resources import LaionResource
 from laion_dagster.defs.sensors import finalize_parts
 from laion_dagster.demo.dataset import write_dataset
 from laion_dagster.instance import failure_message
-from tests.conftest import TEST_HOSTS, worker_env
+from tests.conftest import TEST_HOSTS, mount_tmpfs, worker_env
 from tests.outputs import all_done, check_part, leftovers, shard_rows, wait_until
 from tests.pool import start_worker, stop_worker
-
-
-@pytest.fixture
-def queue(settings):
-    client = connect(settings)
-    yield Queue(client, settings.prefix, settings.visibility_timeout, settings.max_deliveries)
-    client.close()
 
 
 def balanced(queue: Queue, settings, found, dataset) -> None:
@@ -335,20 +328,13 @@ def test_the_same_part_materialized_twice_while_workers_run_is_downloaded_once(
 # ------------------------------------------------------------------ disk
 
 
-def _mount_tmpfs(path, size_mb: int) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
-                             str(path)], capture_output=True)
-    return result.returncode == 0
-
-
 def test_enospc_while_writing_leaves_no_partial_shard_and_resumes(settings, dataset, queue,
                                                                   tmp_path):
     """A store with room for a few images only and no free-space floor: writes hit ENOSPC.
     The shard is dropped whole and handed back (no delivery used up), the host reports why it
     paused, and everything completes once space is freed."""
     store = tmp_path / "tiny-disk"
-    if not _mount_tmpfs(store, 16):
+    if not mount_tmpfs(store, 16):
         pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
     try:
         tight = settings.with_overrides(store_dir=store, disk_min_free_gb=0.0, max_deliveries=2)

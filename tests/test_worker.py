@@ -9,20 +9,11 @@ import psutil
 import pytest
 
 from laion_dagster.core import parts
-from laion_dagster.core.connection import connect
 from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.queue import Queue
 from laion_dagster.demo.dataset import write_dataset
-from tests.conftest import TEST_HOSTS
+from tests.conftest import TEST_HOSTS, mount_tmpfs
 from tests.outputs import all_done, check_part, leftovers, wait_until
 from tests.pool import start_worker, stop_worker
-
-
-@pytest.fixture
-def queue(settings):
-    client = connect(settings)
-    yield Queue(client, settings.prefix, settings.visibility_timeout, settings.max_deliveries)
-    client.close()
 
 
 def shards_done(queue, found) -> int:
@@ -117,16 +108,9 @@ def test_sigterm_finishes_or_hands_back_in_flight_shards(settings, image_server,
         check_part(slow, part, dataset)
 
 
-def _mount_tmpfs(path, size_mb: int) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
-                             str(path)], capture_output=True)
-    return result.returncode == 0
-
-
 def test_full_disk_pauses_the_pool_until_space_frees_up(settings, dataset, queue, tmp_path):
     store = tmp_path / "small-disk"
-    if not _mount_tmpfs(store, 64):
+    if not mount_tmpfs(store, 64):
         pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
     try:
         ballast = store / "ballast"

@@ -160,6 +160,14 @@ def count_rows(path: Path) -> int:
     return open_part(path).metadata.num_rows
 
 
+def rows_if_readable(part: Part) -> int:
+    """count_rows for progress and ETAs: 0 for a broken part, whose own run names the file."""
+    try:
+        return count_rows(part.path)
+    except PartError:
+        return 0
+
+
 @dataclass(frozen=True)
 class Shard:
     """One shard of a part: its queued rows and the rows that could not be queued."""

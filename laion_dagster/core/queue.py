@@ -226,6 +226,8 @@ class PartState:
     enqueued_at: float | None = None
     done_at: float | None = None
     finalized_at: float | None = None
+    recipe: str | None = None  # JSON, see recipe.py
+    enqueuer: str | None = None  # host:pid:run id of the process that enqueued it
 
     @property
     def enqueued(self) -> bool:
@@ -251,6 +253,7 @@ class PartState:
         for name in ("started_at", "enqueued_at", "done_at", "finalized_at"):
             if values.get(name) is not None:
                 setattr(state, name, float(values[name]))
+        state.recipe, state.enqueuer = values.get("recipe"), values.get("enqueuer")
         return state
 
 
@@ -296,12 +299,6 @@ class Queue:
         pipe.hmget(k.part(partition), ["generation", "recipe"])
         generation, stored = pipe.execute()[-1]
         return int(generation), _text(stored)
-
-    def recipe(self, partition: str) -> str | None:
-        return _text(self.r.hget(self.keys.part(partition), "recipe"))
-
-    def enqueuer(self, partition: str) -> str | None:
-        return _text(self.r.hget(self.keys.part(partition), "enqueuer"))
 
     def reset(self, partition: str) -> int:
         """Start the part over as a new generation; late results of the old one are ignored."""

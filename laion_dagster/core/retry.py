@@ -53,8 +53,7 @@ def retry_failed(queue: Queue, part: parts.Part, settings: Settings,
     counts = dict(zip(*pc.value_counts(chosen.column("error_class")).flatten(), strict=True))
     counts = {k.as_py(): v.as_py() for k, v in counts.items()}
     rows = pa.array(sorted(set(chosen.column("row").to_pylist())), pa.int64())
-    stored = queue.recipe(part.key)
-    recipe = Recipe.from_json(stored) if stored else Recipe.from_settings(settings)
+    recipe = Recipe.from_json(state.recipe) if state.recipe else Recipe.from_settings(settings)
     required = (recipe.verify_hash_column,) if recipe.verify_hash_column else ()
     # The rows' full input (extra columns included) comes from the part file itself.
     pending, batches = [], []

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,6 +195,14 @@ class Settings(BaseSettings):
             else:
                 env[key] = str(value)
         return env
+
+
+def setting_kind(name: str) -> Any:
+    """A setting's type without its `| None`: what a CLI flag or a config field must accept."""
+    kind = Settings.model_fields[name].annotation
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    return kind
 
 
 # The original LAION-5B scripts' setting.py names and what replaced them.

@@ -54,10 +54,7 @@ def _rows_not_enqueued(settings: Settings, enqueued: set[str]) -> tuple[int, int
         if part.key in enqueued:
             continue
         if part.key not in _footer_rows:
-            try:
-                _footer_rows[part.key] = parts.count_rows(part.path)
-            except parts.PartError:
-                continue
+            _footer_rows[part.key] = parts.rows_if_readable(part)
         rows += _footer_rows[part.key]
         count += 1
     return rows, count

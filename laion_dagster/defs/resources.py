@@ -5,7 +5,6 @@ says, so the same names work from the UI's launchpad, `dagster ... --config`, an
 """
 
 
-import types
 import typing
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,15 +14,13 @@ from pydantic import Field, create_model
 
 from laion_dagster.core.connection import connect
 from laion_dagster.core.queue import Queue
-from laion_dagster.core.settings import Settings
+from laion_dagster.core.settings import Settings, setting_kind
 
 
-def _config_type(annotation: typing.Any) -> typing.Any:
+def _config_type(name: str) -> typing.Any:
     """The Dagster config type of a setting: optional, and plain str where Dagster has no
     equivalent (paths, choices); the settings model still validates the value."""
-    kind = annotation
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    kind = setting_kind(name)
     if kind is Path or typing.get_origin(kind) is typing.Literal:
         kind = str
     return kind | None
@@ -33,7 +30,7 @@ def _config_type(annotation: typing.Any) -> typing.Any:
 # offers every setting with its description, and the two can never drift apart.
 _SettingsConfig = create_model(
     "_SettingsConfig", __base__=ConfigurableResource,
-    **{name: (_config_type(field.annotation), Field(None, description=field.description))
+    **{name: (_config_type(name), Field(None, description=field.description))
        for name, field in Settings.model_fields.items()},
 )
 

@@ -65,14 +65,6 @@ def enqueue_run_key(partition: str, generation: int, mtime_ns: int, lost: int = 
 LOST_TAG = "laion/lost"
 
 
-def queue_enqueuer(laion: LaionResource, partition: str) -> str | None:
-    try:
-        with laion.queue() as queue:
-            return queue.enqueuer(partition)
-    except (RedisUnavailable, EmbeddedServerError):
-        return None
-
-
 def _lost_enqueue(run, started: float | None, enqueuer: str | None) -> str | None:
     """Why an unfinished enqueue run is dead, or None if it may be alive.
 
@@ -130,7 +122,7 @@ def launch_or_hold(context: SensorEvaluationContext, laion: LaionResource):
         if run is not None and run.status in UNFINISHED:
             record = context.instance.get_run_record_by_id(run.run_id)
             gone = _lost_enqueue(run, record.start_time if record else None,
-                                 queue_enqueuer(laion, key))
+                                 states[key].enqueuer)
             if gone is None:
                 return SkipReason(f"part {key} is being enqueued (run {run.run_id[:8]}); "
                                   f"{len(waiting) - 1} more waiting")
