@@ -1,7 +1,8 @@
 """Checking that a body is an image, from its bytes alone.
 
 The URL's extension and the Content-Type lie often on the web; the bytes do not. Only the header
-is parsed (cheap); a full decode is left for when an image must be resized. Pillow's
+is parsed (cheap: by hand for JPEG, PNG and simple WebP, see image_header.py; by Pillow for the
+rest); a full decode is left for when an image must be resized. Pillow's
 decompression-bomb guard stays on, and a bomb is a `decode_error`, not a crash.
 """
 
@@ -13,6 +14,8 @@ import warnings
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
+
+from laion_dagster.core import image_header
 
 # Pillow warns between its pixel limit and twice it; `inspect` refuses those itself.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -76,19 +79,8 @@ def inspect(body: bytes) -> ImageInfo:
     """Identify the image in `body`; raises NotAnImage with a class when it is not one."""
     if not body:
         raise NotAnImage("not_image", "empty body")
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            width, height = image.size
-            fmt = image.format or "UNKNOWN"
-    except Image.DecompressionBombError as error:
-        raise NotAnImage("decode_error", f"decompression bomb: {error}") from error
-    except UnidentifiedImageError as error:
-        kind = "decode_error" if _looks_like_image(body) else "not_image"
-        head = body[:16]
-        raise NotAnImage(kind, f"cannot identify image ({len(body)} bytes, starts {head!r})") \
-            from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise NotAnImage("decode_error", f"{type(error).__name__}: {error}") from error
+    probed = image_header.probe(body)
+    fmt, width, height = probed if probed is not None else _open_header(body)
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
         # Checked here rather than by turning Pillow's warning into an error: warning filters
@@ -99,6 +91,22 @@ def inspect(body: bytes) -> ImageInfo:
         raise NotAnImage("decode_error", f"bad dimensions {width}x{height}")
     return ImageInfo(format=fmt, ext=EXTENSIONS.get(fmt, fmt.lower()), width=width,
                      height=height, sha256=hashlib.sha256(body).hexdigest())
+
+
+def _open_header(body: bytes) -> tuple[str, int, int]:
+    """Pillow's reading of the header, for every file `image_header` leaves to it."""
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            return image.format or "UNKNOWN", *image.size
+    except Image.DecompressionBombError as error:
+        raise NotAnImage("decode_error", f"decompression bomb: {error}") from error
+    except UnidentifiedImageError as error:
+        kind = "decode_error" if _looks_like_image(body) else "not_image"
+        head = body[:16]
+        raise NotAnImage(kind, f"cannot identify image ({len(body)} bytes, starts {head!r})") \
+            from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise NotAnImage("decode_error", f"{type(error).__name__}: {error}") from error
 
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
