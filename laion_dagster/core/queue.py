@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
 import redis
+
+if TYPE_CHECKING:  # pyarrow only where errors are read: a pool's supervisor never needs it
+    import pyarrow as pa
 
 GROUP = "workers"
 GENERATION_START = 1
@@ -393,6 +396,8 @@ class Queue:
     # -- finalize side
     def read_errors(self, partition: str, batch: int = 500) -> pa.Table | None:
         """Every error record of the part, oldest first, as one table (None when there are none)."""
+        import pyarrow as pa
+
         from laion_dagster.core.parts import decode_table
 
         tables = []

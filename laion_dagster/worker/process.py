@@ -19,8 +19,6 @@ import socket
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
 import pyarrow as pa
 
@@ -39,6 +37,7 @@ from laion_dagster.core.writers import (
     read_complete_shard,
     records_table,
 )
+from laion_dagster.worker.shared import Shared
 
 log = logging.getLogger("laion_dagster.worker")
 
@@ -47,23 +46,6 @@ OUR_COLUMNS = ("row", "url", "caption")
 # bigger ones, and every decode or resize, go to the thread pool.
 INLINE_BYTES = 1_000_000
 _terminated = False  # set by SIGTERM sent to this process alone
-
-
-@dataclass
-class Shared:
-    """What the supervisor shares with its processes.
-
-    Lock-free shared memory on purpose: a multiprocessing Event's lock can be left held by a
-    process killed at the wrong moment (or by a signal handler), which hangs everyone else.
-    Each flag has one writer (the supervisor) and each counter one writer (its process).
-    """
-
-    stop: Any  # RawValue('b'): finish in-flight shards, claim nothing new
-    paused: Any  # RawValue('b'): the disk is full; claim nothing new until it clears
-    counters: Any  # RawArray('q', 3): ok, failed, bytes done by this process
-    # RawValue('b'), set by the process on ENOSPC, cleared by the supervisor once space is
-    # freed: the process claims nothing meanwhile.
-    out_of_space: Any
 
 
 def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: images.Filters,
@@ -462,7 +444,7 @@ def _on_sigterm(*_: object) -> None:
 
 
 def main(settings_json: str, index: int, shared: Shared) -> None:
-    """Entry point of a spawned worker process."""
+    """A worker process's life (started through shared.run_process)."""
     # Ctrl-C reaches the whole process group; the supervisor decides what happens, and tells
     # us through `shared.stop`. SIGTERM sent to this process alone means the same.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

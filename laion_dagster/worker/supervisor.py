@@ -24,7 +24,7 @@ from laion_dagster.core.connection import RedisUnavailable, connect
 from laion_dagster.core.hosts import HostReport, disk_state
 from laion_dagster.core.queue import Keys, ensure_group
 from laion_dagster.core.settings import Settings
-from laion_dagster.worker import process
+from laion_dagster.worker.shared import Shared, run_process
 
 log = logging.getLogger("laion_dagster.worker")
 
@@ -35,8 +35,9 @@ class Supervisor:
         self.ctx = mp.get_context("spawn")
         self.stop = self.ctx.RawValue("b", 0)
         self.paused = self.ctx.RawValue("b", 0)
-        self.children: list[tuple[mp.process.BaseProcess, process.Shared]] = []
+        self.children: list[tuple[mp.process.BaseProcess, Shared]] = []
         self.host = settings.host_id or socket.gethostname()
+        self.keys = Keys(settings.prefix)
         self.restarts = 0
         self._last = (time.monotonic(), 0, 0)
         self._free_at_enospc: float | None = None
@@ -44,11 +45,11 @@ class Supervisor:
         self._signal: int | None = None
 
     # -- processes
-    def _spawn(self, index: int) -> tuple[mp.process.BaseProcess, process.Shared]:
-        shared = process.Shared(stop=self.stop, paused=self.paused,
+    def _spawn(self, index: int) -> tuple[mp.process.BaseProcess, Shared]:
+        shared = Shared(stop=self.stop, paused=self.paused,
                                 counters=self.ctx.RawArray("q", 3),
                                 out_of_space=self.ctx.RawValue("b", 0))
-        child = self.ctx.Process(target=process.main, name=f"laion-worker-{index}",
+        child = self.ctx.Process(target=run_process, name=f"laion-worker-{index}",
                                  args=(self.settings.model_dump_json(), index, shared),
                                  daemon=False)
         child.start()
@@ -59,9 +60,10 @@ class Supervisor:
         self._redis = self._wait_for_redis()
         if self._redis is None:
             return
-        ensure_group(self._redis, Keys(settings.prefix).tasks)
         settings.store_root.mkdir(parents=True, exist_ok=True)
+        # First of all: each process spends most of a second importing its libraries.
         self.children = [self._spawn(i) for i in range(settings.processes)]
+        ensure_group(self._redis, self.keys.tasks)
         log.info("worker pool on %s: %d processes × %d concurrent fetches, store %s",
                  self.host, settings.processes, settings.concurrency, settings.store_root)
 
@@ -150,7 +152,7 @@ class Supervisor:
             rate=round(rate, 2), ok=ok, failed=failed, bytes=nbytes, seen_at=time.time())
         try:
             assert self._redis is not None
-            self._redis.hset(Keys(self.settings.prefix).hosts, self.host, report.to_json())
+            self._redis.hset(self.keys.hosts, self.host, report.to_json())
         except redis.RedisError as error:
             log.warning("could not report host state: %s", error)
             self._restart_embedded_server()
@@ -217,7 +219,7 @@ class Supervisor:
         if self._redis is not None:
             try:
                 self.heartbeat()
-                self._redis.hdel(Keys(self.settings.prefix).hosts, self.host)
+                self._redis.hdel(self.keys.hosts, self.host)
             except redis.RedisError:
                 pass
             self._redis.close()
