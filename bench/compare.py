@@ -1042,6 +1042,9 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
           f"{args.processes} processes x {args.concurrency} concurrent, shard "
           f"{args.shard_size:,}; nginx 1 worker on {HOSTS} loopback addresses; "
           f"{os.cpu_count()} cores; load average now {os.getloadavg()[0]:.2f}")
+    from laion_dagster.core.images import pillow_build
+
+    print(f"ours: {sys.executable} with {pillow_build()}")
     header = (f"{'mode':<14}{'tool':<12}{'img/s':>8}{'(min-max)':>16}{'warm':>8}"
               f"{'start s':>8}{'cli ms/img':>11}{'srv ms/img':>11}{'srv core':>9}"
               f"{'RSS/proc MB':>12}{'tree MB':>8}  ok/URLs")

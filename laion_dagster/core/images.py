@@ -12,6 +12,7 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 
 from PIL import Image, UnidentifiedImageError
 
@@ -109,6 +110,15 @@ def _open_header(body: bytes) -> tuple[str, int, int]:
         raise NotAnImage("decode_error", f"{type(error).__name__}: {error}") from error
 
 
+def pillow_build() -> str:
+    """Which Pillow does the decoding and resampling: resizing costs about twice as much CPU
+    with stock Pillow as with Pillow-SIMD (bench/compare.py), so workers say which they use."""
+    try:
+        return f"Pillow-SIMD {metadata.version('pillow-simd')}"
+    except metadata.PackageNotFoundError:
+        return f"Pillow {Image.__version__}"
+
+
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 ENCODERS = {"jpg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png"),
             "webp": ("WEBP", "image/webp")}
@@ -161,7 +171,9 @@ def transform(body: bytes, info: ImageInfo, resize: Resize) -> tuple[bytes, str,
                 # The JPEG decoder can scale by 1/2, 1/4, 1/8 while decoding: much cheaper
                 # than decoding full size and shrinking afterwards.
                 image.draft("RGB", resized)
-            image = image.convert("RGBA" if _keeps_alpha(image, pil_format) else "RGB")
+            mode = "RGBA" if _keeps_alpha(image, pil_format) else "RGB"
+            if image.mode != mode:  # convert() copies even when the mode is right already
+                image = image.convert(mode)
             if image.size != resized:
                 # img2dataset's defaults: area averaging to shrink (Pillow's BOX is exactly
                 # that, ~4x cheaper than LANCZOS here), LANCZOS to enlarge.
