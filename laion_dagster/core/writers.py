@@ -120,6 +120,9 @@ def _json_default(value):
     return str(value)
 
 
+_ZEROS = bytes(512)
+
+
 def tar_member(name: str, data: bytes, mtime: int) -> tuple[bytes, bytes, bytes]:
     """One regular file in POSIX ustar form: (header, data, padding to 512 bytes), for the
     caller to join with its other members in one copy.
@@ -142,7 +145,6 @@ def tar_member(name: str, data: bytes, mtime: int) -> tuple[bytes, bytes, bytes]
     return bytes(header), data, _ZEROS[:-len(data) % 512]
 
 
-_ZEROS = bytes(512)
 # Two zero blocks end an archive; tarfile pads the file to a multiple of 10 KiB, as we do.
 TAR_END = b"\0" * 1024
 TAR_RECORD = 10240

@@ -46,9 +46,8 @@ class Supervisor:
 
     # -- processes
     def _spawn(self, index: int) -> tuple[mp.process.BaseProcess, Shared]:
-        shared = Shared(stop=self.stop, paused=self.paused,
-                                counters=self.ctx.RawArray("q", 3),
-                                out_of_space=self.ctx.RawValue("b", 0))
+        shared = Shared(stop=self.stop, paused=self.paused, counters=self.ctx.RawArray("q", 3),
+                        out_of_space=self.ctx.RawValue("b", 0))
         child = self.ctx.Process(target=run_process, name=f"laion-worker-{index}",
                                  args=(self.settings.model_dump_json(), index, shared),
                                  daemon=False)
