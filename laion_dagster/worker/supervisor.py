@@ -130,7 +130,9 @@ class Supervisor:
     def heartbeat(self) -> HostReport:
         disk = disk_state(self.settings.store_root, self.settings)
         out_of_space = self._check_out_of_space(disk.free_gb)
-        if out_of_space and not disk.full:
+        if out_of_space:
+            # The more telling reason, even when the free-space floor says "full" too (with a
+            # floor of 0 it does whenever a write has just filled the disk to the last byte).
             disk = dataclasses.replace(disk, full=True, reason=out_of_space)
         if disk.full and not self.paused.value:
             log.warning("store disk full (%s): pausing", disk.reason)
