@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from laion_dagster.core import parts
 from laion_dagster.core.connection import connect
@@ -58,12 +58,19 @@ def _instance_at(home: Path):
         del os.environ["DAGSTER_HOME"]
 
 
-def _wait_final(queue: Queue, keys: list[str]) -> None:
+def _wait_final(queue: Queue, keys: list[str], home: Path) -> None:
+    """Every part finalized, and every run over: a part is marked final in Redis a moment
+    before its finalize run ends, and stopping the daemon in between interrupts that run."""
     def finalized():
         states = queue.parts_states(keys)
         return all(s.finalized_at for s in states.values())
 
     wait_until(finalized, 180, interval=1, what="the parts finalized by the sensors")
+    running = RunsFilter(statuses=[DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED,
+                                   DagsterRunStatus.STARTING, DagsterRunStatus.STARTED])
+    with _instance_at(home) as instance:
+        wait_until(lambda: not instance.get_runs(running), 120, interval=0.5,
+                   what="every run over")
 
 
 def _dataset(settings, image_server, images, parts_per_subset=2):
@@ -88,7 +95,7 @@ def test_daemon_runs_a_folder_unattended(settings, image_server, images, tmp_pat
     try:
         keys = wait_until(lambda: queue.partitions() if len(queue.partitions()) == 2 else None,
                           180, interval=1, what="both parts enqueued by the sensors")
-        _wait_final(queue, keys)
+        _wait_final(queue, keys, home)
     finally:
         _stop(worker, daemon)
         client.close()
@@ -127,7 +134,7 @@ def test_a_cli_backfill_is_picked_up_and_completed_by_running_workers(settings, 
              "--partitions", ",".join(keys), "--noprompt"], env=env, cwd=tmp_path,
             capture_output=True, text=True, timeout=120)
         assert backfill.returncode == 0, backfill.stdout + backfill.stderr
-        _wait_final(queue, keys)
+        _wait_final(queue, keys, Path(env["DAGSTER_HOME"]))
         assert sorted(queue.partitions()) == keys  # the third part was not touched
     finally:
         _stop(worker, daemon)
@@ -159,7 +166,7 @@ def test_a_daemon_killed_mid_run_and_started_again_launches_nothing_twice(settin
         keys = sorted(p.key for p in parts.discover(settings.parts_root))
         wait_until(lambda: len(queue.partitions()) == 3, 180, interval=1,
                    what="every part enqueued")
-        _wait_final(queue, keys)
+        _wait_final(queue, keys, home)
     finally:
         _stop(*(p for p in (worker, second, first) if p is not None))
         client.close()
