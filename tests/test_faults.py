@@ -21,7 +21,7 @@ from dagster import build_sensor_context, instance_for_test, materialize
 from laion_dagster.core import embedded, parts
 from laion_dagster.core.connection import connect
 from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.queue import GROUP, Queue
 from laion_dagster.defs.assets import part_tasks
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
@@ -80,6 +80,10 @@ def test_a_redis_crash_mid_run_loses_nothing(settings, image_server, images, tmp
     try:
         wait_until(lambda: sum(queue.part(p.key).shards_done for p in found) >= 3, 60,
                    what="some shards done")
+        # Every process up first: one still starting would connect after the crash and bring
+        # the server back itself, before the supervisor's heartbeat has noticed anything.
+        wait_until(lambda: len(queue.r.xinfo_consumers(queue.keys.tasks, GROUP))
+                   >= own.processes, 30, what="every worker process polling")
         first = embedded.read_state(own.redis_dir)
         os.kill(first.pid, signal.SIGKILL)
         wait_until(lambda: (s := embedded.read_state(own.redis_dir)) and s.pid != first.pid
