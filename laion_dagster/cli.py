@@ -174,11 +174,12 @@ def _progress_bar(label: str, width: int = 30):
     if not sys.stderr.isatty():
         return None
 
+    from laion_dagster.core.status import bar
+
     def show(done: int, total: int) -> None:
-        filled = width * done // max(total, 1)
         end = "\n" if done >= total else ""
-        print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}",
-              end=end, file=sys.stderr, flush=True)
+        print(f"\r{label} {bar(done, max(total, 1), width)} {done:,}/{total:,}", end=end,
+              file=sys.stderr, flush=True)
 
     return show
 

@@ -23,6 +23,7 @@ from laion_dagster.core.admission import hold_reasons
 from laion_dagster.core.connection import connect
 from laion_dagster.core.queue import PartState, Queue
 from laion_dagster.core.settings import Settings
+from laion_dagster.core.status import bar
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.instance import failure_message, get_instance
 
@@ -178,14 +179,12 @@ class OneShot:
         failed = sum(st.failed for st in states.values())
         done = ok + failed + sum(st.invalid for st in states.values())
         total = max(self.total_rows, 1)
-        width = 24
-        bar = "#" * (width * done // total) + "." * (width - width * done // total)
         rate = queue.rates(minutes=1)
         recent = rate["ok"] + rate["failed"]
         per_second = recent / 60.0
         eta = f"{(total - done) / per_second:,.0f}s" if per_second > 0 and done < total else "-"
-        return (f"[{time.strftime('%H:%M:%S')}] [{bar}] {done / total:4.0%} rows {done:,}/"
-                f"{self.total_rows:,} | ok {ok:,} failed {failed:,} | parts final "
+        return (f"[{time.strftime('%H:%M:%S')}] {bar(done, total, 24)} {done / total:4.0%} "
+                f"rows {done:,}/{self.total_rows:,} | ok {ok:,} failed {failed:,} | parts final "
                 f"{len(self.finalized)}/{len(states)} | queue {queue.queued_rows():,} | "
                 f"{recent:,} images in the last minute | ETA {eta}")
 

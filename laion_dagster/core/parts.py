@@ -189,17 +189,15 @@ def _valid_mask(urls: pa.Array) -> tuple[pa.Array, pa.Array]:
     too_long = pc.greater(length, MAX_URL_LENGTH)
     too_short = pc.less_equal(length, len("https://"))
     missing = pc.is_null(urls)
-    bad_scheme = pc.fill_null(pc.invert(http), True)
-    no_host = pc.fill_null(pc.invert(has_host), True)
-    valid = pc.and_(pc.and_(pc.invert(bad_scheme), pc.invert(no_host)),
-                    pc.and_(pc.invert(pc.fill_null(too_long, False)),
-                            pc.invert(pc.fill_null(too_short, True))))
     reason = pc.case_when(
-        pc.make_struct(missing, bad_scheme, pc.fill_null(too_long, False),
-                       pc.fill_null(too_short, True), no_host),
+        pc.make_struct(missing, pc.fill_null(pc.invert(http), True),
+                       pc.fill_null(too_long, False), pc.fill_null(too_short, True),
+                       pc.fill_null(pc.invert(has_host), True)),
         "missing URL", "not an http(s) URL", f"URL longer than {MAX_URL_LENGTH} characters",
         "URL too short", "URL has no host",
     )
+    # Valid exactly when no reason applies (case_when gives null then).
+    valid = pc.is_null(reason)
     return valid, reason
 
 

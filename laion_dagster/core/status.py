@@ -110,7 +110,8 @@ def collect(queue: Queue, settings: Settings) -> Status:
         parts=parts_seen, hosts=hosts)
 
 
-def _bar(done: int, total: int | None, width: int = 20) -> str:
+def bar(done: int, total: int | None, width: int = 20) -> str:
+    """`[####....]`: done out of total; question marks while the total is unknown."""
     if not total:
         return "[" + "?" * width + "]"
     filled = int(width * done / total)
@@ -142,7 +143,7 @@ def render(status: Status) -> str:
         "parts:",
     ]
     for p in status.parts:
-        lines.append(f"  {p['partition'][:60]:<60} {_bar(p['shards_done'], p['shards_total'])} "
+        lines.append(f"  {p['partition'][:60]:<60} {bar(p['shards_done'], p['shards_total'])} "
                      f"{p['shards_done']}/{p['shards_total'] or '?'} shards  ok {p['ok']:,}  "
                      f"failed {p['failed']:,}  {p['state']}")
     if not status.parts:
