@@ -180,22 +180,20 @@ class Owned:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
-        self.redis_dirs: list[Path] = []
-        self.redis_pids: list[int] = []  # in case a directory is gone before the cleanup
+        # Each embedded Redis started, by directory, with its pid in case the directory is
+        # gone before the cleanup.
+        self.redis_servers: dict[Path, int] = {}
 
     def redis(self, directory: Path):
         """The embedded Redis for `directory`, started and remembered for the cleanup."""
         from laion_dagster.core import embedded
 
-        self.redis_dirs.append(directory)
         state = embedded.ensure_running(directory)
-        self.redis_pids.append(state.pid)
+        self.redis_servers[directory] = state.pid
         return state
 
     def stop_redis(self, directory: Path) -> None:
-        stop_redis(directory)
-        with contextlib.suppress(ValueError):
-            self.redis_dirs.remove(directory)
+        stop_redis(directory, self.redis_servers.pop(directory, None))
 
     def popen(self, *args, **kwargs) -> subprocess.Popen:
         kwargs.setdefault("start_new_session", True)
@@ -225,28 +223,25 @@ class Owned:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=5)
         self.procs.clear()
-        for directory in self.redis_dirs:
-            stop_redis(directory)
-        self.redis_dirs.clear()
-        for pid in self.redis_pids:  # started by us, so ours to end if still there
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGTERM)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        self.redis_pids.clear()
+        for directory in list(self.redis_servers):
+            self.stop_redis(directory)
 
 
-def stop_redis(directory: Path) -> None:
+def stop_redis(directory: Path, pid: int | None = None) -> None:
+    """Stop the embedded Redis of `directory`; `pid` is the one we started, for when its state
+    file is gone. Only a server we started and have not stopped yet is ever signalled."""
     from laion_dagster.core import embedded
 
     state = embedded.read_state(directory)
-    if state is None:
+    if state is not None:
+        embedded.stop(directory)
+        pid = state.pid
+    if pid is None:
         return
-    embedded.stop(directory)
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(state.pid, signal.SIGKILL)  # a no-op unless SIGTERM was not enough
+        os.kill(pid, signal.SIGKILL)  # a no-op unless SIGTERM was not enough
     with contextlib.suppress(ChildProcessError):
-        os.waitpid(state.pid, 0)
+        os.waitpid(pid, 0)
 
 
 def child_env(cert: Path) -> dict[str, str]:
@@ -680,7 +675,7 @@ class Bench:
             self.args.keep = True
         finally:
             # Stop this run's Redis before its directory (and server.json) goes.
-            for directory in [d for d in self.owned.redis_dirs if run_dir in d.parents]:
+            for directory in [d for d in self.owned.redis_servers if run_dir in d.parents]:
                 self.owned.stop_redis(directory)
             if not self.args.keep:
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -737,8 +732,7 @@ class Bench:
                 time.sleep(0.02)
             ready = time.perf_counter()
             sampler.take()
-            result.idle_proc = max((rss for pid, rss in sampler.peak.items()
-                                    if sampler.role.get(pid) == "child"), default=0)
+            result.idle_proc = sampler.peak_of("child")
             spies = self._profile(profile, sampler, proc.pid, mode) if profile else []
             thread0 = time.thread_time()
             enqueue_part(queue, part, settings)
@@ -785,8 +779,7 @@ class Bench:
         result.startup = ready - launched
         result.client_cpu = max(ru1 - ru0, sum(sampler.cpu.values())) + enqueue_cpu
         result.server_cpu = srv1 - srv0
-        result.peak_proc = max((rss for pid, rss in sampler.peak.items()
-                                if sampler.role.get(pid) == "child"), default=0)
+        result.peak_proc = sampler.peak_of("child")
         result.peak_other = sampler.peak_of("root")
         result.peak_tree = sampler.peak_tree
         calls = Counter()
@@ -847,7 +840,7 @@ class Bench:
                         "--encode_format", "jpg", "--encode_quality", "95"]
         else:
             command += ["--resize_mode", "no", "--disable_all_reencoding", "True"]
-        env = {**self.env, "NO_ALBUMENTATIONS_UPDATE": "1"}
+        env = self.env  # NO_ALBUMENTATIONS_UPDATE=1 among the rest
         ru0, srv0 = children_cpu(), self.nginx.cpu()
         launched = time.perf_counter()
         with open(run_dir / "img2dataset.log", "ab") as log_file:
@@ -1018,7 +1011,6 @@ def summarize(results: list[Result]) -> dict[tuple[str, str], dict]:
             "idle_proc": max((r.idle_proc for r in runs), default=0),
             "complete": all(r.complete for r in runs),
             "ok": [r.ok for r in runs],
-            "on_disk": [r.on_disk for r in runs],
             "failures": sum((r.failures for r in runs), Counter()),
             "errors": [r.error for r in runs if r.error],
             "redis_calls": median([r.redis_calls for r in good]),
@@ -1028,7 +1020,10 @@ def summarize(results: list[Result]) -> dict[tuple[str, str], dict]:
             "redis_peak": max((r.redis_peak for r in good if r.redis_peak), default=None),
             "redis_cpu": median([r.redis_cpu * 1000 / r.urls for r in good
                                  if r.redis_cpu is not None]),
-            "redis_breakdown": sum((r.redis_breakdown for r in good), Counter()),
+            # Commands per run, averaged over the good runs.
+            "redis_breakdown": Counter({k: v / len(good) for k, v in
+                                        sum((r.redis_breakdown for r in good),
+                                            Counter()).items()}) if good else Counter(),
         }
     return summary
 
@@ -1077,7 +1072,7 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
     ours_modes = [m for m in modes if (m.name, "ours") in summary]
     for mode in ours_modes:
         s = summary[(mode.name, "ours")]
-        top = ", ".join(f"{k} {v / len(s['runs']) / len(corpus.files):.4f}"
+        top = ", ".join(f"{k} {v / len(corpus.files):.4f}"
                         for k, v in s["redis_breakdown"].most_common(6))
         print(f"ours {mode.name}: Redis {fmt(s['redis_calls'], '.4f')} commands/image "
               f"(commandstats, max {fmt(s['redis_calls_max'], '.4f')}; "

@@ -44,6 +44,7 @@ from laion_dagster.core.connection import connect
 from laion_dagster.core.enqueue import enqueue_part
 from laion_dagster.core.queue import Queue
 from laion_dagster.core.settings import Settings
+from laion_dagster.core.writers import leftovers
 from laion_dagster.demo.dataset import DemoDataset, make_images, write_dataset
 from laion_dagster.demo.server import ImageServer
 
@@ -51,7 +52,6 @@ REPO = Path(__file__).resolve().parent.parent
 HOSTS = tuple(f"img-{c}.test" for c in "abcdefgh")
 SHARD_FILE = re.compile(r"^(\d+)\.parquet$")
 TAR_FILE = re.compile(r"^(\d+)\.tar$")
-SIDE_MEMBERS = ("txt", "json")
 
 
 def log(message: str) -> None:
@@ -64,9 +64,8 @@ class Pool:
     """One `laion-dagster worker` at a time, in its own process group, logging to a file."""
 
     def __init__(self, settings: Settings, log_path: Path):
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("LAION_")}
-        self.env.update(settings.to_env())
-        self.env["NO_ALBUMENTATIONS_UPDATE"] = "1"
+        # main() has cleared LAION_* and set NO_ALBUMENTATIONS_UPDATE=1 already.
+        self.env = {**os.environ, **settings.to_env()}
         self.grace = settings.shutdown_grace
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -162,7 +161,6 @@ class Samples:
     queued_rows: int = 0
     worker_rss: dict[int, int] = field(default_factory=dict)  # pid -> peak bytes
     supervisor_rss: int = 0
-    count: int = 0
 
     def take(self, client: redis.Redis, queue_key: str, pool: Pool) -> None:
         try:
@@ -179,7 +177,6 @@ class Samples:
             with contextlib.suppress(psutil.Error):
                 rss = worker.memory_info().rss
                 self.worker_rss[worker.pid] = max(self.worker_rss.get(worker.pid, 0), rss)
-        self.count += 1
 
 
 def sampler(url: str, queue_key: str, pool: Pool, samples: Samples, stop: threading.Event,
@@ -231,9 +228,7 @@ class Enqueuer:
 
 @dataclass
 class RedisRestart:
-    downtime: float = 0.0
-    same_address: bool = True
-    note: str = ""
+    downtime: float = 0.0  # it always comes back at the same address, or restart_redis raises
     done_before: int = 0
     done_after: int = 0
 
@@ -353,10 +348,6 @@ def check_part(settings: Settings, queue: Queue, part: parts.Part,
     return check
 
 
-def leftovers(store: Path) -> list[Path]:
-    return [p for p in store.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
-
-
 # ---------------------------------------------------------------- the run
 
 @dataclass
@@ -365,11 +356,6 @@ class Events:
     pool_restarts: int = 0
     pool_crashes: int = 0
     redis: RedisRestart | None = None
-    log: list[str] = field(default_factory=list)
-
-    def note(self, message: str) -> None:
-        self.log.append(message)
-        log(message)
 
 
 def parse_args() -> argparse.Namespace:
@@ -493,7 +479,7 @@ def main() -> int:
                 assert pool.proc is not None
                 code = pool.proc.returncode
                 events.pool_crashes += 1
-                events.note(f"worker pool exited by itself with code {code}; log tail:\n"
+                log(f"worker pool exited by itself with code {code}; log tail:\n"
                             f"{pool.tail()}")
                 pool.proc = None
                 pool.start()
@@ -509,18 +495,17 @@ def main() -> int:
             redis_due = (events.redis is None and 0 <= args.redis_restart_at <= progress)
             if redis_due and calm:
                 last_disruption = now
-                events.note(f"SIGKILL Redis at {progress:.0%}")
+                log(f"SIGKILL Redis at {progress:.0%}")
                 events.redis = restart_redis(redis_dir, queue, keys)
                 r = events.redis
-                events.note(f"Redis back after {r.downtime:.1f}s, same address: "
-                            f"{r.same_address}; shards done {r.done_before} before, "
-                            f"{r.done_after} after")
+                log(f"Redis back at the same address after {r.downtime:.1f}s; shards done "
+                    f"{r.done_before} before, {r.done_after} after")
                 continue
             if pool_at and progress >= pool_at[0] and calm:
                 last_disruption = now
                 pool_at.pop(0)
                 hard = events.pool_restarts % 2 == 0
-                events.note(f"{'SIGKILL' if hard else 'SIGTERM'} the whole pool at "
+                log(f"{'SIGKILL' if hard else 'SIGTERM'} the whole pool at "
                             f"{progress:.0%}")
                 pool.stop(hard=hard)
                 pool.start()
@@ -534,7 +519,7 @@ def main() -> int:
                     with contextlib.suppress(psutil.Error):
                         victim.kill()
                         events.worker_kills += 1
-                        events.note(f"SIGKILL worker pid {victim.pid} at {progress:.0%}")
+                        log(f"SIGKILL worker pid {victim.pid} at {progress:.0%}")
         download_time = time.monotonic() - download_started
         log(f"every part is done after {download_time:.0f}s; stopping the pool")
         pool.stop(hard=False)
@@ -658,7 +643,7 @@ def report(args, settings: Settings, checks: list[PartCheck], events: Events,
         ("pool restarts", f"{events.pool_restarts} of {args.pool_restarts} planned "
                           f"(pool crashes: {events.pool_crashes})"),
         ("Redis restarts", "0" if r is None else
-         f"1 ({r.downtime:.1f}s down, same address: {'yes' if r.same_address else 'NO'}, "
+         f"1 ({r.downtime:.1f}s down, same address: yes, "
          f"shards done {r.done_before:,} -> {r.done_after:,})"),
         ("peak Redis memory", f"{samples.redis_memory / 1e6:,.1f} MB"),
         ("peak worker RSS", f"{peak_rss / 1e6:,.1f} MB max, {median_rss / 1e6:,.1f} MB median "

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from laion_dagster.core import parts
 from laion_dagster.core.queue import Queue
+from laion_dagster.core.writers import leftovers
 from laion_dagster.demo.dataset import DemoDataset
 
 
@@ -29,11 +30,6 @@ def tar_members(part_dir: Path) -> dict[str, bytes]:
                 assert member.name not in members, f"{member.name} twice"
                 members[member.name] = tar.extractfile(member).read()
     return members
-
-
-def leftovers(store: Path) -> list[Path]:
-    """Temporary or half-replaced files: there must never be any once workers stop."""
-    return [p for p in store.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):

@@ -113,12 +113,13 @@ def write_part(settings, name: str, table: pa.Table, subset: str = "bad-input",
     return parts.Part(path=path, subset=subset, stem=name)
 
 
-def check_accounting(settings, done: Downloaded, rows: int) -> tuple[pa.Table, pa.Table]:
+def check_accounting(settings, done: Downloaded,
+                     rows: int) -> tuple[pa.Table, pa.Table, dict[str, bytes]]:
     """Every input row is counted exactly once: in the shard parquets (ok or failed) or as
     invalid (kept aside at enqueue); Redis counters agree; the tars hold exactly the
     successful samples; nothing temporary is left and no traceback was logged.
 
-    Returns (shard rows, invalid rows)."""
+    Returns (shard rows, invalid rows, tar members by name)."""
     key = done.part.key
     state = done.queue.part(key)
     assert state.done, state
@@ -162,7 +163,16 @@ def check_accounting(settings, done: Downloaded, rows: int) -> tuple[pa.Table, p
             assert not any(name.startswith(key_ + ".") for name in members)
     assert not leftovers(settings.store_root)
     assert "Traceback" not in done.log, done.log
-    return samples, invalid
+    return samples, invalid, members
+
+
+def download_table(settings, name: str, table: pa.Table):
+    """Write `table` as a part, download it and check its accounting: (the download, sample
+    records by row, invalid rows, tar members)."""
+    part = write_part(settings, name, table)
+    done = download(settings, part)
+    samples, invalid, members = check_accounting(settings, done, table.num_rows)
+    return done, by_row(samples), invalid, members
 
 
 def by_row(table: pa.Table) -> dict[int, dict]:
@@ -279,7 +289,7 @@ def test_broken_parts_fail_their_own_runs_and_every_other_part_downloads(
         for part, (rows, _) in goods.items():
             done = Downloaded(part=part, queue=queue,
                               part_dir=settings.store_root / part.relative_dir, log=log)
-            samples, _ = check_accounting(settings, done, rows)
+            samples, _, _ = check_accounting(settings, done, rows)
             assert set(samples.column("status").to_pylist()) == {"success"}
         assert queue.queued_rows() == 0
         for key in bad:  # nothing was written for a broken part
@@ -341,9 +351,8 @@ def test_bad_urls_are_counted_invalid_with_a_reason_and_odd_valid_ones_download(
 
     done = download(settings, part)
 
-    samples, invalid = check_accounting(settings, done, len(urls))
+    samples, invalid, members = check_accounting(settings, done, len(urls))
     fetched, kept_aside = by_row(samples), by_row(invalid)
-    members = tar_members(done.part_dir)
     for row, (url, expected) in enumerate(cases):
         if expected[0] == "invalid":
             assert row in kept_aside, (row, url)
@@ -436,17 +445,12 @@ def test_odd_captions_round_trip_to_the_tar_and_the_shard_parquet(small, server,
                 "\ufeffbom first", "", None, "  spaces around  ", huge]
     for i in range(len(captions)):
         server.routes[f"/c/{i}.jpg"] = images[i]
-    part = write_part(small, "captions", pa.table({
+    _, records, invalid, members = download_table(small, "captions", pa.table({
         "URL": [f"{server.url()}/c/{i}.jpg" for i in range(len(captions))],
         "TEXT": pa.array(captions, pa.string()),
     }))
 
-    done = download(small, part)
-
-    samples, invalid = check_accounting(small, done, len(captions))
     assert invalid.num_rows == 0
-    members = tar_members(done.part_dir)
-    records = by_row(samples)
     for row, caption in enumerate(captions):
         record = records[row]
         assert record["status"] == "success", record
@@ -466,16 +470,11 @@ def test_invalid_utf8_captions_are_decoded_with_replacements_and_the_rows_kept(
     raw[9] = b"\xed\xa0\x80 lone surrogate"
     for i in range(len(raw)):
         server.routes[f"/u/{i}.jpg"] = images[i]
-    part = write_part(small, "binary-captions", pa.table({
+    _, records, _, members = download_table(small, "binary-captions", pa.table({
         "URL": [f"{server.url()}/u/{i}.jpg" for i in range(len(raw))],
         "TEXT": pa.array(raw, pa.binary()),
     }))
 
-    done = download(small, part)
-
-    samples, _ = check_accounting(small, done, len(raw))
-    members = tar_members(done.part_dir)
-    records = by_row(samples)
     for row, data in enumerate(raw):
         record = records[row]
         expected = data.decode("utf-8", errors="replace")
@@ -497,19 +496,14 @@ def test_duplicate_urls_get_one_sample_per_row(small, server, images):
         server.routes[f"/other/{i}.jpg"] = images[1 + i]
     for i in duplicates:
         urls[i] = same
-    part = write_part(small, "duplicates", pa.table({
+    done, records, invalid, members = download_table(small, "duplicates", pa.table({
         "URL": urls, "TEXT": [f"row {i}" for i in range(13)],
     }))
 
-    done = download(small, part)
-
-    samples, invalid = check_accounting(small, done, len(urls))
     assert invalid.num_rows == 0
-    state = done.queue.part(part.key)
+    state = done.queue.part(done.part.key)
     assert (state.rows, state.ok, state.failed, state.invalid) == (13, 13, 0, 0)
-    records = by_row(samples)
     assert sorted(records) == list(range(13))
-    members = tar_members(done.part_dir)
     keys = set()
     for row in duplicates:
         record = records[row]

@@ -112,14 +112,6 @@ def test_unreachable_redis_is_one_clear_line(settings, user_env):
     assert "Traceback" not in result.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_up_starts_everything_and_one_ctrl_c_stops_it_all(settings, dataset, user_env):
     import signal
     import time
@@ -127,7 +119,7 @@ def test_up_starts_everything_and_one_ctrl_c_stops_it_all(settings, dataset, use
 
     import psutil
 
-    port = _free_port()
+    port = embedded.free_port()
     env = dict(user_env, LAION_PARQUET_DIR=str(settings.parts_root),
                LAION_STORE_DIR=str(settings.store_root), LAION_PROCESSES="1")
     up = subprocess.Popen(
@@ -177,9 +169,6 @@ def _in_group(process, group: int) -> bool:
 def test_errors_export_reports_progress_on_a_big_part(settings, tmp_path):
     """25,000 failed rows (URLs that are not URLs, so no download is needed): the export
     writes them all and reports its progress as it goes."""
-    import pyarrow as pa
-
-    from laion_dagster.core import parts
     from laion_dagster.core.accounting import export_errors
     from laion_dagster.core.connection import connect
     from laion_dagster.core.enqueue import enqueue_part

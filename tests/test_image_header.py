@@ -111,7 +111,6 @@ def test_never_accepts_a_damaged_header_pillow_refuses():
             damaged.append(bytes(flipped))
         for sample in damaged:
             probed = image_header.probe(sample)
-            expected = pillow_header(sample)
             checked += 1
             if probed is None:
                 continue
@@ -120,6 +119,7 @@ def test_never_accepts_a_damaged_header_pillow_refuses():
                 with pytest.raises(images.NotAnImage, match="decompression bomb"):
                     images.inspect(sample)
             else:
+                expected = pillow_header(sample)
                 assert probed == expected, (sample[:40], probed, expected)
     assert checked > 5000 and answered > 500  # the parsers did answer for damaged bodies
 

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from dagster import AssetKey, DagsterInstance
 
 from laion_dagster.core import parts
 from laion_dagster.core.connection import connect
+from laion_dagster.core.embedded import free_port
 from laion_dagster.core.queue import Queue
 from tests.conftest import worker_env
 from tests.outputs import all_done, wait_until
@@ -69,12 +69,6 @@ def _update_screenshot() -> bool:
     with contextlib.suppress(OSError):
         return b"LAION_UPDATE_SCREENSHOT=1" in Path("/proc/self/environ").read_bytes().split(b"\0")
     return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(env, cwd, *command: str) -> str:
@@ -193,7 +187,7 @@ def test_a_finished_part_shows_its_totals_errors_paths_and_checks_in_the_ui(
     assert len(failures) >= 2
 
     # The UI: the webserver alone (no daemon needed), on a free loopback port.
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "webserver.log"
     with log.open("wb") as out:

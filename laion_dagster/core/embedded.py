@@ -48,7 +48,8 @@ def _binary() -> Path:
     return Path(get_binary_path())
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 nobody listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -122,9 +123,9 @@ def _start(directory: Path, timeout: float) -> EmbeddedServer:
         old = redis.connection.parse_url(previous.url)
         port, password = old["port"], old["password"]
         if not _port_is_free(port):
-            port = _free_port()
+            port = free_port()
     else:
-        port, password = _free_port(), secrets.token_hex(16)
+        port, password = free_port(), secrets.token_hex(16)
     config = directory / "valkey.conf"
     config.write_text(
         "\n".join(

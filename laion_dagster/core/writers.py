@@ -78,6 +78,12 @@ def clear_stale_temporaries(part_dir: Path, shard: int) -> None:
             path.unlink(missing_ok=True)
 
 
+def leftovers(store: Path) -> list[Path]:
+    """Temporary (`.tmp-`) or half-replaced (`.old-`) files under a store: none may remain
+    once its workers have stopped (tests and bench/soak.py check this)."""
+    return [p for p in store.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
 def shard_complete(part_dir: Path, shard: int) -> bool:
     return (part_dir / f"{shard:05d}_stats.json").exists()
 
