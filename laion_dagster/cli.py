@@ -9,31 +9,79 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from laion_dagster.core import embedded
+from pydantic import ValidationError
+
+from laion_dagster.core import embedded, exclusive
 from laion_dagster.core.connection import RedisUnavailable, connect
 from laion_dagster.core.embedded import EmbeddedServerError
 from laion_dagster.core.settings import Settings, setting_kind
+from laion_dagster.usage import UsageError
 
 DEMO_HOSTS = ("img-a.test", "img-b.test", "img-c.test")
+# The demo's own folder (<data_dir>/demo) holds this marker and only these names: it clears
+# them on its next run, and refuses to clear a folder holding anything else.
+DEMO_MARKER = ".laion-dagster-demo"
+DEMO_ENTRIES = ("parquet", "store", "redis", "dagster", "logs")
+
+
+def _explain(error: ValidationError, from_flags: bool) -> str:
+    """One sentence per bad setting: where it came from, its value, and what is allowed."""
+    sentences = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else "settings"
+        where = ("--" + name.replace("_", "-")) if from_flags else f"LAION_{name.upper()}"
+        message = item["msg"].removeprefix("Value error, ")
+        sentences.append(f"{where} {item.get('input')!r} is not allowed: "
+                         f"{message[:1].lower()}{message[1:]}")
+    return "; ".join(sentences)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        base = Settings()
+    except ValidationError as error:
+        raise UsageError(_explain(error, from_flags=False)) from None
     overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
-    return Settings().with_overrides(**overrides)
+    try:
+        return base.with_overrides(**overrides)
+    except ValidationError as error:
+        raise UsageError(_explain(error, from_flags=True)) from None
 
 
-# Flags of the commands that only look at the queue and the files, not at downloading.
-WHERE = ("data_dir", "parquet_dir", "store_dir", "error_dir", "redis_url", "prefix",
-         "url_column", "caption_column", "save_additional_columns", "shard_size")
+# The settings each command that only looks (or tidies) actually reads; the commands that
+# download take them all.
+LOOK = ("data_dir", "parquet_dir", "store_dir", "redis_url", "prefix")
+COMMAND_SETTINGS = {
+    "status": LOOK + ("heartbeat_interval",),
+    "export": LOOK + ("error_dir",),
+    "retry": LOOK + ("error_dir", "url_column", "caption_column", "save_additional_columns",
+                     "key_columns", "shard_size"),
+    "reset": LOOK,
+    "discover": ("data_dir", "parquet_dir", "store_dir"),
+}
+
+
+@contextlib.contextmanager
+def _borrowing_embedded(settings: Settings) -> Iterator[None]:
+    """A command that only looks at the queue leaves no server behind: the embedded server is
+    stopped afterwards if this command had to start it and no run holds the folder."""
+    directory = None if settings.redis_url else settings.redis_dir
+    was_running = directory is None or embedded.running(directory)
+    try:
+        yield
+    finally:
+        if not was_running and not exclusive.is_held(settings.state_dir):
+            embedded.stop(directory)
 
 
 def _comma_list(text: str) -> list[str]:
@@ -58,7 +106,9 @@ def _settings_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None
         kind = setting_kind(name)
         flag = "--" + name.replace("_", "-")
         default = field.default if field.default_factory is None else None
-        shown = f" (default: {default})" if default not in (None, [], {}) else ""
+        described = field.description or ""
+        shown = (f" (default: {default})" if default not in (None, [], {})
+                 and "default" not in described else "")
         options: dict = {"dest": name, "default": None, "help": (field.description or "") + shown}
         if typing.get_origin(kind) is typing.Literal:
             options["choices"] = typing.get_args(kind)
@@ -73,16 +123,24 @@ def _settings_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None
         group.add_argument(flag, **options)
 
 
-def _common(parser: argparse.ArgumentParser, pool: bool = True) -> None:
-    _settings_flags(parser, None if pool else WHERE)
+def _common(parser: argparse.ArgumentParser, command: str | None = None) -> None:
+    _settings_flags(parser, COMMAND_SETTINGS.get(command) if command else None)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from laion_dagster.core.hosts import store_problem
     from laion_dagster.worker.supervisor import Supervisor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s "
                                                    "%(message)s")
-    return Supervisor(_settings(args)).run()
+    settings = _settings(args)
+    # A full disk only pauses a pool (it waits for space by itself); a store it cannot write
+    # at all is a mistake to report now, not a pause to sit in forever.
+    problem = store_problem(settings, disk=False)
+    if problem:
+        raise UsageError(problem)
+    with _borrowing_embedded(settings):
+        return Supervisor(settings).run()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -91,7 +149,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     result = OneShot(settings).run()
     print(format_summary(result, settings))
-    return 0 if result.ok else 1
+    return result.exit_code
+
+
+def _clear_demo_folder(folder: Path) -> None:
+    """Remove what an earlier demo made in `folder`, and nothing else: a folder without the
+    demo's marker, or holding other names, is refused."""
+    if folder.exists():
+        entries = {p.name for p in folder.iterdir()} - {exclusive.LOCK_FILE}
+        if entries and DEMO_MARKER not in entries:
+            raise UsageError(f"{folder} exists and was not made by the demo (it has no "
+                             f"{DEMO_MARKER} file); the demo clears only a folder it made. "
+                             "Move it away, or give the demo another --data-dir")
+        foreign = sorted(entries - {DEMO_MARKER, *DEMO_ENTRIES})
+        if foreign:
+            raise UsageError(f"{folder} holds files the demo did not make "
+                             f"({', '.join(foreign[:5])}); move them away first")
+    embedded.stop(folder / "redis")
+    for name in DEMO_ENTRIES:
+        shutil.rmtree(folder / name, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DEMO_MARKER).write_text("Made by `laion-dagster demo`, which clears this folder "
+                                      "(only the names it makes) on its next run.\n")
+
+
+def _ui_hint(settings: Settings) -> str:
+    """A command that opens the demo in the UI, ready to paste: absolute paths, and every
+    setting the demo changed, so the UI sees the demo's parts, queue and files."""
+    dagster = Path(sys.executable).with_name("dagster")
+    env = {"DAGSTER_HOME": settings.state_dir / "dagster", "LAION_DATA_DIR": settings.data_dir,
+           "LAION_PARQUET_DIR": settings.parts_root, "LAION_STORE_DIR": settings.store_root,
+           "LAION_PREFIX": settings.prefix}
+    words = [f"{k}={shlex.quote(str(v))}" for k, v in env.items()]
+    return " ".join([*words, shlex.quote(str(dagster)), "dev", "-m", "laion_dagster.definitions"])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -100,9 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from laion_dagster.oneshot import OneShot, format_summary
 
     base = _settings(args)
-    demo_dir = (args.data_dir or base.data_dir / "demo").absolute()
-    embedded.stop(demo_dir / "redis")
-    shutil.rmtree(demo_dir, ignore_errors=True)
+    demo_dir = (base.home / "demo").absolute()
     # The demo is self-contained: its own Redis, store and Dagster instance, whatever the
     # environment says, and only loopback traffic to the image server it starts.
     settings = base.model_copy(update={
@@ -113,19 +201,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "host_map": {host: "127.0.0.1" for host in DEMO_HOSTS}, "timeout": 10.0,
         "heartbeat_interval": 2.0,
     })
-    os.environ["DAGSTER_HOME"] = str(demo_dir / "dagster")
-    print(f"generating a LAION-like demo dataset in {demo_dir} ...", flush=True)
-    images = make_images(200)
-    with ImageServer({image.path: image for image in images}) as server:
-        dataset = write_dataset(settings.parts_root, [server.url(h) for h in DEMO_HOSTS],
-                                rows_per_part=args.rows_per_part, images=images)
-        print(f"{len(dataset.parts)} parts, {len(dataset.expected_by_row):,} rows, served from "
-              f"{server.url()} as {', '.join(DEMO_HOSTS)}", flush=True)
-        result = OneShot(settings).run()
+    with exclusive.hold(demo_dir, "laion-dagster demo"):
+        _clear_demo_folder(demo_dir)
+        os.environ["DAGSTER_HOME"] = str(demo_dir / "dagster")
+        print(f"generating a LAION-like demo dataset in {demo_dir} ...", flush=True)
+        images = make_images(200)
+        with ImageServer({image.path: image for image in images}) as server:
+            dataset = write_dataset(settings.parts_root, [server.url(h) for h in DEMO_HOSTS],
+                                    rows_per_part=args.rows_per_part, images=images)
+            print(f"{len(dataset.parts)} parts, {len(dataset.expected_by_row):,} rows, served "
+                  f"from {server.url()} as {', '.join(DEMO_HOSTS)}", flush=True)
+            result = OneShot(settings, hold_state=False).run()
     print(format_summary(result, settings))
-    print(f"\nsee it in the UI: LAION_DATA_DIR={demo_dir} DAGSTER_HOME={demo_dir}/dagster "
-          "dagster dev -m laion_dagster.definitions")
-    return 0 if result.ok else 1
+    print(f"\nsee it in the UI (paste this):\n  {_ui_hint(settings)}")
+    return result.exit_code
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -133,38 +222,56 @@ def cmd_status(args: argparse.Namespace) -> int:
     from laion_dagster.core.status import collect, render
 
     settings = _settings(args)
-    client = connect(settings, name="laion-dagster-status", retries=2)
-    queue = Queue(client, settings.prefix)
-    while True:
-        status = collect(queue, settings)
-        text = json.dumps(status.to_dict(), indent=2) if args.json else render(status)
-        if args.watch:
-            print("\033[2J\033[H" + time.strftime("%H:%M:%S  ") + text, flush=True)
-            time.sleep(args.watch)
-        else:
-            print(text)
-            return 0
+    with _borrowing_embedded(settings):
+        client = connect(settings, name="laion-dagster-status", retries=2)
+        queue = Queue(client, settings.prefix)
+        try:
+            while True:
+                status = collect(queue, settings)
+                text = json.dumps(status.to_dict(), indent=2) if args.json else render(status)
+                if not args.watch:
+                    print(text)
+                    return 0
+                print("\033[2J\033[H" + time.strftime("%H:%M:%S  ") + text, flush=True)
+                time.sleep(args.watch)
+        finally:
+            client.close()
+
+
+@contextlib.contextmanager
+def _queue(settings: Settings, name: str) -> Iterator:
+    """The queue, for a command a person waits on: a short retry budget, and no embedded
+    server left behind."""
+    from laion_dagster.core.queue import Queue
+
+    with _borrowing_embedded(settings):
+        client = connect(settings, name=name, retries=2)
+        try:
+            yield Queue(client, settings.prefix, settings.visibility_timeout,
+                        settings.max_deliveries)
+        finally:
+            client.close()
+
+
+def _known_part(queue, part: str) -> None:
+    known = queue.partitions()
+    if part not in known:
+        raise UsageError(f"unknown part {part!r}; known parts: "
+                         f"{', '.join(known[:10]) or 'none'}{' …' if len(known) > 10 else ''}")
 
 
 def cmd_errors_export(args: argparse.Namespace) -> int:
     from laion_dagster.core.accounting import export_errors
-    from laion_dagster.core.queue import Queue
 
     settings = _settings(args)
-    client = connect(settings, name="laion-dagster-errors", retries=2)
-    queue = Queue(client, settings.prefix)
-    known = queue.partitions()
-    if args.part not in known:
-        print(f"laion-dagster: unknown part {args.part!r}; known parts: "
-              f"{', '.join(known[:10]) or 'none'}", file=sys.stderr)
-        return 2
-    out = (args.out or Path.cwd()).absolute()
-    try:
-        parquet_path, jsonl_path, count = export_errors(queue, args.part, settings, out,
-                                                        progress=_progress_bar("export"))
-    except FileNotFoundError as error:
-        print(f"laion-dagster: {error}", file=sys.stderr)
-        return 2
+    with _queue(settings, "laion-dagster-errors") as queue:
+        _known_part(queue, args.part)
+        out = (args.out or Path.cwd()).absolute()
+        try:
+            parquet_path, jsonl_path, count = export_errors(queue, args.part, settings, out,
+                                                            progress=_progress_bar("export"))
+        except FileNotFoundError as error:
+            raise UsageError(str(error)) from None
     print(f"{count:,} failed rows of {args.part}: {parquet_path} and {jsonl_path}")
     return 0
 
@@ -184,41 +291,54 @@ def _progress_bar(label: str, width: int = 30):
     return show
 
 
+def _where_flags(settings: Settings) -> str:
+    """The flags that point another command at the same data (for hints to paste)."""
+    flags = []
+    for name in ("data_dir", "parquet_dir", "store_dir", "prefix"):
+        value = getattr(settings, name)
+        if value is not None and (name != "prefix" or value != "laion"):
+            flags += ["--" + name.replace("_", "-"), shlex.quote(str(value))]
+    return " ".join(flags)
+
+
 def cmd_errors_retry(args: argparse.Namespace) -> int:
     from laion_dagster.core import parts
-    from laion_dagster.core.queue import Queue
+    from laion_dagster.core.hosts import is_stale
     from laion_dagster.core.retry import RetryRefused, retry_failed
 
     settings = _settings(args)
-    client = connect(settings, name="laion-dagster-errors", retries=2)
-    queue = Queue(client, settings.prefix, settings.visibility_timeout, settings.max_deliveries)
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
-    try:
-        part = parts.find(settings.parts_root, args.part)
-        report = retry_failed(queue, part, settings, classes)
-    except (parts.PartError, RetryRefused, FileNotFoundError) as error:
-        print(f"laion-dagster: {error}", file=sys.stderr)
-        return 2
+    with _queue(settings, "laion-dagster-errors") as queue:
+        try:
+            part = parts.find(settings.parts_root, args.part)
+            report = retry_failed(queue, part, settings, classes)
+        except (parts.PartError, RetryRefused, FileNotFoundError) as error:
+            raise UsageError(str(error)) from None
+        workers = [h for h, r in queue.hosts().items() if not is_stale(r, settings)]
     if not report.rows:
         print(f"no failed rows of {', '.join(classes)} in {args.part}; nothing to retry")
         return 0
     by_class = ", ".join(f"{k} {v:,}" for k, v in sorted(report.classes.items()))
     print(f"retry round {report.round}: {report.rows:,} rows ({by_class}) queued again in "
-          f"{report.shards} shards; running workers pick them up, and the part is finalized "
-          "again when they are done")
+          f"{report.shards} shards.")
+    where = _where_flags(settings)
+    if workers:
+        print(f"The running workers ({', '.join(sorted(workers))}) pick them up; the part is "
+              "finalized again when they are done.")
+    else:
+        print("No worker is running to download them. Run\n"
+              f"  laion-dagster run {where}\n"
+              "which downloads them and finalizes the part again (or start workers with "
+              f"`laion-dagster worker {where}` next to a Dagster daemon).")
     return 0
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    from laion_dagster.core.queue import Queue
-
     settings = _settings(args)
-    client = connect(settings, name="laion-dagster-reset", retries=2)
-    queue = Queue(client, settings.prefix, settings.visibility_timeout, settings.max_deliveries)
-    if args.part not in queue.partitions():
-        print(f"laion-dagster: {args.part} was never enqueued; nothing to reset", file=sys.stderr)
-        return 2
-    generation = queue.reset(args.part)
+    with _queue(settings, "laion-dagster-reset") as queue:
+        if args.part not in queue.partitions():
+            raise UsageError(f"{args.part} was never enqueued; nothing to reset")
+        generation = queue.reset(args.part)
     print(f"{args.part}: generation {generation}; its queued shards and counts are dropped. "
           "Enqueue it again (the launch_or_hold sensor does, or `run`, or the UI) to download "
           "it with the current settings; shards already complete on disk are kept unless "
@@ -233,14 +353,27 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     instance = get_instance(settings)
-    found = [p.key for p in parts.discover(settings.parts_root)]
+    found = parts.survey(settings.parts_root)
+    keys = [p.key for p in found.parts]
     known = set(instance.get_dynamic_partitions(PARTS))
-    new = [k for k in found if k not in known]
+    new = [k for k in keys if k not in known]
     if new:
         instance.add_dynamic_partitions(PARTS, new)
-    for key in found:
-        print(("added  " if key in new else "known  ") + key)
-    print(f"{len(new)} new, {len(found)} parts under {settings.parts_root}")
+    for part in found.parts:
+        print(("added  " if part.key in new else "known  ") + f"{part.key:<24} {part.path.name}")
+    for problem in found.problems:
+        print(f"skipped {problem}")
+    print(f"{len(new)} new, {len(keys)} parts under {settings.parts_root}")
+    stale = sorted(known - set(keys))
+    if stale and args.prune:
+        for key in stale:
+            instance.delete_dynamic_partition(PARTS, key)
+        print(f"removed {len(stale)} partitions without a part file: {', '.join(stale[:5])}"
+              f"{' …' if len(stale) > 5 else ''} (their runs stay in the instance's history)")
+    elif stale:
+        print(f"{len(stale)} partitions of the instance have no part file here (e.g. "
+              f"{stale[0]}; keys of versions before 0.2 looked like "
+              "laion2B-en__part-00000-<uuid>-c000); `discover --prune` removes them")
     return 0
 
 
@@ -266,83 +399,122 @@ def cmd_up(args: argparse.Namespace) -> int:
     from laion_dagster.instance import ensure_dagster_home
 
     settings = _settings(args)
-    home = ensure_dagster_home(settings)
-    os.environ.update(settings.to_env())
-    state = embedded.read_state(settings.redis_dir)
-    started_redis = not settings.redis_url and not (state and embedded.is_alive(state))
-    connect(settings).close()  # starts the embedded server if needed, fails early if not
-    dagster = Path(sys.executable).with_name("dagster")
-    children = [
-        subprocess.Popen([sys.executable, "-m", "laion_dagster.cli", "worker"]),
-        subprocess.Popen([str(dagster) if dagster.exists() else "dagster", "dev", "-m",
-                          "laion_dagster.definitions", "-p", str(args.port)]),
-    ]
-    print(f"Dagster UI on http://127.0.0.1:{args.port} (DAGSTER_HOME={home}); "
-          f"workers writing to {settings.store_root}. Ctrl-C stops everything.", flush=True)
-    # SIGTERM (systemd, kill) means the same as Ctrl-C.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("stopping: workers finish their shards, dagster dev shuts down ...", flush=True)
-    finally:
-        _stop_children(children, settings.shutdown_grace + 30)
-        if started_redis:
-            embedded.stop(settings.redis_dir)
+    with exclusive.hold(settings.state_dir, "laion-dagster up"):
+        home = ensure_dagster_home(settings)
+        os.environ.update(settings.to_env())
+        started_redis = not settings.redis_url and not embedded.running(settings.redis_dir)
+        connect(settings).close()  # starts the embedded server if needed, fails early if not
+        dagster = Path(sys.executable).with_name("dagster")
+        children = [
+            subprocess.Popen([sys.executable, "-m", "laion_dagster.cli", "worker"]),
+            subprocess.Popen([str(dagster) if dagster.exists() else "dagster", "dev", "-m",
+                              "laion_dagster.definitions", "-p", str(args.port)]),
+        ]
+        print(f"Dagster UI on http://127.0.0.1:{args.port} (DAGSTER_HOME={home}); "
+              f"workers writing to {settings.store_root}. Ctrl-C stops everything.", flush=True)
+        # SIGTERM (systemd, kill) means the same as Ctrl-C.
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            while all(child.poll() is None for child in children):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("stopping: workers finish their shards, dagster dev shuts down ...", flush=True)
+        finally:
+            _stop_children(children, settings.shutdown_grace + 30)
+            if started_redis:
+                embedded.stop(settings.redis_dir)
     return 0
+
+
+PART_HELP = "the part's key, <subset>/<part> (e.g. laion2B-en/00042; `status` lists them)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="laion-dagster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="download every part of a folder, then exit")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description)
+
+    run = command("run", "download every part of a folder, then exit",
+                  "Download every part under --parquet-dir into --store-dir on this machine, "
+                  "through Dagster, with a local worker pool; exit when every part is final "
+                  "(0), when a part fails or nothing can move for stall_timeout (1), or on "
+                  "Ctrl-C/SIGTERM (130/143) after stopping everything it started. Running it "
+                  "again resumes. Its queue and Dagster instance live in --data-dir, else "
+                  "beside the store (<store_dir>/.laion-dagster).")
     _common(run)
     run.set_defaults(func=cmd_run)
-    demo = sub.add_parser("demo", help="run on a generated dataset served from loopback")
+    demo = command("demo", "run on a generated dataset served from loopback",
+                   "Generate a small LAION-like dataset in <data_dir>/demo, serve its images "
+                   "from a loopback server, and download it with `run`. The demo clears only "
+                   "the folder it made (it holds a .laion-dagster-demo marker).")
     _common(demo)
-    demo.add_argument("--rows-per-part", dest="rows_per_part", type=int, default=1000)
+    demo.add_argument("--rows-per-part", dest="rows_per_part", type=int, default=1000,
+                      help="rows in each of the four generated parts (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
-    up = sub.add_parser("up", help="embedded Redis + dagster dev + a local worker pool")
+    up = command("up", "embedded Redis + dagster dev + a local worker pool",
+                 "Start the embedded Redis, `dagster dev` (UI and daemon, sensors on) and a "
+                 "local worker pool; one Ctrl-C stops all three.")
     _common(up)
-    up.add_argument("--port", type=int, default=3000)
+    up.add_argument("--port", type=int, default=3000, help="the UI's port (default: 3000)")
     up.set_defaults(func=cmd_up)
-    worker = sub.add_parser("worker", help="a worker pool on this host (downloader.py)")
+    worker = command("worker", "a worker pool on this host (downloader.py)",
+                     "Run P worker processes × C fetches against the queue until stopped "
+                     "(SIGTERM/Ctrl-C finish or hand back their shards).")
     _common(worker)
     worker.set_defaults(func=cmd_worker)
-    status = sub.add_parser("status", help="queue, rates, ETA, parts and hosts (speed.py)")
-    _common(status, pool=False)
-    status.add_argument("--watch", type=float, nargs="?", const=2.0)
-    status.add_argument("--json", action="store_true")
+    status = command("status", "queue, rates, ETA, parts and hosts (speed.py)",
+                     "Show the queue depth, recent and hourly rates, ETAs, every part and every "
+                     "worker host, from named Redis keys only.")
+    _common(status, "status")
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                        help="redraw every SECONDS (2 if not given) until Ctrl-C")
+    status.add_argument("--json", action="store_true",
+                        help="print the same figures as JSON, for scripts")
     status.set_defaults(func=cmd_status)
-    errors = sub.add_parser("errors", help="a part's failed rows (save_error_task.py)")
+    errors = command("errors", "a part's failed rows (save_error_task.py)",
+                     "Export a part's failed rows, or queue some of them again.")
     errors_sub = errors.add_subparsers(dest="errors_command", required=True)
-    export = errors_sub.add_parser("export", help="write a part's failed rows to files")
-    _common(export, pool=False)
-    export.add_argument("part", help="the partition key, <subset>__<part>")
+    export = errors_sub.add_parser("export", help="write a part's failed rows to files",
+                                   description="Write a part's failed and invalid rows as "
+                                               "parquet and JSON lines.")
+    _common(export, "export")
+    export.add_argument("part", help=PART_HELP)
     export.add_argument("--out", type=Path, help="folder for the files (default: here)")
     export.set_defaults(func=cmd_errors_export)
-    retry = errors_sub.add_parser("retry", help="queue a part's failed rows again")
-    _common(retry, pool=False)
-    retry.add_argument("part", help="the partition key, <subset>__<part>")
+    retry = errors_sub.add_parser("retry", help="queue a part's failed rows again",
+                                  description="Queue a finished part's failed rows of some "
+                                              "error classes again (only those rows).")
+    _common(retry, "retry")
+    retry.add_argument("part", help=PART_HELP)
     retry.add_argument("--classes", default="timeout,connection,dns,http_5xx",
                        help="error classes to retry, comma-separated (default: %(default)s)")
     retry.set_defaults(func=cmd_errors_retry)
-    reset = sub.add_parser("reset", help="start a part over as a new generation")
-    _common(reset, pool=False)
-    reset.add_argument("part", help="the partition key, <subset>__<part>")
+    reset = command("reset", "start a part over as a new generation",
+                    "Drop a part's queued shards and counts; its next enqueue starts it over "
+                    "with the current settings (shards complete on disk are kept).")
+    _common(reset, "reset")
+    reset.add_argument("part", help=PART_HELP)
     reset.set_defaults(func=cmd_reset)
-    discover = sub.add_parser("discover", help="add new parts as Dagster partitions")
-    _common(discover, pool=False)
+    discover = command("discover", "add new parts as Dagster partitions",
+                       "Add a Dagster partition for every part under --parquet-dir, and list "
+                       "the files that cannot be parts, with why.")
+    _common(discover, "discover")
+    discover.add_argument("--prune", action="store_true",
+                          help="remove partitions that have no part file any more")
     discover.set_defaults(func=cmd_discover)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from laion_dagster.core.parts import PartError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RedisUnavailable, EmbeddedServerError) as error:
+    except (RedisUnavailable, EmbeddedServerError, UsageError, exclusive.FolderBusy,
+            PartError) as error:
         print(f"laion-dagster: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

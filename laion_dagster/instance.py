@@ -1,4 +1,5 @@
-"""The Dagster instance our commands use: $DAGSTER_HOME, or one under the data directory.
+"""The Dagster instance our commands use: $DAGSTER_HOME, or one in the state folder (the data
+directory, else beside the store), so it lives with the data it describes.
 
 Kept out of the core because it is about Dagster; kept out of `defs/` because it is not a
 definition. `run`, `up` and `discover` share it so they all see the same runs and partitions.
@@ -20,7 +21,7 @@ def ensure_dagster_home(settings: Settings) -> Path:
     A DAGSTER_HOME that the user set keeps its own dagster.yaml; one without any gets ours.
     """
     home = os.environ.get("DAGSTER_HOME")
-    path = Path(home) if home else settings.data_dir / "dagster"
+    path = Path(home) if home else settings.state_dir / "dagster"
     path.mkdir(parents=True, exist_ok=True)
     config = path / "dagster.yaml"
     if not config.exists():

@@ -4,28 +4,48 @@ What img2dataset users expect from one command, but with Dagster keeping the rec
 part's enqueue runs as `dagster asset materialize` in its own process (so a huge part waiting on
 the high watermark does not stall the rest), finished parts are finalized in-process, and a
 local worker pool downloads. Running it again resumes: finished parts are skipped, and a part
-enqueued half way continues where it stopped.
+enqueued half way continues where it stopped; a part whose state was made for another store, or
+whose shards have gone from the store, is downloaded again (see core/provenance.py).
+
+It owns what it starts: the state folder (one command at a time), the embedded Redis (stopped at
+the end if it started it), the worker pool (started again if it dies) and the enqueue processes.
+SIGTERM or Ctrl-C stops every one of them within the grace period and prints the summary so far.
+It never waits in silence: the progress line says why nothing moves, and a run that cannot move
+for `stall_timeout` seconds ends with exit 1 and that reason.
 """
 
+from __future__ import annotations
+
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagster import DagsterInstance
 
-from laion_dagster.core import embedded, parts
+from laion_dagster.core import embedded, exclusive, parts, provenance
 from laion_dagster.core.accounting import PartSummary, summarize
 from laion_dagster.core.admission import hold_reasons
+from laion_dagster.core.children import die_with_parent
 from laion_dagster.core.connection import connect
+from laion_dagster.core.hosts import is_stale, store_problem
 from laion_dagster.core.queue import PartState, Queue
 from laion_dagster.core.settings import Settings
-from laion_dagster.core.status import bar
+from laion_dagster.core.status import bar, plural
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.instance import failure_message, get_instance
+from laion_dagster.usage import UsageError
+
+# A pool that dies this many times in a row, each within POOL_QUICK_DEATH seconds of its start,
+# is broken (a bad setting, a missing library), not unlucky: the run ends and says so.
+POOL_MAX_QUICK_DEATHS = 3
+POOL_QUICK_DEATH = 60.0
+LINE_EVERY = 5.0
 
 
 @dataclass
@@ -33,10 +53,19 @@ class RunResult:
     summaries: list[PartSummary] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
     duration: float = 0.0
+    stopped_by: int | None = None  # the signal that stopped the run early
+    gave_up: str | None = None  # why the run ended without finishing (stalled, pool broken)
+    first_fetch: float | None = None  # seconds from start to the first image fetched
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and self.stopped_by is None and self.gave_up is None
+
+    @property
+    def exit_code(self) -> int:
+        if self.stopped_by is not None:
+            return 128 + self.stopped_by  # 130 for Ctrl-C, 143 for SIGTERM, as shells expect
+        return 0 if self.ok else 1
 
 
 def _dagster_command() -> list[str]:
@@ -44,38 +73,84 @@ def _dagster_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "dagster"]
 
 
+class Rate:
+    """Rows per second over the last `window` seconds, from a cumulative counter that may
+    restart from 0 (a new worker pool)."""
+
+    def __init__(self, window: float = 30.0):
+        self.window = window
+        self.samples: deque[tuple[float, int]] = deque()
+        self.total = 0
+        self._last: int | None = None
+
+    def add(self, now: float, counter: int) -> None:
+        if self._last is not None:
+            # A smaller value than last time is a counter that restarted from 0.
+            self.total += counter - self._last if counter >= self._last else counter
+        self._last = counter
+        self.samples.append((now, self.total))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+
+    def per_second(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self.samples[0], self.samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
 class OneShot:
-    def __init__(self, settings: Settings, out=sys.stdout, worker_log: Path | None = None):
+    def __init__(self, settings: Settings, out=sys.stdout, worker_log: Path | None = None,
+                 hold_state: bool = True):
         self.settings = settings
+        self.hold_state = hold_state  # False: the caller (the demo) holds the folder already
         self.out = out
-        self.log_dir = settings.data_dir / "logs"
+        self.log_dir = settings.log_dir
         self.worker_log = worker_log or self.log_dir / "workers.log"
         self.enqueuing: dict[str, subprocess.Popen] = {}
         self.failures: dict[str, str] = {}
-        self.finalized: set[str] = set()
+        self.finished: set[str] = set()  # final, or failed for this run
         self.total_rows = 0
-        self.started_redis = False
+        self.workers: subprocess.Popen | None = None
+        self.workers_started = 0.0
+        self.quick_deaths = 0
+        self.signal: int | None = None
+        self.gave_up: str | None = None
+        self.started = time.monotonic()
+        self.first_fetch: float | None = None
+        self.rate = Rate()
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
-    # -- setup
-    def _environment(self) -> None:
-        """Children (Dagster runs, workers) must see exactly these settings."""
+    # -- children
+    def _use_settings_everywhere(self) -> None:
+        """Children (Dagster runs, workers) and the in-process finalize, whose resource reads
+        the environment, must see exactly these settings, and no other LAION_* variable."""
+        for name in [k for k in os.environ if k.startswith("LAION_")]:
+            del os.environ[name]
         os.environ.update(self.settings.to_env())
 
-    def _start_workers(self) -> subprocess.Popen:
+    def _child_env(self) -> dict[str, str]:
+        return os.environ.copy()
+
+    def _start_workers(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.worker_log, "ab")  # noqa: SIM115 - owned by the child
-        return subprocess.Popen([sys.executable, "-m", "laion_dagster.cli", "worker"],
-                                stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
+        with open(self.worker_log, "ab") as handle:
+            self.workers = subprocess.Popen(
+                [sys.executable, "-m", "laion_dagster.cli", "worker"], stdout=handle,
+                stderr=subprocess.STDOUT, env=self._child_env(), start_new_session=True,
+                preexec_fn=die_with_parent)
+        self.workers_started = time.monotonic()
 
     def _launch_enqueue(self, key: str) -> None:
-        log = open(self.log_dir / f"enqueue-{key}.log", "ab")  # noqa: SIM115
-        self.enqueuing[key] = subprocess.Popen(
-            _dagster_command() + ["asset", "materialize", "-m", "laion_dagster.definitions",
-                                  "--select", "part_tasks", "--partition", key],
-            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        name = key.replace(parts.SEPARATOR, "_")
+        with open(self.log_dir / f"enqueue-{name}.log", "ab") as log:
+            self.enqueuing[key] = subprocess.Popen(
+                _dagster_command() + ["asset", "materialize", "-m", "laion_dagster.definitions",
+                                      "--select", "part_tasks", "--partition", key],
+                stdout=log, stderr=subprocess.STDOUT, env=self._child_env(),
+                start_new_session=True, preexec_fn=die_with_parent)
 
     def _finalize(self, instance: DagsterInstance, key: str) -> None:
         from laion_dagster.definitions import defs
@@ -86,107 +161,253 @@ class OneShot:
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
         if not result.success:
             self.failures[key] = failure_message(instance, result.run_id)
-        self.finalized.add(key)
+        self.finished.add(key)
 
-    # -- the loop
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        # Only a flag: the loop notices within half a second and stops everything in order.
+        self.signal = signum
+
+    # -- the run
     def run(self) -> RunResult:
-        started = time.monotonic()
         s = self.settings
-        self._environment()
-        self.started_redis = not s.redis_url and not (
-            (state := embedded.read_state(s.redis_dir)) and embedded.is_alive(state))
+        held = (exclusive.hold(s.state_dir, "laion-dagster run") if self.hold_state
+                else contextlib.nullcontext())
+        with held:
+            problem = store_problem(s)
+            if problem:
+                raise UsageError(problem)
+            found = parts.survey(s.parts_root)
+            for note in found.problems:
+                self.say(f"warning: {note}")
+            if not found.parts:
+                raise UsageError(f"no parquet parts under {s.parts_root}/<subset>/*.parquet")
+            previous = {sig: signal.signal(sig, self._on_signal)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            started_redis = not s.redis_url and not embedded.running(s.redis_dir)
+            try:
+                return self._run(found.parts)
+            finally:
+                if started_redis:
+                    embedded.stop(s.redis_dir)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    def _run(self, found: list[parts.Part]) -> RunResult:
+        environment = dict(os.environ)
+        try:
+            return self._run_with_settings(found)
+        finally:  # a caller in the same process (a test, the demo) gets its environment back
+            os.environ.clear()
+            os.environ.update(environment)
+
+    def _run_with_settings(self, found: list[parts.Part]) -> RunResult:
+        s = self.settings
+        self._use_settings_everywhere()
+        if not s.redis_url:  # started here, it dies with this command, even by SIGKILL
+            embedded.ensure_running(s.redis_dir, tied=True)
         client = connect(s, name="laion-dagster-run")
         queue = Queue(client, s.prefix, s.visibility_timeout, s.max_deliveries)
         queue.ensure_group()
         instance = get_instance(s)
-        found = parts.discover(s.parts_root)
-        if not found:
-            raise SystemExit(f"no parquet parts under {s.parts_root}/<subset>/*.parquet")
         keys = [p.key for p in found]
         self.total_rows = sum(parts.rows_if_readable(p) for p in found)
         known = set(instance.get_dynamic_partitions(PARTS))
-        new = [k for k in keys if k not in known]
-        if new:
+        if new := [k for k in keys if k not in known]:
             instance.add_dynamic_partitions(PARTS, new)
-        states = queue.parts_states(keys)
-        self.finalized = {k for k, st in states.items() if st.finalized_at is not None}
-        if self.finalized:
-            self.say(f"{len(self.finalized)} of {len(keys)} parts are already final; skipping them")
-        workers = None
-        if len(self.finalized) < len(keys):
-            workers = self._start_workers()
-            self.say(f"{len(keys)} parts, {s.processes} worker processes × {s.concurrency} "
-                     f"fetches; store {s.store_root}; worker log {self.worker_log}")
+        final = self._check_states(queue, found)
+        if final:
+            self.say(f"{final} of {plural(len(keys), 'part')} already final in {s.store_root}; "
+                     "skipping them")
+        summaries: list[PartSummary] = []
         try:
-            last_line = 0.0
-            while len(self.finalized) < len(keys):
-                states = queue.parts_states(keys)
-                self._reap_enqueues(instance)
-                for key, st in states.items():
-                    if st.done and key not in self.finalized:
-                        self._finalize(instance, key)
-                self._maybe_enqueue(queue, keys, states)
-                if workers is not None and workers.poll() is not None:
-                    raise RuntimeError(f"the worker pool exited with code {workers.returncode}; "
-                                       f"see {self.worker_log}")
-                if time.monotonic() - last_line > 5:
-                    self.say(self._progress_line(queue, states))
-                    last_line = time.monotonic()
-                time.sleep(0.5)
+            if len(self.finished) < len(keys):
+                self._start_workers()
+                self.say(f"{plural(len(keys), 'part')}, {s.processes} worker processes × "
+                         f"{s.concurrency} fetches; store {s.store_root}; worker log "
+                         f"{self.worker_log}")
+                self._loop(queue, instance, keys)
+        except _GiveUp:
+            self.say(f"giving up: {self.gave_up}")
         finally:
-            for proc in self.enqueuing.values():
-                proc.terminate()
-            if workers is not None:
-                workers.send_signal(signal.SIGTERM)
-                try:
-                    workers.wait(s.shutdown_grace + 30)
-                except subprocess.TimeoutExpired:
-                    workers.kill()
-            final = queue.parts_states(keys)
-            summaries = [summarize(st, queue.classes(k), s) for k, st in final.items()]
+            self._stop_children()
+            with contextlib.suppress(Exception):
+                states = queue.parts_states(keys)
+                summaries = [summarize(st, queue.classes(k), s) for k, st in states.items()]
             client.close()
-            if self.started_redis:
-                embedded.stop(s.redis_dir)
         return RunResult(summaries=summaries, failures=self.failures,
-                         duration=time.monotonic() - started)
+                         duration=time.monotonic() - self.started, stopped_by=self.signal,
+                         gave_up=self.gave_up, first_fetch=self.first_fetch)
+
+    def _check_states(self, queue: Queue, found: list[parts.Part]) -> int:
+        """Decide, per part, whether its queue state is this run's (provenance.py): final
+        parts are skipped, parts made for another store or with shards gone from it start
+        again, parts whose file changed are refused. Returns how many are final."""
+        s = self.settings
+        states = queue.parts_states([p.key for p in found])
+        final = 0
+        for part in found:
+            state = states[part.key]
+            if not state.generation:
+                continue
+            try:
+                verdict = provenance.check(state, part, s)
+            except (provenance.PartChanged, parts.PartError) as error:
+                self.failures[part.key] = str(error)
+                self.finished.add(part.key)
+                self.say(f"part {part.key} failed: {error}")
+                continue
+            reason = verdict.reason
+            if not verdict.restart and state.finalized_at is not None:
+                missing = provenance.missing_shards(queue, state, s)
+                if not missing:
+                    self.finished.add(part.key)
+                    final += 1
+                    continue
+                reason = (f"{part.key}: {missing} of {plural(state.shards_total or 0, 'shard')} "
+                          f"are missing from {s.store_root}; downloading them again (the "
+                          "others are kept)")
+            if reason:
+                self.say(reason)
+                queue.reset(part.key)
+        return final
+
+    def _loop(self, queue: Queue, instance: DagsterInstance, keys: list[str]) -> None:
+        s = self.settings
+        last_line = 0.0
+        last_move = time.monotonic()
+        last_mark: tuple | None = None
+        while len(self.finished) < len(keys) and self.signal is None:
+            states = queue.parts_states(keys)
+            hosts = queue.hosts()
+            self._reap_enqueues(instance)
+            for key, st in states.items():
+                if st.done and key not in self.finished and self.signal is None:
+                    self._finalize(instance, key)
+            self._maybe_enqueue(queue, keys, states)
+            self._keep_pool_alive()
+            now = time.monotonic()
+            fetched = sum(int(h.get("fetched", 0)) for h in hosts.values())
+            self.rate.add(now, fetched)
+            if fetched and self.first_fetch is None:
+                self.first_fetch = now - self.started
+                self.say(f"first image fetched {self.first_fetch:.1f}s after start")
+            mark = (sum(st.rows for st in states.values()),
+                    sum(st.ok + st.failed + st.invalid for st in states.values()),
+                    self.rate.total, len(self.finished))
+            if mark != last_mark:
+                last_mark, last_move = mark, now
+            waiting = self._waiting(queue, keys, states, hosts)
+            if s.stall_timeout and now - last_move > s.stall_timeout:
+                self.gave_up = (f"no progress for {s.stall_timeout:.0f}s (stall_timeout): "
+                                + ("; ".join(waiting) if waiting else
+                                   f"no row was fetched; see {self.worker_log}"))
+                self.say(f"giving up: {self.gave_up}")
+                return
+            if now - last_line >= LINE_EVERY:
+                self.say(self._progress_line(states, waiting))
+                last_line = now
+            time.sleep(0.5)
+
+    def _keep_pool_alive(self) -> None:
+        if self.workers is None or self.workers.poll() is None or self.signal is not None:
+            return
+        code = self.workers.returncode
+        lived = time.monotonic() - self.workers_started
+        self.quick_deaths = self.quick_deaths + 1 if lived < POOL_QUICK_DEATH else 1
+        if self.quick_deaths >= POOL_MAX_QUICK_DEATHS:
+            self.gave_up = (f"the worker pool exited {self.quick_deaths} times in a row, each "
+                            f"within {POOL_QUICK_DEATH:.0f}s of starting (last exit code "
+                            f"{code}); see {self.worker_log}")
+            raise _GiveUp
+        self.say(f"the worker pool exited with code {code} (killed, or the OOM killer?); "
+                 "starting it again")
+        self._start_workers()
+
+    def _waiting(self, queue: Queue, keys: list[str], states: dict[str, PartState],
+                 hosts: dict[str, dict]) -> list[str]:
+        """Why work may not be moving right now, in the words the progress line shows."""
+        reasons = []
+        live = {h: r for h, r in hosts.items() if not is_stale(r, self.settings)}
+        for host, report in sorted(live.items()):
+            if report.get("paused"):
+                reasons.append(f"host {host} paused: {report.get('pause_reason') or 'paused'}")
+            for problem in report.get("problems") or []:
+                reasons.append(f"shards failing on {host}: {problem}")
+        if self.workers is not None and not live and \
+                time.monotonic() - self.workers_started > 30:
+            reasons.append(f"no worker is reporting; see {self.worker_log}")
+        waiting = [k for k in keys if not states[k].enqueued and k not in self.finished]
+        if waiting and not self.enqueuing:
+            held = hold_reasons(queue.queued_rows(), hosts, self.settings)
+            reasons += [f"new parts held: {r}" for r in held if not r.startswith("host ")]
+        return reasons
+
+    def _stop_children(self) -> None:
+        """Enqueue processes first (they resume where they stop), then the pool, which
+        finishes its shards within shutdown_grace or hands them back."""
+        if self.signal is not None:
+            name = signal.Signals(self.signal).name
+            self.say(f"{name}: stopping; workers finish their shards within "
+                     f"{self.settings.shutdown_grace:.0f}s or hand them back")
+        for proc in self.enqueuing.values():
+            proc.terminate()
+        for proc in self.enqueuing.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if self.workers is not None and self.workers.poll() is None:
+            self.workers.send_signal(signal.SIGTERM)
+            try:
+                self.workers.wait(self.settings.shutdown_grace + 30)
+            except subprocess.TimeoutExpired:
+                self.workers.kill()
+                self.workers.wait(5)
 
     def _reap_enqueues(self, instance: DagsterInstance) -> None:
         for key, proc in list(self.enqueuing.items()):
             if proc.poll() is None:
                 continue
             del self.enqueuing[key]
-            if proc.returncode != 0:
+            if proc.returncode != 0 and self.signal is None:
                 runs = instance.get_runs(_partition_filter(key), limit=1)
                 message = (failure_message(instance, runs[0].run_id) if runs
                            else f"exit code {proc.returncode}")
                 self.failures[key] = message
-                self.finalized.add(key)  # nothing more will happen to it in this run
+                self.finished.add(key)  # nothing more will happen to it in this run
                 self.say(f"part {key} failed: {message}")
 
     def _maybe_enqueue(self, queue: Queue, keys: list[str], states: dict[str, PartState]) -> None:
-        if self.enqueuing:
+        if self.enqueuing or self.signal is not None:
             return  # one part at a time, in order, as the sensor does
-        waiting = [k for k in keys if not states[k].enqueued and k not in self.failures]
+        waiting = [k for k in keys if not states[k].enqueued and k not in self.finished]
         if not waiting:
             return
         if hold_reasons(queue.queued_rows(), queue.hosts(), self.settings):
             return
         self._launch_enqueue(waiting[0])
 
-    def _progress_line(self, queue: Queue, states: dict[str, PartState]) -> str:
-        """A progress bar over every row of every part, with counts, rate and ETA."""
+    def _progress_line(self, states: dict[str, PartState], waiting: list[str]) -> str:
+        """A progress bar over every row of every part, with counts, rate, ETA and, when
+        something holds work back, why."""
         ok = sum(st.ok for st in states.values())
         failed = sum(st.failed for st in states.values())
-        done = ok + failed + sum(st.invalid for st in states.values())
+        invalid = sum(st.invalid for st in states.values())
+        done = ok + failed + invalid
         total = max(self.total_rows, 1)
-        rate = queue.rates(minutes=1)
-        recent = rate["ok"] + rate["failed"]
-        per_second = recent / 60.0
-        eta = f"{(total - done) / per_second:,.0f}s" if per_second > 0 and done < total else "-"
-        return (f"[{time.strftime('%H:%M:%S')}] {bar(done, total, 24)} {done / total:4.0%} "
-                f"rows {done:,}/{self.total_rows:,} | ok {ok:,} failed {failed:,} | parts final "
-                f"{len(self.finalized)}/{len(states)} | queue {queue.queued_rows():,} | "
-                f"{recent:,} images in the last minute | ETA {eta}")
+        per_second = self.rate.per_second()
+        eta = (f"{(total - done) / per_second:,.0f}s" if per_second > 0 and done < total
+               else "-")
+        final = sum(1 for k in states if k in self.finished)
+        line = (f"[{time.strftime('%H:%M:%S')}] {bar(done, total, 24)} {done / total:4.0%} "
+                f"rows {done:,}/{self.total_rows:,} | ok {ok:,} failed {failed:,} invalid "
+                f"{invalid:,} | parts final {final}/{len(states)} | {per_second:,.0f} images/s "
+                f"| ETA {eta}")
+        return line + "".join(f"\n    waiting: {reason}" for reason in waiting)
+
+
+class _GiveUp(Exception):
+    """Raised inside the loop when the run cannot go on; `OneShot.gave_up` says why."""
 
 
 def _partition_filter(key: str):
@@ -204,12 +425,18 @@ def format_summary(result: RunResult, settings: Settings) -> str:
     classes: dict[str, int] = {}
     for s in result.summaries:
         for name, count in s.classes.items():
-            classes[name] = classes.get(name, 0) + count
+            if name != "invalid_url":  # those are the invalid rows, counted on their own
+                classes[name] = classes.get(name, 0) + count
     attempted = ok + failed
-    lines = [
-        "",
+    lines = [""]
+    if result.stopped_by is not None:
+        lines.append(f"stopped by {signal.Signals(result.stopped_by).name}; the summary so far "
+                     "(run the same command again to resume):")
+    if result.gave_up:
+        lines.append(f"gave up: {result.gave_up}")
+    lines += [
         f"parts: {len(result.summaries)} ({len(result.failures)} failed)",
-        f"rows: {rows:,}  ok: {ok:,}  failed: {failed:,}  invalid: {invalid:,}"
+        f"rows: {rows:,}  ok: {ok:,}  failed: {failed:,}  invalid (no usable URL): {invalid:,}"
         f"  success rate: {ok / attempted if attempted else 0:.1%}",
         f"bytes: {nbytes / 1e6:,.1f} MB  in {result.duration:,.1f}s"
         f"  ({attempted / result.duration if result.duration else 0:,.0f} images/s overall)",

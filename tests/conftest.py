@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import os
 import socket
 import subprocess
@@ -113,6 +114,24 @@ def mount_tmpfs(path: Path, size_mb: int) -> bool:
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
                              str(path)], capture_output=True)
     return result.returncode == 0
+
+
+def shell_env(**settings: str) -> dict[str, str]:
+    """What a user's shell has: no LAION_* of the developer's, no DAGSTER_HOME, no Redis URL
+    (so the embedded server); plus the test hosts on loopback and quick timeouts, and the
+    given LAION_<NAME> values."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("LAION_") and k != "DAGSTER_HOME"}
+    env.update({
+        "LAION_HOST_MAP": json.dumps({h: "127.0.0.1" for h in TEST_HOSTS}),
+        "LAION_ALLOW_PRIVATE_ADDRESSES": "true",
+        "LAION_SHARD_SIZE": "40",
+        "LAION_TIMEOUT": "5",
+        "LAION_HEARTBEAT_INTERVAL": "0.5",
+        "LAION_RETRIES": "0",
+    })
+    env.update({f"LAION_{name.upper()}": value for name, value in settings.items()})
+    return env
 
 
 def worker_env(settings: Settings) -> dict[str, str]:

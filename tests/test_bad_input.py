@@ -115,9 +115,9 @@ def write_part(settings, name: str, table: pa.Table, subset: str = "bad-input",
 
 def check_accounting(settings, done: Downloaded,
                      rows: int) -> tuple[pa.Table, pa.Table, dict[str, bytes]]:
-    """Every input row is counted exactly once: in the shard parquets (ok or failed) or as
-    invalid (kept aside at enqueue); Redis counters agree; the tars hold exactly the
-    successful samples; nothing temporary is left and no traceback was logged.
+    """Every input row is counted exactly once and is in exactly one shard parquet: ok, failed,
+    or invalid (rejected at enqueue, never fetched); Redis counters agree; the tars hold
+    exactly the successful samples; nothing temporary is left and no traceback was logged.
 
     Returns (shard rows, invalid rows, tar members by name)."""
     key = done.part.key
@@ -129,30 +129,29 @@ def check_accounting(settings, done: Downloaded,
     samples = shard_rows(done.part_dir)
     got = samples.column("row").to_pylist()
     assert len(got) == len(set(got)), "a row appears twice in the shard parquets"
-    errors = done.queue.read_errors(key)
-    if errors is None:
-        invalid = pa.table({"row": pa.array([], pa.int64())})
-    else:
-        invalid = errors.filter(pc.invert(pc.is_in(errors.column("row"),
-                                                   value_set=pa.array(got, pa.int64()))))
+    assert set(got) == set(range(rows)), "a row is missing from the shard parquets"
+    # Rows rejected at enqueue are in their shard parquet too, failed as invalid_url with the
+    # reason, and in the part's error records once.
+    invalid = samples.filter(pc.equal(samples.column("error_class"), "invalid_url"))
     invalid_rows = invalid.column("row").to_pylist()
-    assert len(invalid_rows) == len(set(invalid_rows)), "an invalid row is listed twice"
-    assert not set(got) & set(invalid_rows)
-    assert set(got) | set(invalid_rows) == set(range(rows)), "a row was lost"
     assert state.invalid == len(invalid_rows)
     if invalid_rows:
-        assert set(invalid.column("error_class").to_pylist()) == {"invalid_url"}
+        assert set(invalid.column("status").to_pylist()) == {"failed"}
         assert all(invalid.column("error_message").to_pylist())
+        errors = done.queue.read_errors(key)
+        listed = errors.filter(pc.equal(errors.column("error_class"), "invalid_url"))
+        assert sorted(listed.column("row").to_pylist()) == sorted(invalid_rows)
 
     status = samples.column("status").to_pylist()
     assert state.ok == status.count("success")
-    assert state.failed == len(status) - status.count("success")
+    assert state.failed == len(status) - status.count("success") - len(invalid_rows)
 
     members = tar_members(done.part_dir)
     assert len(members) == 3 * state.ok  # image, .txt and .json per success, nothing else
+    prefix = parts.sample_prefix(key)
     for record in samples.to_pylist():
         key_ = record["key"]
-        assert key_ == f"{record['row']:010d}"
+        assert key_ == f"{prefix}_{record['row']:010d}"
         if record["status"] == "success":
             assert f"{key_}.{record['format']}" in members
             assert members[f"{key_}.txt"] == (record["caption"] or "").encode()
@@ -242,7 +241,7 @@ def test_broken_parts_fail_their_own_runs_and_every_other_part_downloads(
         int_url.key: (int_url.path, ["URL column 'URL' has type int64", "expected string"]),
         corrupt.key: (corrupt.path, ["cannot read rows"]),
         truncated.key: (truncated.path, ["not a readable parquet file"]),
-        "mixed__not-parquet": (not_parquet, ["not a readable parquet file"]),
+        "mixed/not-parquet": (not_parquet, ["not a readable parquet file"]),
     }
     keys = [p.key for p in parts.discover(settings.parts_root)]
     assert sorted(keys) == sorted([p.key for p in goods] + list(bad))
@@ -289,8 +288,10 @@ def test_broken_parts_fail_their_own_runs_and_every_other_part_downloads(
         for part, (rows, _) in goods.items():
             done = Downloaded(part=part, queue=queue,
                               part_dir=settings.store_root / part.relative_dir, log=log)
-            samples, _, _ = check_accounting(settings, done, rows)
-            assert set(samples.column("status").to_pylist()) == {"success"}
+            samples, invalid, _ = check_accounting(settings, done, rows)
+            # Every row with a URL downloaded; the invalid ones are in the shards, failed.
+            status = samples.column("status").to_pylist()
+            assert status.count("success") == rows - goods[part][1] == rows - invalid.num_rows
         assert queue.queued_rows() == 0
         for key in bad:  # nothing was written for a broken part
             assert not (settings.store_root / parts.relative_dir(key)).exists()
@@ -359,6 +360,7 @@ def test_bad_urls_are_counted_invalid_with_a_reason_and_odd_valid_ones_download(
             assert kept_aside[row]["url"] == url
             assert kept_aside[row]["caption"] == f"caption {row}"
             assert expected[1] in kept_aside[row]["error_message"], kept_aside[row]
+            assert kept_aside[row]["SAMPLE_ID"] == 100 + row  # its input columns travel too
             continue
         record = fetched[row]
         assert record["url"] == url and record["SAMPLE_ID"] == 100 + row
@@ -373,6 +375,12 @@ def test_bad_urls_are_counted_invalid_with_a_reason_and_odd_valid_ones_download(
     # Every legal URL reached the server once, at exactly the expected target; nothing else
     # was asked for (no invalid row was fetched, no target was re-encoded or decoded).
     assert server.requests == Counter({**{t: 1 for t in ok_targets}, "/missing.jpg": 1})
+    # The error records (the part's error file) carry each row's sample key and the input's
+    # key column, so they join back to LAION's metadata.
+    prefix = parts.sample_prefix(part.key)
+    for record in done.queue.read_errors(part.key).to_pylist():
+        assert record["key"] == f"{prefix}_{record['row']:010d}"
+        assert record["SAMPLE_ID"] == 100 + record["row"]
     state = done.queue.part(part.key)
     invalid_count = sum(1 for _, e in cases if e[0] == "invalid")
     assert (state.ok, state.failed, state.invalid) == (len(ok_targets), 1, invalid_count)
@@ -388,8 +396,8 @@ def test_urls_without_a_host_are_invalid_at_enqueue(tmp_path):
     pq.write_table(pa.table({"URL": urls}), path)
     (shard,) = parts.iter_shards(path, 10)
     assert shard.valid.num_rows == 0
-    assert shard.invalid.column("row").to_pylist() == [0, 1, 2, 3]
-    for reason in shard.invalid.column("error_message").to_pylist():
+    assert shard.rejected.column("row").to_pylist() == [0, 1, 2, 3]
+    for reason in shard.rejected.column(parts.REJECT).to_pylist():
         assert "host" in reason, reason
 
 
@@ -458,7 +466,7 @@ def test_odd_captions_round_trip_to_the_tar_and_the_shard_parquet(small, server,
         key = record["key"]
         assert members[f"{key}.txt"] == (caption or "").encode("utf-8")
         assert json.loads(members[f"{key}.json"])["caption"] == caption
-    assert len(members[f"{len(captions) - 1:010d}.txt"]) >= 100_000
+    assert len(members[f"{records[len(captions) - 1]['key']}.txt"]) >= 100_000
 
 
 def test_invalid_utf8_captions_are_decoded_with_replacements_and_the_rows_kept(
@@ -508,7 +516,7 @@ def test_duplicate_urls_get_one_sample_per_row(small, server, images):
     for row in duplicates:
         record = records[row]
         assert record["url"] == same and record["status"] == "success"
-        assert record["key"] == f"{row:010d}"
+        assert record["key"] == f"bad-input_duplicates_{row:010d}"
         keys.add(record["key"])
         assert members[f"{record['key']}.{record['format']}"] == images[0].body
         assert members[f"{record['key']}.txt"] == f"row {row}".encode()

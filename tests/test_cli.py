@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_dagster.core import embedded, parts
-from tests.conftest import TEST_HOSTS
+from tests.conftest import shell_env
 from tests.outputs import check_part
 
 
@@ -22,19 +22,8 @@ def cli(env, *args, timeout=240):
 
 @pytest.fixture
 def user_env(settings):
-    """What a user's shell has: no Redis URL (so the embedded one), no DAGSTER_HOME."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("LAION_") and k != "DAGSTER_HOME"}
-    env.update({
-        "LAION_DATA_DIR": str(settings.data_dir),
-        "LAION_HOST_MAP": json.dumps({h: "127.0.0.1" for h in TEST_HOSTS}),
-        "LAION_ALLOW_PRIVATE_ADDRESSES": "true",
-        "LAION_SHARD_SIZE": "40",
-        "LAION_TIMEOUT": "5",
-        "LAION_HEARTBEAT_INTERVAL": "0.5",
-        "LAION_RETRIES": "0",
-    })
-    yield env
+    """A user's shell, with one data folder for everything."""
+    yield shell_env(data_dir=str(settings.data_dir))
     embedded.stop(settings.data_dir / "redis")
 
 
@@ -48,7 +37,7 @@ def test_run_downloads_everything_reports_bad_parts_and_resumes(settings, datase
     first = cli(user_env, *args)
     output = first.stdout + first.stderr
     assert first.returncode == 1, output
-    assert f"FAILED laion1B-nolang__part-00000-bad-c000: {bad}: no URL column" in output
+    assert f"FAILED laion1B-nolang/00000: {bad}: no URL column" in output
     assert "Traceback" not in first.stdout
     good = [p for p in parts.discover(settings.parts_root) if p.subset != "laion1B-nolang"]
     total_rows = 0
@@ -60,8 +49,7 @@ def test_run_downloads_everything_reports_bad_parts_and_resumes(settings, datase
         assert {r["row"]: r["error_class"] for r in errors.to_pylist()} == {
             i: c for i, c in expected.items() if c != "success"}
         total_rows += len(expected)
-        assert rows.num_rows + sum(c == "invalid_url" for c in expected.values()) == len(
-            expected)
+        assert rows.num_rows == len(expected)  # every row in a shard parquet, invalid ones too
     counts = dataset.outcome_counts()
     assert f"rows: {total_rows:,}  ok: {counts['success']:,}" in output
     state = embedded.read_state(settings.data_dir / "redis")
@@ -70,7 +58,7 @@ def test_run_downloads_everything_reports_bad_parts_and_resumes(settings, datase
     bad.unlink()
     again = cli(user_env, *args)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "4 of 4 parts are already final; skipping them" in again.stdout
+    assert f"4 of 4 parts already final in {settings.store_root}; skipping them" in again.stdout
 
     part = good[0]
     lost = cli(user_env, "errors", "export", part.key, timeout=60)  # forgot --store-dir
@@ -78,14 +66,18 @@ def test_run_downloads_everything_reports_bad_parts_and_resumes(settings, datase
     exported = cli(user_env, "errors", "export", part.key, "--store-dir",
                    str(settings.store_root), "--out", str(settings.data_dir / "x"), timeout=60)
     assert exported.returncode == 0, exported.stderr
-    lines = (settings.data_dir / "x" / f"{part.key}.errors.jsonl").read_text().splitlines()
+    name = part.key.replace("/", "_")
+    lines = (settings.data_dir / "x" / f"{name}.errors.jsonl").read_text().splitlines()
     expected = {i: c for (n, i), c in dataset.expected_by_row.items()
                 if n == part.path.name and c != "success"}
     assert {json.loads(line)["row"]: json.loads(line)["error_class"] for line in lines} == expected
-    table = pq.read_table(settings.data_dir / "x" / f"{part.key}.errors.parquet")
+    table = pq.read_table(settings.data_dir / "x" / f"{name}.errors.parquet")
     assert table.num_rows == len(expected)
-    unknown = cli(user_env, "errors", "export", "nope__part", timeout=60)
-    assert unknown.returncode == 2 and "unknown part 'nope__part'" in unknown.stderr
+    unknown = cli(user_env, "errors", "export", "nope/part", timeout=60)
+    assert unknown.returncode == 2 and "unknown part 'nope/part'" in unknown.stderr
+    # The commands that only look started the embedded server to read the queue, and stopped
+    # it again.
+    assert not embedded.running(settings.data_dir / "redis")
 
 
 def test_status_and_discover(settings, dataset, user_env):
@@ -93,6 +85,8 @@ def test_status_and_discover(settings, dataset, user_env):
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["queued_rows"] == 0 and report["parts"] == [] and report["hosts"] == []
+    # It had to start the embedded server to read the queue; it stopped it again.
+    assert not embedded.running(settings.data_dir / "redis")
     found = cli(user_env, "discover", "--parquet-dir", str(settings.parts_root), timeout=60)
     assert found.returncode == 0, found.stderr
     assert "4 new, 4 parts" in found.stdout
@@ -186,3 +180,126 @@ def test_errors_export_reports_progress_on_a_big_part(settings, tmp_path):
                                     progress=lambda done, total: calls.append((done, total)))
     assert count == 25_000 and len(jsonl.read_text().splitlines()) == 25_000
     assert calls == [(10_000, 25_000), (20_000, 25_000), (25_000, 25_000)]
+
+
+# ---------------------------------------------------------------- clear words for mistakes
+
+@pytest.mark.parametrize("args, env, sentence", [
+    (["run", "--processes", "0"], {},
+     "--processes 0 is not allowed: input should be greater than or equal to 1"),
+    (["worker", "--concurrency", "0"], {},
+     "--concurrency 0 is not allowed: input should be greater than or equal to 1"),
+    (["status"], {"LAION_PROCESSES": "0"},
+     "LAION_PROCESSES '0' is not allowed: input should be greater than or equal to 1"),
+    (["status"], {"LAION_REDIS_URL": "notaurl"},
+     "LAION_REDIS_URL 'notaurl' is not allowed: expected redis://[:password@]host[:port][/db], "
+     "rediss://... for TLS, or unix:///path/to/socket"),
+    (["reset", "laion2B-en/00000"], {"LAION_REDIS_URL": "http://queue-host:6379"},
+     "LAION_REDIS_URL 'http://queue-host:6379' is not allowed: expected redis://"),
+    (["run", "--redis-url", "redis://host:port"], {},
+     "--redis-url 'redis://host:port' is not allowed: bad port"),
+])
+def test_a_bad_setting_is_one_sentence_naming_it_and_what_is_allowed(user_env, args, env,
+                                                                    sentence):
+    result = cli({**user_env, **env}, *args, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"laion-dagster: {sentence}"), lines
+    assert "Traceback" not in result.stderr
+
+
+def test_help_says_what_each_command_does_and_lists_only_its_flags():
+    run = cli(os.environ, "run", "--help", timeout=60).stdout
+    assert "Download every part under --parquet-dir into --store-dir" in run
+    overwrite = run.split("--overwrite, --no-overwrite", 1)[1].split("\n  --", 1)[0]
+    assert overwrite.count("default") == 1 and "(default: keep them)" in " ".join(
+        overwrite.split())
+    status = cli(os.environ, "status", "--help", timeout=60).stdout
+    assert "redraw every SECONDS" in " ".join(status.split())
+    assert "--json" in status and "as JSON, for scripts" in status
+    for command in (["status"], ["reset"], ["discover"], ["errors", "export"],
+                    ["errors", "retry"]):
+        text = cli(os.environ, *command, "--help", timeout=60).stdout
+        for flag in ("--concurrency", "--timeout", "--resize-mode", "--processes",
+                     "--overwrite"):
+            assert flag not in text, (command, flag)
+        assert "--store-dir" in text
+    assert "laion2B-en/00042" in cli(os.environ, "reset", "--help", timeout=60).stdout
+
+
+# ---------------------------------------------------------------- the demo
+
+def test_the_demo_clears_only_what_it_made_and_its_ui_hint_works_pasted(user_env, tmp_path):
+    """`demo --data-dir DIR` works in DIR/demo, marked as its own, and leaves the rest of DIR
+    alone; it refuses to clear a folder it did not make. The UI command it prints, pasted as
+    is, opens an instance that shows the demo's four parts, materialized."""
+    import re
+    import signal
+    import urllib.request
+
+    env = {k: v for k, v in user_env.items() if not k.startswith("LAION_")}
+    folder = tmp_path / "mine"
+    (folder / "photos").mkdir(parents=True)
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "photos" / "cat.jpg").write_bytes(b"not really a cat")
+
+    result = cli(env, "demo", "--data-dir", str(folder), "--rows-per-part", "60", timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert (folder / "notes.txt").read_text() == "my notes"
+    assert (folder / "photos" / "cat.jpg").read_bytes() == b"not really a cat"
+    assert (folder / "demo" / ".laion-dagster-demo").exists()
+    demo_redis = folder / "demo" / "redis"
+    assert not embedded.running(demo_redis)
+
+    hint = out.split("see it in the UI (paste this):\n", 1)[1].strip().splitlines()[0].strip()
+    assert re.fullmatch(r"DAGSTER_HOME=\S+ LAION_DATA_DIR=\S+ LAION_PARQUET_DIR=\S+ "
+                        r"LAION_STORE_DIR=\S+ LAION_PREFIX=laion-demo /\S+/dagster dev -m "
+                        r"laion_dagster.definitions", hint), hint
+    port = embedded.free_port()
+    ui = subprocess.Popen(["bash", "-c", f"{hint} -p {port}"], env=env, cwd=tmp_path,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+    query = ('{ assetNodeOrError(assetKey: {path: ["part_images"]}) { ... on AssetNode { '
+             'partitionKeys assetPartitionStatuses { ... on DefaultPartitionStatuses { '
+             'materializedPartitions } } } } }')
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
+                    headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=10) as reply:
+                    node = json.loads(reply.read())["data"]["assetNodeOrError"]
+                break
+            except (OSError, KeyError, TypeError):
+                assert ui.poll() is None, "the pasted command exited"
+                assert time.monotonic() < deadline, "the UI did not come up"
+                time.sleep(1)
+    finally:
+        os.killpg(ui.pid, signal.SIGINT)
+        try:
+            ui.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
+        embedded.stop(demo_redis)  # the UI's sensors may have started it
+    expected = ["laion2B-en/00000", "laion2B-en/00001", "laion2B-multi/00000",
+                "laion2B-multi/00001"]
+    assert sorted(node["partitionKeys"]) == expected
+    assert sorted(node["assetPartitionStatuses"]["materializedPartitions"]) == expected
+
+    # A file the demo did not make, in its folder: it refuses to clear the folder.
+    (folder / "demo" / "keep-me.txt").write_text("mine")
+    again = cli(env, "demo", "--data-dir", str(folder), "--rows-per-part", "60", timeout=120)
+    assert again.returncode == 2
+    assert f"{folder / 'demo'} holds files the demo did not make (keep-me.txt)" in again.stderr
+    assert (folder / "demo" / "keep-me.txt").read_text() == "mine"
+    # A folder named demo that is the user's own: refused too, untouched.
+    other = tmp_path / "other"
+    (other / "demo").mkdir(parents=True)
+    (other / "demo" / "thesis.tex").write_text("chapter 1")
+    refused = cli(env, "demo", "--data-dir", str(other), timeout=120)
+    assert refused.returncode == 2
+    assert "exists and was not made by the demo" in refused.stderr
+    assert (other / "demo" / "thesis.tex").read_text() == "chapter 1"

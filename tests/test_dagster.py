@@ -1,5 +1,6 @@
 """The Dagster layer on a real test instance: definitions, assets, sensors, the worker job."""
 
+import re
 import time
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ from dagster import (
 )
 
 from laion_dagster.core import parts
+from laion_dagster.core.accounting import ERROR_CLASSES
 from laion_dagster.definitions import defs
 from laion_dagster.defs.assets import part_images, part_tasks
 from laion_dagster.defs.partitions import PARTS
@@ -83,7 +85,7 @@ def test_a_bad_part_fails_its_own_run_with_a_clear_message(instance, laion, sett
     bad.parent.mkdir(parents=True)
     pq.write_table(pa.table({"link": ["http://a.test/1.jpg"], "TEXT": ["x"]}), bad)
     keys = add_parts(instance, settings)
-    failed = materialize([part_tasks], partition_key="broken__part-00000-x-c000",
+    failed = materialize([part_tasks], partition_key="broken/00000",
                          instance=instance, resources={"laion": laion}, raise_on_error=False)
     assert not failed.success
     message = failure_message(instance, failed.run_id)
@@ -100,7 +102,9 @@ def test_discover_parts_adds_new_files_as_partitions(instance, laion, settings, 
     (request,) = result.dynamic_partitions_requests
     assert sorted(request.partition_keys) == sorted(p.key for p in
                                                     parts.discover(settings.parts_root))
-    assert all(not k.startswith("_") and "__part-0000" in k for k in request.partition_keys)
+    # Short keys that stay readable where the UI cuts long ones: subset and part number.
+    assert sorted(request.partition_keys) == ["laion2B-en/00000", "laion2B-en/00001",
+                                              "laion2B-multi/00000", "laion2B-multi/00001"]
     instance.add_dynamic_partitions(PARTS, list(request.partition_keys))
     again = discover_parts(build_sensor_context(instance=instance, resources={"laion": laion}))
     assert "no new parts" in again.skip_reason.skip_message
@@ -149,18 +153,18 @@ def test_a_failed_enqueue_is_not_relaunched_until_its_file_changes(instance, lai
     pq.write_table(pa.table({"link": ["http://a.test/1.jpg"]}), bad)
     add_parts(instance, settings)
     request = _tick(launch_or_hold, instance, laion)
-    assert request.partition_key == "aaa__part-00000-x-c000"
+    assert request.partition_key == "aaa/00000"
     failed = materialize([part_tasks], partition_key=request.partition_key, instance=instance,
                          resources={"laion": laion}, raise_on_error=False,
                          tags={"dagster/run_key": request.run_key})
     assert not failed.success
     nxt = _tick(launch_or_hold, instance, laion)
-    assert isinstance(nxt, RunRequest) and nxt.partition_key != "aaa__part-00000-x-c000"
+    assert isinstance(nxt, RunRequest) and nxt.partition_key != "aaa/00000"
     # The user fixes the file: it gets a new run key, so it runs again.
     time.sleep(0.01)
     pq.write_table(pa.table({"URL": ["http://a.test/1.jpg"]}), bad)
     fixed = _tick(launch_or_hold, instance, laion)
-    assert fixed.partition_key == "aaa__part-00000-x-c000" and fixed.run_key != request.run_key
+    assert fixed.partition_key == "aaa/00000" and fixed.run_key != request.run_key
 
 
 def test_finalize_fires_only_when_complete_and_records_everything(instance, laion, settings,
@@ -188,8 +192,8 @@ def test_finalize_fires_only_when_complete_and_records_everything(instance, laio
                          resources={"laion": laion})
     assert result.success
     meta = metadata_of(instance, result.run_id, "part_images")
-    name = next(p.name for p in dataset.parts if parts.stem_of(p.name) in key
-                and p.parent.name == key.split("__")[0])
+    part = parts.find(settings.parts_root, key)
+    name = part.path.name
     expected = {i: cls for (n, i), cls in dataset.expected_by_row.items() if n == name}
     failed_rows = {i for i, cls in expected.items() if cls not in ("success", "invalid_url")}
     invalid_rows = {i for i, cls in expected.items() if cls == "invalid_url"}
@@ -200,10 +204,23 @@ def test_finalize_fires_only_when_complete_and_records_everything(instance, laio
                                                  abs=1e-4)
     assert "| http_4xx |" in meta["error_classes"]
     assert meta["output_dir"].endswith(str(parts.relative_dir(key)))
+    assert meta["part_file"] == str(part.path)  # the key is short; the file name is here
+    # Sizes in units people read (and a number for the plots), not a raw byte count.
+    assert re.fullmatch(r"[\d,.]+ (kB|MB|GB)", meta["size"]) and meta["size_mb"] > 0
+    assert "bytes" not in meta
+    # Every error class has its key, zeros included: all partitions share one set of keys.
+    assert {k for k in meta if k.startswith("failed_")} == {f"failed_{c}" for c in ERROR_CLASSES}
+    assert sum(meta[f"failed_{c}"] for c in ERROR_CLASSES) == meta["failed"] + len(invalid_rows)
     errors = pq.read_table(meta["error_file"])
     assert set(errors.column("row").to_pylist()) == failed_rows | invalid_rows
     assert {r["row"]: r["error_class"] for r in errors.to_pylist()} == {
         i: expected[i] for i in failed_rows | invalid_rows}
+    # The error file joins back to the input: the sample key and LAION's SAMPLE_ID.
+    sample_ids = pq.read_table(part.path, columns=["SAMPLE_ID"]).column("SAMPLE_ID").to_pylist()
+    prefix = parts.sample_prefix(key)
+    for record in errors.to_pylist():
+        assert record["key"] == f"{prefix}_{record['row']:010d}"
+        assert record["SAMPLE_ID"] == sample_ids[record["row"]]
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"rows_accounted_for": True, "success_rate_floor": True}
     assert _tick(finalize_parts, instance, laion).skip_message.startswith(

@@ -429,18 +429,23 @@ def test_redirect_loops_stop_after_max_redirects(settings):
 
     [result], hits = fetch_with_redirector(capped, {"/loop": (302, "/loop")}, ["/loop"])
 
-    assert not result.ok and result.error_class == "invalid_url"
-    assert "redirect" in result.error_message
+    assert not result.ok and result.error_class == "redirect"
+    assert "more than 3 redirects" in result.error_message
     assert hits["/loop"] == 4  # the first request plus three redirects
 
 
-def test_redirect_to_another_scheme_or_without_location_is_invalid(settings):
-    """Each hop is checked: a redirect to ftp:// or one with no Location is `invalid_url`."""
+def test_redirect_to_another_scheme_or_without_location_is_redirect_trouble(settings):
+    """Each hop is checked: a redirect to ftp:// or one with no Location is class `redirect`
+    (the server's fault), not `invalid_url` (the input row's), so `errors retry --classes`
+    can tell them apart."""
     routes = {"/to-ftp": (302, "ftp://files.example.com/a.jpg"), "/nowhere": (302, None)}
 
     results, _ = fetch_with_redirector(settings, routes, ["/to-ftp", "/nowhere"])
 
-    assert [r.error_class for r in results] == ["invalid_url", "invalid_url"]
+    assert [r.error_class for r in results] == ["redirect", "redirect"]
+    assert "a redirect led to not an http(s) URL: ftp://files.example.com/a.jpg" in \
+        results[0].error_message
+    assert "without a Location header" in results[1].error_message
 
 
 def test_inspect_bomb_check_holds_with_two_threads(images, monkeypatch):

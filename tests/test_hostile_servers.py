@@ -257,16 +257,16 @@ def test_redirect_chain_of_three_reaches_the_image(hostile, server, images):
     assert seconds < 1.0
 
 
-def test_redirect_loop_is_invalid_url(hostile, server):
+def test_redirect_loop_is_redirect(hostile, server):
     result, seconds = fetch(hostile.with_overrides(max_redirects=3), server.url("/loop"))
-    assert_failed(result, seconds, "invalid_url")
+    assert_failed(result, seconds, "redirect")
     assert "more than 3 redirects" in result.error_message
     assert server.paths == ["/loop"] * 4
 
 
-def test_redirect_to_a_file_url_is_invalid_url(hostile, server):
+def test_redirect_to_a_file_url_is_redirect(hostile, server):
     result, seconds = fetch(hostile, server.url("/to-file"))
-    assert_failed(result, seconds, "invalid_url")
+    assert_failed(result, seconds, "redirect")
     assert "file:///etc/passwd" in result.error_message
 
 

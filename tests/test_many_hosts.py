@@ -399,7 +399,7 @@ def test_a_host_cut_off_mid_shard_loses_and_doubles_nothing(lab, tmp_path, conne
         assert state.rows == state.ok + state.failed + state.invalid
         rows = check_part(here, part, dataset)  # each row once, expected outcome, same bytes
         on_disk = shard_rows(here.store_root / part.relative_dir)
-        assert on_disk.num_rows == rows.num_rows == state.ok + state.failed
+        assert on_disk.num_rows == rows.num_rows == state.rows  # invalid rows included
         success = pc.sum(pc.equal(rows.column("status"), "success")).as_py()
         assert state.ok == success
         expected = [cls for (name, _), cls in dataset.expected_by_row.items()

@@ -38,22 +38,72 @@ def all_shards(path, shard_size, **kwargs):
 
 # ---------------------------------------------------------------- discovery
 
-def test_discover_names_parts_by_subset_and_stem(tmp_path):
-    """Parts under <subset>/ become `<subset>__<stem>` with the `.snappy.parquet` dropped."""
+def test_discover_names_parts_by_subset_and_number(tmp_path):
+    """Parts under <subset>/ get short keys that stay readable where the UI cuts long ones:
+    `<subset>/<number>` for Spark's part-<number>-<uuid>-c000 names, `<subset>/<stem>` else."""
     write(tmp_path / "laion2B-en" / SPARK_NAME, laion_rows(3))
     write(tmp_path / "laion2B-en" / "part-00008-x-c000.zstd.parquet", laion_rows(3))
     write(tmp_path / "laion2B-multi" / "plain.parquet", laion_rows(3))
 
     found = parts.discover(tmp_path)
 
-    assert [p.key for p in found] == [
-        "laion2B-en__part-00007-0c3b9a4e-5f2d-4c1e-9d7a-3b2f1e0a9c8d-c000",
-        "laion2B-en__part-00008-x-c000",
-        "laion2B-multi__plain",
-    ]
+    assert [p.key for p in found] == ["laion2B-en/00007", "laion2B-en/00008",
+                                      "laion2B-multi/plain"]
     assert found[0].path == tmp_path / "laion2B-en" / SPARK_NAME
-    assert found[0].subset == "laion2B-en"
+    assert found[0].subset == "laion2B-en" and found[0].stem == SPARK_NAME[:-15]
+    assert found[0].relative_dir.as_posix() == "laion2B-en/00007"
     assert found[2].relative_dir.as_posix() == "laion2B-multi/plain"
+
+
+def test_files_that_cannot_be_parts_are_reported_not_dropped(tmp_path):
+    """Two files that would share a key (the same part number from two releases), or a name
+    our keys cannot hold, are skipped with a sentence saying why; the others are parts."""
+    write(tmp_path / "laion2B-en" / "part-00001-aaaa-c000.snappy.parquet", laion_rows(3))
+    write(tmp_path / "laion2B-en" / "part-00001-bbbb-c000.snappy.parquet", laion_rows(3))
+    write(tmp_path / "laion2B-en" / "part-00002-aaaa-c000.snappy.parquet", laion_rows(3))
+    write(tmp_path / "laion 2B" / "part-00003-aaaa-c000.snappy.parquet", laion_rows(3))
+    # "a.b/c" and "a-b/c" are two parts, but their sample keys would collide.
+    write(tmp_path / "a.b" / "c.parquet", laion_rows(3))
+    write(tmp_path / "a-b" / "c.parquet", laion_rows(3))
+
+    found = parts.survey(tmp_path)
+
+    assert [p.key for p in found.parts] == ["laion2B-en/00002"]
+    text = "\n".join(found.problems)
+    assert "part-00001-aaaa-c000.snappy.parquet" in text and "part-00001-bbbb" in text
+    assert "share the part key laion2B-en/00001" in text
+    assert "laion 2B" in text and "letters, digits" in text
+    assert "a.b/c.parquet" in text and "share sample keys" in text
+
+
+def test_sample_key_prefixes_are_unique_short_and_webdataset_safe():
+    assert parts.sample_prefix("laion2B-en/00042") == "laion2B-en_00042"
+    assert parts.sample_prefix("cc3m.v2/train.0") == "cc3m-v2_train-0"  # a dot ends a key
+    long = parts.sample_prefix("subset/" + "x" * 200)
+    assert len(long) <= 80 and long != parts.sample_prefix("subset/" + "x" * 199 + "y")
+    with pytest.raises(PartError, match="not a part key"):
+        parts.relative_dir("laion2B-en__part-00000-old-style")
+    with pytest.raises(PartError, match="not a part key"):
+        parts.relative_dir("../../etc/passwd")
+
+
+def test_fingerprint_follows_the_content_not_the_file_times(tmp_path):
+    """A copy or a touch keeps a part's fingerprint; a file regenerated with other rows does
+    not: it is what tells a run that its queue state was made from another file."""
+    import os
+    import shutil
+
+    path = write(tmp_path / "s" / "p.parquet", laion_rows(50))
+    before = parts.fingerprint(path)
+    copy = tmp_path / "copy.parquet"
+    shutil.copy(path, copy)
+    os.utime(path, (1, 1))
+    assert parts.fingerprint(copy) == before == parts.fingerprint(path)
+    write(path, laion_rows(50, start=7))
+    assert parts.fingerprint(path) != before
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(PartError, match="not a readable parquet file"):
+        parts.fingerprint(tmp_path / "junk.parquet")
 
 
 def test_discover_ignores_spark_side_files_hidden_files_and_top_level_files(tmp_path):
@@ -83,12 +133,11 @@ def test_discover_of_a_missing_folder_finds_nothing(tmp_path):
 def test_find_by_key_and_missing_part_names_the_folder(tmp_path):
     """find() returns the part for a key; an unknown key is a PartError naming where it looked."""
     write(tmp_path / "laion2B-en" / SPARK_NAME, laion_rows(3))
-    key = "laion2B-en__part-00007-0c3b9a4e-5f2d-4c1e-9d7a-3b2f1e0a9c8d-c000"
 
-    assert parts.find(tmp_path, key).path == tmp_path / "laion2B-en" / SPARK_NAME
+    assert parts.find(tmp_path, "laion2B-en/00007").path == tmp_path / "laion2B-en" / SPARK_NAME
     with pytest.raises(PartError) as error:
-        parts.find(tmp_path, "laion2B-en__part-00099")
-    assert "part-00099" in str(error.value)
+        parts.find(tmp_path, "laion2B-en/00099")
+    assert "part-00099-<uuid>-c000.snappy.parquet" in str(error.value)
     assert str(tmp_path / "laion2B-en") in str(error.value)
 
 
@@ -206,7 +255,7 @@ def test_shards_are_deterministic_and_independent_of_row_groups(tmp_path):
         assert (a.index, a.first_row, a.rows) == (b.index, b.first_row, b.rows)
         assert (a.index, a.first_row, a.rows) == (c.index, c.first_row, c.rows)
         assert a.valid.equals(b.valid) and a.valid.equals(c.valid)
-        assert a.invalid.equals(b.invalid) and a.invalid.equals(c.invalid)
+        assert a.table.equals(b.table) and a.table.equals(c.table)
 
 
 def test_shard_size_larger_than_the_part_gives_one_shard(tmp_path):
@@ -290,21 +339,23 @@ def test_invalid_urls_are_kept_aside_with_a_reason(tmp_path):
 
     shards = all_shards(path, 4)
     valid = pa.concat_tables(s.valid for s in shards)
-    invalid = pa.concat_tables(s.invalid for s in shards)
+    invalid = pa.concat_tables(s.rejected for s in shards)
 
     assert valid.column("row").to_pylist() == [0, 6, 7, 8]
     assert valid.column("url").to_pylist() == [urls[0], urls[6], urls[7], urls[8]]
     assert invalid.column("row").to_pylist() == [1, 2, 3, 4, 5]
     assert invalid.column("url").to_pylist() == urls[1:6]
     assert invalid.column("caption").to_pylist() == ["c1", "c2", "c3", "c4", "c5"]
-    assert set(invalid.column("error_class").to_pylist()) == {"invalid_url"}
-    reasons = invalid.column("error_message").to_pylist()
+    reasons = invalid.column(parts.REJECT).to_pylist()
     assert all(isinstance(r, str) and r for r in reasons)
     assert "missing" in reasons[0]
     assert "http" in reasons[2] and "http" in reasons[3]
     assert "longer" in reasons[4]
     for s in shards:
-        assert s.valid.num_rows + s.invalid.num_rows == s.rows
+        # Every row of the shard travels, the rejected ones with their reason.
+        assert s.table.num_rows == s.rows == s.valid.num_rows + s.invalid_rows
+        assert s.table.column("row").to_pylist() == list(range(s.first_row,
+                                                               s.first_row + s.rows))
 
 
 def test_all_invalid_shard_has_no_valid_rows(tmp_path):
@@ -313,7 +364,7 @@ def test_all_invalid_shard_has_no_valid_rows(tmp_path):
 
     [shard] = all_shards(path, 10)
 
-    assert shard.rows == 3 and shard.valid.num_rows == 0 and shard.invalid.num_rows == 3
+    assert shard.rows == 3 and shard.valid.num_rows == 0 and shard.invalid_rows == 3
 
 
 # ---------------------------------------------------------------- broken parts
@@ -427,7 +478,7 @@ def test_encode_decode_round_trip(tmp_path):
     path = write(tmp_path / "s" / "p.parquet", columns, row_group_size=7)
 
     for shard in all_shards(path, 12):
-        for table in (shard.valid, shard.invalid):
+        for table in (shard.table, shard.valid, shard.rejected):
             data = parts.encode_table(table)
             assert isinstance(data, bytes)
             decoded = parts.decode_table(data)
@@ -445,11 +496,17 @@ def test_save_additional_columns_chooses_what_travels(tmp_path):
     """Like img2dataset's save_additional_columns: only the named input columns travel with
     each row (plus a column a setting needs, such as the hash to verify)."""
     path = write(tmp_path / "s" / "p.parquet", laion_rows(30))
-    kept = list(parts.iter_shards(path, 10, keep=["SAMPLE_ID"], required=("HEIGHT",)))
-    assert kept[0].valid.column_names == ["row", "url", "caption", "SAMPLE_ID", "HEIGHT"]
+    kept = list(parts.iter_shards(path, 10, keep=["WIDTH"], required=("HEIGHT",)))
+    # SAMPLE_ID identifies a row: it travels whatever `keep` says (the error file needs it).
+    assert kept[0].valid.column_names == ["row", "url", "caption", "SAMPLE_ID", "WIDTH",
+                                          "HEIGHT"]
+    assert parts.key_columns_of(kept[0].table) == ["SAMPLE_ID"]
     everything = list(parts.iter_shards(path, 10))
     assert {"SAMPLE_ID", "WIDTH", "HEIGHT"} <= set(everything[0].valid.column_names)
-    none = list(parts.iter_shards(path, 10, keep=[]))
+    none = list(parts.iter_shards(path, 10, keep=[], key_columns=[]))
     assert none[0].valid.column_names == ["row", "url", "caption"]
+    assert parts.key_columns_of(none[0].table) == []
     with pytest.raises(parts.PartError, match="no column 'md5'"):
         list(parts.iter_shards(path, 10, keep=["md5"]))
+    with pytest.raises(parts.PartError, match="no column 'uid'"):
+        list(parts.iter_shards(path, 10, key_columns=["uid"]))

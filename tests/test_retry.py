@@ -1,5 +1,6 @@
 """Retrying only the failed rows of a part, from the CLI and from Dagster; nothing counted twice."""
 
+import json
 import subprocess
 import sys
 
@@ -67,6 +68,8 @@ def test_retry_replaces_old_failures_with_new_outcomes(settings, own_server, ima
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "retry round 1: 10 rows (http_4xx 10) queued again in 1 shards" in result.stdout
+    # Nobody downloads them yet: the command says how to.
+    assert "No worker is running to download them. Run\n  laion-dagster run " in result.stdout
     state = queue.part(part.key)
     assert not state.done and state.finalized_at is None and state.failed == 5
 
@@ -76,14 +79,24 @@ def test_retry_replaces_old_failures_with_new_outcomes(settings, own_server, ima
     errors = pq.read_table(second.error_file)
     assert sorted(errors.column("error_class").to_pylist()) == ["http_5xx"] * 5 + [
         "invalid_url"] * 2
+    # The new outcomes are merged into the part's shard: every row is in exactly one shard
+    # parquet, with its latest outcome, and the tar has the new images beside the old ones.
     part_dir = settings.store_root / part.relative_dir
-    retry_shard = pq.read_table(part_dir / "1000000.parquet").to_pylist()
-    assert sorted(r["row"] for r in retry_shard) == list(range(20, 30))
+    shard = pq.read_table(part_dir / "00000.parquet")
+    assert sorted(p.name for p in part_dir.iterdir()) == ["00000.parquet", "00000.tar",
+                                                          "00000_stats.json"]
+    assert shard.column("row").to_pylist() == list(range(len(urls)))
+    assert shard.column("SAMPLE_ID").to_pylist() == list(range(len(urls)))
+    records = shard.to_pylist()
     members = tar_members(part_dir)
-    for record in retry_shard:
-        assert record["status"] == "success"
-        image = late[record["row"] - 20]
+    assert len(members) == 3 * 30
+    for record in records[:30]:
+        assert record["status"] == "success", record
+        image = (images[:20] + late)[record["row"]]
         assert members[f"{record['key']}.{record['format']}"] == image.body
+    assert [r["error_class"] for r in records[30:]] == ["http_5xx"] * 5 + ["invalid_url"] * 2
+    stats = json.loads((part_dir / "00000_stats.json").read_text())
+    assert (stats["count"], stats["successes"]) == (37, 30)
 
     # Rows that fail again stay failed once, not twice; from Dagster this time.
     resource = LaionResource(data_dir=str(settings.data_dir),

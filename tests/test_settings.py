@@ -17,11 +17,24 @@ def test_defaults_work_without_any_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     s = Settings()
     assert s.redis_url is None  # the embedded server
-    assert s.data_dir == tmp_path / ".local/share/laion-dagster"
-    assert s.parts_root == s.data_dir / "parquet"
-    assert s.store_root == s.data_dir / "store"
+    home = tmp_path / ".local/share/laion-dagster"
+    assert s.parts_root == home / "parquet"
+    assert s.store_root == home / "store"
     assert s.errors_root == s.store_root / "_errors"
+    assert s.state_dir == home and s.redis_dir == home / "redis"
     assert s.queue_threshold == 5_000_000  # addtask_threshold of the original scripts
+
+
+def test_state_lives_with_the_data_it_describes(monkeypatch, tmp_path):
+    """The embedded Redis, the Dagster instance and the logs of a download live in the data
+    folder it names, else beside its store: two downloads into two stores share nothing."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    a = Settings(store_dir=tmp_path / "a")
+    b = Settings(store_dir=tmp_path / "b")
+    assert a.state_dir == tmp_path / "a" / ".laion-dagster" != b.state_dir
+    assert a.redis_dir == a.state_dir / "redis" and a.log_dir == a.state_dir / "logs"
+    named = Settings(data_dir=tmp_path / "d", store_dir=tmp_path / "a")
+    assert named.state_dir == tmp_path / "d" and named.store_root == tmp_path / "a"
 
 
 def test_environment_and_overrides(monkeypatch, tmp_path):

@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
 from laion_dagster.core import parts
 from laion_dagster.core.connection import connect
@@ -37,6 +37,7 @@ from tests.pool import start_worker, stop_worker
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "bench" / "ui-part-images.png"
+PLOTS = ROOT / "bench" / "ui-part-plots.png"
 BIN = Path(sys.executable).parent
 SLOW = 300  # seconds: the machine may be busy with other test runs
 
@@ -103,12 +104,14 @@ def _stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
 
 
 def _metadata(home: Path, key: str) -> dict:
-    """The latest materialization of part_images (its only one), read from the instance."""
+    """The latest materialization of part_images for partition `key`, read from the instance."""
     instance = DagsterInstance.from_config(str(home))
     try:
-        record = instance.get_latest_materialization_event(AssetKey("part_images"))
-        assert record is not None, "no materialization of part_images"
-        materialization = record.asset_materialization
+        result = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey("part_images"), asset_partitions=[key]),
+            limit=1)
+        assert result.records, f"no materialization of part_images for {key}"
+        materialization = result.records[0].asset_materialization
         assert materialization.partition == key
         return {k: v.value for k, v in materialization.metadata.items()}
     finally:
@@ -155,15 +158,19 @@ def test_a_finished_part_shows_its_totals_errors_paths_and_checks_in_the_ui(
     (home / ".nux" / "nux.yaml").write_text("seen: 1\n")
     env = worker_env(settings)
     env["DAGSTER_HOME"] = str(home)
-    part = parts.discover(settings.parts_root)[0]
+    two = parts.discover(settings.parts_root)[:2]
+    part = two[0]
     key = part.key
 
-    # The data: discover, enqueue (part_tasks), download with a real pool, finalize.
+    # The data: discover, enqueue (part_tasks), download with a real pool, finalize; two
+    # parts, so that the plots across partitions have something to compare.
     found = _run(env, tmp_path, sys.executable, "-m", "laion_dagster.cli", "discover")
     assert f"added  {key}" in found, found
+    keys = ",".join(p.key for p in two)
     materialize = (str(BIN / "dagster"), "asset", "materialize", "-m",
-                   "laion_dagster.definitions", "--partition", key, "--select")
-    _run(env, tmp_path, *materialize, "part_tasks")
+                   "laion_dagster.definitions", "--partition")
+    for each in two:
+        _run(env, tmp_path, *materialize, each.key, "--select", "part_tasks")
     client = connect(settings)
     try:
         queue = Queue(client, settings.prefix)
@@ -171,20 +178,25 @@ def test_a_finished_part_shows_its_totals_errors_paths_and_checks_in_the_ui(
         worker = start_worker(settings)
         procs.append(worker)
         try:
-            wait_until(lambda: all_done(queue, [key]), SLOW, interval=0.5,
-                       what=f"{key} downloaded")
+            wait_until(lambda: all_done(queue, [p.key for p in two]), SLOW, interval=0.5,
+                       what=f"{keys} downloaded")
         finally:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 stop_worker(worker, timeout=60)
     finally:
         client.close()
-    _run(env, tmp_path, *materialize, "part_images")
+    for each in reversed(two):
+        _run(env, tmp_path, *materialize, each.key, "--select", "part_images")
     meta = _metadata(home, key)
     expected = [c for (name, _), c in dataset.expected_by_row.items() if name == part.path.name]
     assert meta["rows"] == len(expected) == 120
     assert meta["ok"] == expected.count("success") > 0 and meta["failed"] > 0
-    failures = {k.removeprefix("failed_"): v for k, v in meta.items() if k.startswith("failed_")}
+    failures = {k.removeprefix("failed_"): v for k, v in meta.items()
+                if k.startswith("failed_") and v}
     assert len(failures) >= 2
+    # Both partitions carry the same metadata keys: what the plots across partitions need.
+    assert set(_metadata(home, two[1].key)) == set(meta)
+    numeric = sorted(k for k, v in meta.items() if isinstance(v, int | float))
 
     # The UI: the webserver alone (no daemon needed), on a free loopback port.
     port = free_port()
@@ -234,6 +246,8 @@ def test_a_finished_part_shows_its_totals_errors_paths_and_checks_in_the_ui(
             for name in ("rows", "ok", "failed", "invalid_rows", "success_rate",
                          "images_per_second", "shards"):
                 expect(row(name)).to_have_text(_shown(meta[name]))
+            expect(row("size")).to_have_text(meta["size"])  # "1.2 MB", not a byte count
+            expect(row("part_file")).to_contain_text(part.path.name)
             expect(row("output_dir")).to_contain_text(
                 str(settings.store_root / part.relative_dir))
             expect(row("error_file")).to_contain_text(
@@ -261,6 +275,16 @@ def test_a_finished_part_shows_its_totals_errors_paths_and_checks_in_the_ui(
             expect(page.get_by_text("Passed", exact=True).first).to_be_visible()
             expect(page.get_by_text("floor", exact=True).first).to_be_visible()
             page.screenshot(path=str(tmp_path / "ui-part-images-checks.png"))
+
+            # The plots across partitions: they load, and every numeric key has its chart.
+            page.goto(f"{base}/assets/part_images", wait_until="domcontentloaded")
+            page.get_by_role("button", name="Plots").first.click()
+            expect(page.get_by_text("Loading plots…")).to_have_count(0, timeout=60_000)
+            for name in numeric:
+                expect(page.get_by_text(name, exact=True).first).to_be_visible()
+            page.wait_for_load_state("networkidle")
+            plots = PLOTS if _update_screenshot() else tmp_path / "ui-part-plots.png"
+            page.screenshot(path=str(plots))
 
             # The resolver rule is in force: even our own server by another name is out of
             # reach (had the rule failed, that name could only lead back to this server).

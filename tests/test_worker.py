@@ -1,6 +1,7 @@
 """Real worker processes against a real Redis and a real image server."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -48,28 +49,39 @@ def test_pool_downloads_every_row_once_with_the_served_bytes(settings, dataset, 
     assert "shard " in log  # one structured line per shard
 
 
-def test_sigkilled_processes_are_restarted_and_nothing_is_lost(settings, dataset, queue):
-    slow = settings.with_overrides(concurrency=2, visibility_timeout=2.0, shard_size=20)
+def test_sigkilled_processes_are_restarted_and_their_shards_taken_at_once(settings, dataset,
+                                                                         queue):
+    """Six SIGKILLs (what the OOM killer sends) mid-shard, with the default 600 s visibility
+    timeout: the supervisor hands the dead process's shards back at once, so the run takes
+    seconds, not ten minutes, and loses nothing."""
+    slow = settings.with_overrides(concurrency=2, shard_size=20, max_deliveries=10)
+    assert slow.visibility_timeout == 600
     found = enqueue_all(queue, slow)
     worker = start_worker(slow)
+    started = time.monotonic()
     try:
         supervisor = psutil.Process(worker.pid)
         wait_until(lambda: len(supervisor.children()) >= 2 and shards_done(queue, found) >= 2,
                    30, what="first shards")
-        for killed in range(3):  # kill a fetching process mid-shard, three times
+        for killed in range(6):  # kill a fetching process mid-shard, six times
             children = [c for c in supervisor.children() if "resource_tracker" not in
                         " ".join(c.cmdline())]
             children[killed % len(children)].send_signal(signal.SIGKILL)
             time.sleep(0.7)
-        wait_until(lambda: all_done(queue, [p.key for p in found]), 90, what="all parts done")
+        wait_until(lambda: all_done(queue, [p.key for p in found]), 120, what="all parts done")
     finally:
         log = stop_worker(worker)
-    assert "restarting" in log
+    assert time.monotonic() - started < 120  # far from one visibility timeout (600 s)
+    assert "restarting it and handing its shards back" in log and "handed back the" in log
     assert_every_row_accounted(queue, slow, found, dataset, log)
+    # Dead processes leave the consumer group once their shards are taken.
+    assert len(queue.consumers()) <= slow.processes + 6
 
 
 def test_a_whole_pool_killed_and_started_again_finishes_the_job(settings, dataset, queue):
-    slow = settings.with_overrides(concurrency=2, visibility_timeout=2.0, shard_size=20)
+    """Supervisor and processes SIGKILLed at once (the OOM killer taking the lot): the next
+    pool on this host takes the dead processes' shards at once, not after 600 s."""
+    slow = settings.with_overrides(concurrency=2, shard_size=20)
     found = enqueue_all(queue, slow)
     first = start_worker(slow)
     wait_until(lambda: shards_done(queue, found) >= 2, 30, what="first shards")
@@ -79,7 +91,8 @@ def test_a_whole_pool_killed_and_started_again_finishes_the_job(settings, datase
     try:
         wait_until(lambda: all_done(queue, [p.key for p in found]), 90, what="all parts done")
     finally:
-        stop_worker(second)
+        log = stop_worker(second)
+    assert "handed back the" in log
     assert_every_row_accounted(queue, slow, found, dataset)
 
 
@@ -126,7 +139,8 @@ def test_full_disk_pauses_the_pool_until_space_frees_up(settings, dataset, queue
             time.sleep(2)
             assert shards_done(queue, found) == 0
             report = next(iter(queue.hosts().values()))
-            assert "GB free" in report["pause_reason"]
+            # Small numbers in MB, not a bare "0.0 GB free ≤ 0.0 GB".
+            assert re.fullmatch(r"\d+ MB free ≤ 31 MB", report["pause_reason"]), report
             ballast.unlink()
             wait_until(lambda: all_done(queue, [p.key for p in found]), 60, what="resume")
         finally:

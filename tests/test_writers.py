@@ -15,14 +15,19 @@ from laion_dagster.core import writers
 from laion_dagster.core.writers import SampleRecord, ShardWriter, sample_key, shard_complete
 
 HOSTILE_URL = "http://x.test/../../etc/passwd?a=/b"
+PREFIX = "laion2B-en_00042"  # parts.sample_prefix("laion2B-en/00042")
 
 
-def success(row, image, url=None, caption=None, extra=None):
+def key(row, prefix=PREFIX):
+    return sample_key(prefix, row)
+
+
+def success(row, image, url=None, caption=None, extra=None, prefix=PREFIX):
     """A SampleRecord as the worker makes it for a fetched, identified image."""
     with Image.open(io.BytesIO(image.body)) as opened:
         fmt, (width, height) = opened.format, opened.size
     ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
-    return SampleRecord(row=row, url=url or f"http://img-a.test{image.path}",
+    return SampleRecord(row=row, key=key(row, prefix), url=url or f"http://img-a.test{image.path}",
                         caption=caption if caption is not None else f"caption of row {row}",
                         width=width, height=height,
                         sha256=hashlib.sha256(image.body).hexdigest(), bytes=len(image.body),
@@ -30,7 +35,8 @@ def success(row, image, url=None, caption=None, extra=None):
 
 
 def failure(row, error_class, http_status=None, extra=None):
-    return SampleRecord(row=row, url=f"http://img-a.test/status/{row}.jpg", caption=f"c{row}",
+    return SampleRecord(row=row, key=key(row), url=f"http://img-a.test/status/{row}.jpg",
+                        caption=f"c{row}",
                         status="failed", error_class=error_class,
                         error_message=f"{error_class} for row {row}", http_status=http_status,
                         extra=extra or {})
@@ -92,13 +98,13 @@ def test_webdataset_shard_holds_one_sample_per_success(tmp_path, images):
     by_row = {r.row: r for r in records}
     expected = []
     for row in (0, 2, 5):
-        key = sample_key(row)
-        expected += [f"{key}.{by_row[row].format}", f"{key}.txt", f"{key}.json"]
+        name = key(row)
+        expected += [f"{name}.{by_row[row].format}", f"{name}.txt", f"{name}.json"]
     assert names == expected  # successes only, each sample's files next to each other
     for row, body in bodies.items():
-        key = sample_key(row)
-        assert contents[f"{key}.{by_row[row].format}"] == body
-        assert contents[f"{key}.txt"].decode() == by_row[row].caption
+        name = key(row)
+        assert contents[f"{name}.{by_row[row].format}"] == body
+        assert contents[f"{name}.txt"].decode() == by_row[row].caption
     assert all(m.isfile() for m in members)
 
 
@@ -109,9 +115,9 @@ def test_webdataset_json_sidecar_has_the_sample_metadata(tmp_path, images):
     records, bodies, _ = build_shard(part_dir, images, "webdataset")
 
     with tarfile.open(part_dir / "00003.tar") as tar:
-        meta = json.loads(tar.extractfile(f"{sample_key(5)}.json").read())
+        meta = json.loads(tar.extractfile(f"{key(5)}.json").read())
     record = next(r for r in records if r.row == 5)
-    assert meta["key"] == "0000000005" and meta["row"] == 5
+    assert meta["key"] == "laion2B-en_00042_0000000005" and meta["row"] == 5
     assert meta["url"] == record.url and meta["caption"] == record.caption
     assert meta["status"] == "success"
     assert (meta["width"], meta["height"]) == (record.width, record.height)
@@ -132,8 +138,9 @@ def test_keys_come_from_the_row_never_from_a_hostile_url(tmp_path, images):
     records, _, _ = build_shard(store / "subset" / "tar-part", images, "webdataset")
     build_shard(store / "subset" / "files-part", images, "files")
 
-    assert sample_key(2) == "0000000002" and sample_key(12_345_678_901) == "12345678901"
-    members = [f"{sample_key(r.row)}.{x}" for r in records if r.status == "success"
+    assert key(2) == "laion2B-en_00042_0000000002"
+    assert key(12_345_678_901) == "laion2B-en_00042_12345678901"
+    members = [f"{key(r.row)}.{x}" for r in records if r.status == "success"
                for x in (r.format, "txt", "json")]
     shard_files = ["00003.parquet", "00003_stats.json"]
     assert every_path(tmp_path) == sorted([
@@ -171,7 +178,7 @@ def test_files_format_writes_a_folder_with_the_same_members(tmp_path, images):
             assert data == in_tar[name]
     by_row = {r.row: r for r in records}
     for row, body in bodies.items():
-        assert (folder / f"{sample_key(row)}.{by_row[row].format}").read_bytes() == body
+        assert (folder / f"{key(row)}.{by_row[row].format}").read_bytes() == body
 
 
 # ---------------------------------------------------------------- parquet
@@ -186,7 +193,7 @@ def test_shard_parquet_has_every_row_with_outcome_and_extra_columns(tmp_path, im
     assert table.num_rows == len(records) == 6
     rows = table.to_pylist()
     assert [r["row"] for r in rows] == [0, 1, 2, 3, 4, 5]
-    assert [r["key"] for r in rows] == [sample_key(i) for i in range(6)]
+    assert [r["key"] for r in rows] == [key(i) for i in range(6)]
     assert [r["status"] for r in rows] == ["success", "failed", "success", "failed", "failed",
                                            "success"]
     assert [r["error_class"] for r in rows] == [None, "http_4xx", None, "dns", "decode_error",
@@ -212,7 +219,7 @@ def test_shard_parquet_has_every_row_with_outcome_and_extra_columns(tmp_path, im
 def test_error_table_lists_only_failures():
     """The error file has the failed rows with their class and status, none of the successes."""
     records = [failure(1, "http_4xx", 403), failure(4, "timeout"),
-               SampleRecord(row=2, url="http://a.test/ok.jpg", caption="ok")]
+               SampleRecord(row=2, key=key(2), url="http://a.test/ok.jpg", caption="ok")]
 
     table = writers.error_table(records)
 
@@ -334,13 +341,13 @@ def test_rewriting_a_shard_replaces_it_whole(tmp_path, images, output_format):
     second.add(second_records[0], images[7].body)
     second.close(second_records, None)
 
-    key = sample_key(7)
-    expected_members = sorted([f"{key}.{second_records[0].format}", f"{key}.json",
-                               f"{key}.txt"])
+    seven = key(7)
+    expected_members = sorted([f"{seven}.{second_records[0].format}", f"{seven}.json",
+                               f"{seven}.txt"])
     if output_format == "webdataset":
         with tarfile.open(tmp_path / "00003.tar") as tar:
             assert sorted(tar.getnames()) == expected_members
-            image_name = f"{key}.{second_records[0].format}"
+            image_name = f"{seven}.{second_records[0].format}"
             assert tar.extractfile(image_name).read() == images[7].body
         data_name = "00003.tar"
     else:
@@ -361,3 +368,78 @@ def test_shard_complete_only_after_close(tmp_path, images):
     writer.close([failure(0, "dns")], None)
     assert shard_complete(tmp_path, 0)
     assert not shard_complete(tmp_path, 1)
+
+
+# ---------------------------------------------------------------- keys across parts
+
+def test_keys_are_unique_across_parts_and_sorted_within_a_shard(tmp_path, images):
+    """Shards of two parts (numbered from row 0 each) combine into one webdataset without a
+    repeated key, and each tar lists its samples in input order."""
+    from laion_dagster.core import parts
+
+    names = []
+    for partition in ("laion2B-en/00000", "laion2B-multi/00000"):
+        prefix = parts.sample_prefix(partition)
+        writer = ShardWriter(tmp_path / partition, 0, "webdataset")
+        records = [success(r, images[r], prefix=prefix) for r in (0, 1, 2, 10)]
+        for record in records:
+            writer.add(record, images[record.row].body)
+        writer.close(records, None)
+        with tarfile.open(tmp_path / partition / "00000.tar") as tar:
+            keys = [m.name.split(".", 1)[0] for m in tar.getmembers()]
+        assert keys == sorted(keys)  # input order within the shard
+        names += keys[::3]
+    assert len(names) == len(set(names)) == 8
+
+
+# ---------------------------------------------------------------- only what we made
+
+def test_cleanup_removes_only_the_names_a_writer_makes(tmp_path, images):
+    """Stale temporaries of a killed writer go; a user's files beside them, even with
+    similar names, stay."""
+    part_dir = tmp_path / "p"
+    part_dir.mkdir()
+    ours = ["00003.tar.tmp-123-deadbeef", "00003.parquet.tmp-9-0123abcd",
+            "00003_stats.json.tmp-9-0123abcd", "00003.old-cafebabe"]
+    theirs = ["00003.tar.tmp-mine", "00003.notes.txt", "notes.txt", "00003.tar.tmp-1-XYZ12345",
+              "000031.tar.tmp-1-deadbeef", "00003.backup"]
+    for name in ours + theirs:
+        (part_dir / name).write_text("x")
+    (part_dir / "00003.tmp-5-aaaabbbb").mkdir()  # a files-format temporary folder
+    (part_dir / "00003.tmp-5-aaaabbbb" / f"{key(1)}.jpg").write_bytes(b"x")
+
+    writers.clear_stale_temporaries(part_dir, 3)
+
+    assert sorted(p.name for p in part_dir.iterdir()) == sorted(theirs)
+
+
+def test_a_shard_folder_that_is_not_ours_is_never_replaced(tmp_path, images):
+    """output_format=files: a `00003/` folder holding anything but sample files refuses the
+    shard instead of being swapped out and deleted."""
+    folder = tmp_path / "00003"
+    folder.mkdir()
+    (folder / "my notes.txt").write_text("mine")
+    writer = ShardWriter(tmp_path, 3, "files")
+    record = success(0, images[0])
+    writer.add(record, images[0].body)
+
+    with pytest.raises(writers.ForeignFiles, match="did not write"):
+        writer.close([record], None)
+    writer.abort()
+
+    assert (folder / "my notes.txt").read_text() == "mine"
+    assert not shard_complete(tmp_path, 3)
+
+
+def test_a_format_change_removes_only_the_old_copy_the_stats_vouch_for(tmp_path, images):
+    """Starting a part over in another format removes the shard's old tar, which its stats
+    say we wrote; a tar nobody's stats mention (a user's) stays."""
+    build_shard(tmp_path / "ours", images, "webdataset")
+    build_shard(tmp_path / "ours", images, "files")
+    assert not (tmp_path / "ours" / "00003.tar").exists()
+    assert (tmp_path / "ours" / "00003").is_dir()
+
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "00003.tar").write_bytes(b"a user's archive")
+    build_shard(tmp_path / "theirs", images, "files")
+    assert (tmp_path / "theirs" / "00003.tar").read_bytes() == b"a user's archive"

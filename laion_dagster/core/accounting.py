@@ -21,6 +21,12 @@ from laion_dagster.core.queue import PartState, Queue
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.writers import ERROR_SCHEMA
 
+# Every class a row can fail with (fetch.classify, images, the queue's dead letters, parts'
+# invalid rows): the error table and the asset metadata list them in this order.
+ERROR_CLASSES = ("timeout", "dns", "connection", "tls", "http_4xx", "http_5xx", "too_large",
+                 "redirect", "not_image", "decode_error", "opted_out", "hash_mismatch",
+                 "filtered", "blocked_address", "invalid_url", "dead_letter")
+
 
 class PartNotDone(RuntimeError):
     """Finalize was asked for a part whose shards are not all complete."""
@@ -126,8 +132,9 @@ def export_errors(queue: Queue, partition: str, settings: Settings, out_dir: Pat
     """
     table = part_errors(queue, partition, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    parquet_path = out_dir / f"{partition}.errors.parquet"
-    jsonl_path = out_dir / f"{partition}.errors.jsonl"
+    name = partition.replace(parts.SEPARATOR, "_")
+    parquet_path = out_dir / f"{name}.errors.parquet"
+    jsonl_path = out_dir / f"{name}.errors.jsonl"
     pq.write_table(table, parquet_path, compression="zstd")
     with open(jsonl_path, "w") as handle:
         for start in range(0, table.num_rows, 10_000):

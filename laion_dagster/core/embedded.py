@@ -23,6 +23,8 @@ from pathlib import Path
 
 import redis
 
+from laion_dagster.core.children import die_with_parent
+
 STATE_FILE = "server.json"
 
 
@@ -70,6 +72,12 @@ def is_alive(state: EmbeddedServer) -> bool:
         return False
 
 
+def running(directory: Path) -> bool:
+    """Whether the server of `directory` is up right now (without starting it)."""
+    state = read_state(directory)
+    return state is not None and is_alive(state)
+
+
 def read_state(directory: Path) -> EmbeddedServer | None:
     path = directory / STATE_FILE
     try:
@@ -90,8 +98,13 @@ def _locked(directory: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ensure_running(directory: Path, timeout: float = 15.0) -> EmbeddedServer:
-    """Return the server for `directory`, starting it first if it is not running."""
+def ensure_running(directory: Path, timeout: float = 15.0, tied: bool = False
+                   ) -> EmbeddedServer:
+    """Return the server for `directory`, starting it first if it is not running.
+
+    `tied`: a server started now gets SIGTERM when the calling process dies, however it dies
+    (for a command that owns the server it starts, such as `run`).
+    """
     state = read_state(directory)
     if state and is_alive(state):
         return state
@@ -99,7 +112,7 @@ def ensure_running(directory: Path, timeout: float = 15.0) -> EmbeddedServer:
         state = read_state(directory)
         if state and is_alive(state):
             return state
-        return _start(directory, timeout)
+        return _start(directory, timeout, tied)
 
 
 def _port_is_free(port: int) -> bool:
@@ -114,7 +127,7 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-def _start(directory: Path, timeout: float) -> EmbeddedServer:
+def _start(directory: Path, timeout: float, tied: bool = False) -> EmbeddedServer:
     # A restart (after a crash, a reboot, `stop`) comes back on the same port with the same
     # password when it can: every worker and run still holds the old URL, and their clients'
     # backoff then simply reconnects instead of knocking on a dead port forever.
@@ -156,6 +169,7 @@ def _start(directory: Path, timeout: float) -> EmbeddedServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # outlive the process that started it, and its Ctrl-C
+            preexec_fn=die_with_parent if tied else None,
         )
     state = EmbeddedServer(url=f"redis://:{password}@127.0.0.1:{port}/0", pid=process.pid,
                            directory=directory)

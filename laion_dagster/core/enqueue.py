@@ -13,10 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from laion_dagster.core import parts
+import pyarrow as pa
+
+from laion_dagster.core import parts, provenance
 from laion_dagster.core.queue import Queue
 from laion_dagster.core.recipe import Recipe
 from laion_dagster.core.settings import Settings
+from laion_dagster.core.writers import failed_rows, sample_key
 
 log = logging.getLogger("laion_dagster.enqueue")
 
@@ -52,22 +55,56 @@ def wait_below_watermark(queue: Queue, watermark: int, poll: float = 1.0,
     return waited
 
 
+def rejected_records(shard: parts.Shard, partition: str) -> pa.Table:
+    """The error records of a shard's rows that cannot be fetched (class invalid_url)."""
+    rejected = shard.rejected
+    prefix = parts.sample_prefix(partition)
+    keys = [sample_key(prefix, row) for row in rejected.column("row").to_pylist()]
+    samples = rejected.append_column("key", pa.array(keys, pa.string()))
+    samples = samples.append_column("status", pa.array(["failed"] * len(keys), pa.string()))
+    samples = samples.append_column("error_class",
+                                    pa.array(["invalid_url"] * len(keys), pa.string()))
+    samples = samples.append_column("error_message", rejected.column(parts.REJECT))
+    samples = samples.append_column("http_status", pa.nulls(len(keys), pa.int32()))
+    return failed_rows(samples, parts.key_columns_of(shard.table))
+
+
 def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
                  progress: Callable[[int, int], None] | None = None,
                  poll: float = 1.0, enqueuer: str | None = None) -> EnqueueReport:
-    """Queue every shard of `part` not yet queued in its current generation."""
+    """Queue every shard of `part` not yet queued in its current generation.
+
+    Raises provenance.PartChanged when the part's queue state was made from another version
+    of the file; starts a new generation when it was made for another store.
+    """
     started = time.monotonic()
     total_rows = parts.count_rows(part.path)  # fails early, with the file named, if unreadable
+    source = parts.fingerprint(part.path)
+    state = queue.part(part.key)
+    verdict = provenance.check(state, part, settings, source)
+    if verdict.restart:
+        log.warning("%s", verdict.reason)
+        queue.reset(part.key)
+        state = queue.part(part.key)
+    # A resumed generation keeps the shard size it was cut with: other boundaries would
+    # queue some rows twice and others never.
+    shard_size = state.shard_size or settings.shard_size
+    if shard_size != settings.shard_size:
+        log.warning("%s keeps the shard size it was enqueued with (%s rows); shard_size=%s is "
+                    "not applied (reset the part to start it over with it)", part.key,
+                    f"{shard_size:,}", f"{settings.shard_size:,}")
     required = (settings.verify_hash_column,) if settings.verify_hash_column else ()
-    shards = parts.iter_shards(part.path, settings.shard_size, settings.url_column,
+    shards = parts.iter_shards(part.path, shard_size, settings.url_column,
                                settings.caption_column, required,
-                               settings.save_additional_columns)
+                               settings.save_additional_columns, settings.key_columns)
     # Read the first shard before the part is registered: a part with a missing column or
     # no rows fails here and leaves no trace in the queue.
     first = next(shards)
     wanted = Recipe.from_settings(settings)
-    generation, stored = queue.begin(part.key, wanted.to_json(), enqueuer)
-    recipe = Recipe.from_json(stored) if stored else wanted
+    state = queue.begin(part.key, wanted.to_json(), enqueuer, source,
+                        str(settings.store_root), shard_size)
+    generation = state.generation
+    recipe = Recipe.from_json(state.recipe) if state.recipe else wanted
     if changed := recipe.differences(wanted):
         log.warning("%s keeps the recipe its first shards were made with; these settings are "
                     "not applied: %s (reset the part to start it over with them)", part.key,
@@ -88,15 +125,16 @@ def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
     for shard in itertools.chain([first], shards):
         shards_seen += 1
         rows += shard.rows
-        invalid += shard.invalid.num_rows
+        rejected = shard.invalid_rows
+        invalid += rejected
         if queue.is_queued(part.key, shard.index):
             skipped += 1
             continue
         waited += wait_below_watermark(queue, settings.queue_high_watermark, poll, note_wait)
         result = queue.enqueue_shard(
-            part.key, generation, shard.index, shard.valid.num_rows, shard.invalid.num_rows,
-            parts.encode_table(shard.valid),
-            parts.encode_table(shard.invalid) if shard.invalid.num_rows else b"",
+            part.key, generation, shard.index, shard.rows - rejected, rejected,
+            parts.encode_table(shard.table),
+            parts.encode_table(rejected_records(shard, part.key)) if rejected else b"",
         )
         if result == -1:
             raise RuntimeError(f"{part.key}: the part was reset while being enqueued; run again")

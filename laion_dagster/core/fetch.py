@@ -298,14 +298,16 @@ class Fetcher:
     async def _follow(self, url: str) -> tuple[bytes, str | None]:
         assert self.session is not None
         s = self.settings
-        for _hop in range(s.max_redirects + 1):
+        for hop in range(s.max_redirects + 1):
+            # A bad URL after a redirect is the server's doing, not the row's: class redirect.
+            bad_url, led_to = ("redirect", "a redirect led to ") if hop else ("invalid_url", "")
             try:
                 target = request_url(url)
             except ValueError as error:
-                raise FetchFailed("invalid_url", f"not a valid URL ({error}): {url[:200]}") \
+                raise FetchFailed(bad_url, f"{led_to}not a valid URL ({error}): {url[:200]}") \
                     from None
             if target.scheme not in ("http", "https") or not target.host:
-                raise FetchFailed("invalid_url", f"not an http(s) URL: {url[:200]}")
+                raise FetchFailed(bad_url, f"{led_to}not an http(s) URL: {url[:200]}")
             if not s.allow_private_addresses:
                 try:
                     if address_blocked(target.host, self.allowed):
@@ -316,8 +318,8 @@ class Fetcher:
                 if response.status in REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:
-                        raise FetchFailed("invalid_url", "redirect without Location",
-                                          response.status)
+                        raise FetchFailed("redirect", f"HTTP {response.status} redirect "
+                                          "without a Location header", response.status)
                     url = urljoin(str(response.url), location)
                     continue
                 if response.status >= 400:
@@ -341,4 +343,5 @@ class Fetcher:
                         raise FetchFailed("too_large", f"body larger than {s.max_bytes} bytes")
                     chunks.append(chunk)
                 return b"".join(chunks), response.headers.get("Content-Type")
-        raise FetchFailed("invalid_url", f"more than {s.max_redirects} redirects")
+        raise FetchFailed("redirect", f"more than {s.max_redirects} redirects (max_redirects); "
+                                      f"the last led to {url[:200]}")

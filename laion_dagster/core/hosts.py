@@ -8,8 +8,9 @@ whose report is older than `STALE_AFTER` heartbeats is treated as gone (it canno
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -37,12 +38,43 @@ def disk_state(path: Path, settings: Settings) -> DiskState:
                      reason=reason)
 
 
+def store_problem(settings: Settings, disk: bool = True) -> str | None:
+    """Why workers could not write to the store at all, in a sentence; None if they can.
+
+    Checked before a run starts: a read-only store, or (with `disk`) a disk under the
+    free-space floor, would otherwise leave the run at 0% with the reason only in the
+    workers' log. A worker pool, which waits for space by itself, checks only the first.
+    """
+    store = settings.store_root
+    probe = store / f".laion-dagster-write-check-{os.getpid()}"
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        return f"store_dir {store} is not writable ({error.strerror or error})"
+    state = disk_state(store, settings) if disk else None
+    if state is not None and state.full:
+        return (f"store_dir {store}: its disk is full for this run ({state.reason}); free some "
+                "space, or change --disk-min-free-gb / --disk-stop-used-gb")
+    return None
+
+
+def gigabytes(value: float) -> str:
+    """4980 → '4,980 GB', 2.34 → '2.3 GB', 0.0123 → '12 MB': never a bare '0.0 GB'."""
+    if value >= 100:
+        return f"{value:,.0f} GB"
+    if value >= 1:
+        return f"{value:,.1f} GB"
+    return f"{value * 1024:,.0f} MB"
+
+
 def full_reason(used_gb: float, free_gb: float, settings: Settings) -> str | None:
     """Why a disk counts as full, in the words the sensor's skip reason uses; None if not."""
     if settings.disk_stop_used_gb is not None and used_gb >= settings.disk_stop_used_gb:
-        return f"{used_gb:,.0f} GB used ≥ {settings.disk_stop_used_gb:,.0f} GB"
+        return f"{gigabytes(used_gb)} used ≥ {gigabytes(settings.disk_stop_used_gb)}"
     if free_gb <= settings.disk_min_free_gb:
-        return f"{free_gb:,.1f} GB free ≤ {settings.disk_min_free_gb:,.1f} GB"
+        return f"{gigabytes(free_gb)} free ≤ {gigabytes(settings.disk_min_free_gb)}"
     return None
 
 
@@ -60,6 +92,8 @@ class HostReport:
     failed: int
     bytes: int
     seen_at: float
+    fetched: int = 0  # rows fetched so far (any outcome): progress before a shard completes
+    problems: list[str] = field(default_factory=list)  # why shards fail, if they do
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -1,31 +1,46 @@
 """Parquet parts: finding them, naming them, and cutting them into shards with bounded memory.
 
-A part is one parquet file under `parquet_dir/<subset>/`; its partition key is
-`<subset>__<stem>`. Reading goes through record batches, so a part of any size costs about one
-shard of memory. Rows without a usable URL are not queued but are kept, with the reason, so the
-part's counts still add up and the error file can list them.
+A part is one parquet file under `parquet_dir/<subset>/`. Its partition key is
+`<subset>/<number>` for Spark's `part-<number>-<uuid>-c000` names (`laion2B-en/00042`), else
+`<subset>/<stem>`: short, and readable even where the Dagster UI cuts long keys in the
+middle; the full file name is in the metadata. Reading goes through record batches, so a part
+of any size costs about one shard of memory. Rows without a usable URL are not fetched but are
+kept, with the reason, so every input row still reaches a shard parquet and the error file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SEPARATOR = "__"
+SEPARATOR = "/"
 URL_CANDIDATES = ("URL", "url")
 CAPTION_CANDIDATES = ("TEXT", "caption", "text")
+# Input columns that identify a row (LAION's SAMPLE_ID, the joined releases' hash, ...).
+KEY_CANDIDATES = ("SAMPLE_ID", "hash", "uid", "id")
 MAX_URL_LENGTH = 4096
 # Names our shard rows use; input columns with these names are kept as "input_<name>".
 RESERVED = {"row", "key", "url", "caption", "status", "error_class", "error_message",
             "http_status", "width", "height", "original_width", "original_height", "sha256",
-            "bytes", "format", "shard", "partition"}
-_KEY_SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+            "bytes", "format", "shard", "partition", "reject"}
+# Why a row is not fetched (null when it is); travels in the shard so workers can record it.
+REJECT = "reject"
+# Payload schema metadata: which extra columns identify a row (for the error records).
+KEY_COLUMNS_META = b"laion.key_columns"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+_SPARK_PART = re.compile(r"part-(\d+)-")
+# A tar member name has room for 100 bytes: prefix, "_", 10 digits, ".json".
+_MAX_PREFIX = 80
 
 
 class PartError(ValueError):
@@ -39,13 +54,19 @@ class Part:
     stem: str
 
     @property
+    def name(self) -> str:
+        """The part within its subset: Spark's number (`00042`), else the file's stem."""
+        match = _SPARK_PART.match(self.stem)
+        return match.group(1) if match else self.stem
+
+    @property
     def key(self) -> str:
-        return f"{self.subset}{SEPARATOR}{self.stem}"
+        return f"{self.subset}{SEPARATOR}{self.name}"
 
     @property
     def relative_dir(self) -> Path:
-        """Where the part's shards go, relative to the store: `<subset>/<stem>`."""
-        return Path(self.subset) / self.stem
+        """Where the part's shards go, relative to the store: `<subset>/<name>`."""
+        return relative_dir(self.key)
 
 
 def stem_of(name: str) -> str:
@@ -57,19 +78,49 @@ def stem_of(name: str) -> str:
     return stem
 
 
+def split_key(partition: str) -> tuple[str, str]:
+    subset, separator, name = partition.partition(SEPARATOR)
+    if not (separator and _NAME.fullmatch(subset) and _NAME.fullmatch(name)):
+        raise PartError(f"not a part key: {partition!r} (expected <subset>{SEPARATOR}<part>, "
+                        "e.g. laion2B-en/00042)")
+    return subset, name
+
+
 def relative_dir(partition: str) -> Path:
     """The store folder of a partition key, without touching the parquet folder."""
-    subset, _, stem = partition.partition(SEPARATOR)
-    if not stem:
-        raise PartError(f"not a part key: {partition!r} (expected <subset>{SEPARATOR}<part>)")
-    return Path(subset) / stem
+    subset, name = split_key(partition)
+    return Path(subset) / name
 
 
-def discover(root: Path) -> list[Part]:
-    """Every part under `root/<subset>/`, skipping Spark's _SUCCESS, .crc and hidden files."""
-    found: list[Part] = []
+def sample_prefix(partition: str) -> str:
+    """What every sample key of a part starts with: unique across the dataset (discover checks
+    it), free of '.' and '/' (a webdataset key ends at the first dot), short enough for a tar
+    member name."""
+    prefix = partition.replace(SEPARATOR, "_").replace(".", "-")
+    if len(prefix) > _MAX_PREFIX:
+        digest = hashlib.sha256(prefix.encode()).hexdigest()[:10]
+        prefix = f"{prefix[:_MAX_PREFIX - 11]}-{digest}"
+    return prefix
+
+
+@dataclass
+class Survey:
+    """What a parquet folder holds: its parts, and the files that are not parts, with why."""
+
+    parts: list[Part] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def survey(root: Path) -> Survey:
+    """Every part under `root/<subset>/`, skipping Spark's _SUCCESS, .crc and hidden files.
+
+    A file that cannot be a part (a name our keys and folders cannot hold, or two files that
+    would share a key or a sample-key prefix) is listed in `problems`, never silently dropped.
+    """
+    found = Survey()
     if not root.is_dir():
         return found
+    candidates: list[Part] = []
     for subset_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         if subset_dir.name.startswith((".", "_")):
             continue
@@ -77,19 +128,42 @@ def discover(root: Path) -> list[Part]:
             if path.name.startswith((".", "_")) or not path.is_file():
                 continue
             part = Part(path=path, subset=subset_dir.name, stem=stem_of(path.name))
-            if SEPARATOR in part.subset or _KEY_SAFE.search(part.key):
-                # Dagster partition keys and our store paths need plain names.
+            if not (_NAME.fullmatch(part.subset) and _NAME.fullmatch(part.name)
+                    and "..." not in part.key):
+                found.problems.append(
+                    f"{path}: skipped; subset and file names may hold only letters, digits, "
+                    "'_', '-' and '.'")
                 continue
-            found.append(part)
+            candidates.append(part)
+    by_key: dict[str, list[Part]] = defaultdict(list)
+    by_prefix: dict[str, list[Part]] = defaultdict(list)
+    for part in candidates:
+        by_key[part.key].append(part)
+        by_prefix[sample_prefix(part.key)].append(part)
+    clashes = [(f"the part key {key}", group) for key, group in by_key.items() if len(group) > 1]
+    clashes += [("sample keys", group) for group in by_prefix.values()
+                if len({p.key for p in group}) > 1]
+    for what, group in clashes:
+        found.problems.append(f"{', '.join(str(p.path) for p in group)}: skipped; these files "
+                              f"would share {what}; keep one of them in the folder")
+    clashing = {id(p) for _, group in clashes for p in group}
+    found.parts = [p for p in candidates if id(p) not in clashing]
     return found
+
+
+def discover(root: Path) -> list[Part]:
+    """The parts under `root` (see `survey` for the files that are not parts)."""
+    return survey(root).parts
 
 
 def find(root: Path, partition: str) -> Part:
     for part in discover(root):
         if part.key == partition:
             return part
-    raise PartError(f"part {partition!r} not found under {root} "
-                    f"(expected {root}/{relative_dir(partition).parent}/<file>.parquet)")
+    subset, name = split_key(partition)
+    raise PartError(f"part {partition!r} not found under {root} (expected a file "
+                    f"{root}/{subset}/part-{name}-<uuid>-c000.snappy.parquet or "
+                    f"{root}/{subset}/{name}.parquet)")
 
 
 @dataclass(frozen=True)
@@ -97,6 +171,7 @@ class Columns:
     url: str
     caption: str | None
     extra: tuple[str, ...]
+    keys: tuple[str, ...] = ()  # extra columns that identify a row: the error file has them
 
 
 def _pick(names: list[str], wanted: str | None, candidates: tuple[str, ...]) -> str | None:
@@ -116,14 +191,16 @@ def _pick(names: list[str], wanted: str | None, candidates: tuple[str, ...]) -> 
 
 def resolve_columns(path: Path, schema: pa.Schema, url_column: str | None,
                     caption_column: str | None, required: tuple[str, ...] = (),
-                    keep: list[str] | None = None) -> Columns:
+                    keep: list[str] | None = None,
+                    key_columns: list[str] | None = None) -> Columns:
     """Which columns are the URL, the caption, and the extras that travel with each row.
 
     `keep` limits the extras (img2dataset's save_additional_columns); `required` columns are
-    kept whatever `keep` says, because a setting needs them downstream.
+    kept whatever `keep` says, because a setting needs them downstream, and so are the
+    columns that identify a row (`key_columns`, default: those of KEY_CANDIDATES present).
     """
     names = list(schema.names)
-    for name in list(required) + list(keep or []):
+    for name in list(required) + list(keep or []) + list(key_columns or []):
         if name not in names:
             raise PartError(f"{path}: no column {name!r} (named in the settings); "
                             f"columns are: {', '.join(names)}")
@@ -139,9 +216,38 @@ def resolve_columns(path: Path, schema: pa.Schema, url_column: str | None,
     if caption_column and caption is None:
         raise PartError(f"{path}: no caption column {caption_column!r}; "
                         f"columns are: {', '.join(names)}")
+    if key_columns is None:
+        found = (_pick(names, None, (candidate,)) for candidate in KEY_CANDIDATES)
+        keys = tuple(dict.fromkeys(k for k in found if k and k not in (url, caption)))
+    else:
+        keys = tuple(key_columns)
     extra = tuple(n for n in names if n not in (url, caption)
-                  and (keep is None or n in keep or n in required))
-    return Columns(url=url, caption=caption, extra=extra)
+                  and (keep is None or n in keep or n in required or n in keys))
+    return Columns(url=url, caption=caption, extra=extra, keys=keys)
+
+
+def fingerprint(path: Path) -> str:
+    """What identifies a part's content: its size and a digest of its parquet footer.
+
+    The footer holds the schema, the row count and every column chunk's offset, size and
+    statistics, so a regenerated file with other rows gets another fingerprint, while a copy
+    (or a touch) keeps it. Reading it costs one small read, not a scan of the data.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 12:
+                raise PartError(f"{path}: not a readable parquet file ({size} bytes)")
+            handle.seek(size - 8)
+            tail = handle.read(8)
+            length = int.from_bytes(tail[:4], "little")
+            if tail[4:] != b"PAR1" or length > size - 12:
+                raise PartError(f"{path}: not a readable parquet file (no parquet footer)")
+            handle.seek(size - 8 - length)
+            footer = handle.read(length)
+    except OSError as error:
+        raise PartError(f"{path}: cannot read ({error})") from error
+    return f"{size}:{hashlib.sha256(footer).hexdigest()[:16]}"
 
 
 def open_part(path: Path) -> pq.ParquetFile:
@@ -170,17 +276,30 @@ def rows_if_readable(part: Part) -> int:
 
 @dataclass(frozen=True)
 class Shard:
-    """One shard of a part: its queued rows and the rows that could not be queued."""
+    """One shard of a part: every one of its rows, with why a row is not fetched (`reject`,
+    null for the rows that are)."""
 
     index: int
     first_row: int
     rows: int
-    valid: pa.Table  # row, url, caption, extra columns...
-    invalid: pa.Table  # row, url, caption, error_class, error_message
+    table: pa.Table  # row, url, caption, extra columns..., reject
+
+    @property
+    def rejected(self) -> pa.Table:
+        return self.table.filter(pc.is_valid(self.table.column(REJECT)))
+
+    @property
+    def valid(self) -> pa.Table:
+        """The rows to fetch, without the reject column."""
+        return self.table.filter(pc.is_null(self.table.column(REJECT))).drop_columns([REJECT])
+
+    @property
+    def invalid_rows(self) -> int:
+        return self.rows - self.table.column(REJECT).null_count
 
 
-def _valid_mask(urls: pa.Array) -> tuple[pa.Array, pa.Array]:
-    """(is valid, reason) for each URL; the check is vectorised because parts are huge."""
+def _reject_reasons(urls: pa.Array) -> pa.Array:
+    """Why each URL cannot be fetched, null where it can; vectorised because parts are huge."""
     lowered = pc.utf8_lower(pc.utf8_trim_whitespace(urls))
     http = pc.or_(pc.starts_with(lowered, "http://"), pc.starts_with(lowered, "https://"))
     # After the scheme: optional user info, then at least one character of a host.
@@ -196,9 +315,8 @@ def _valid_mask(urls: pa.Array) -> tuple[pa.Array, pa.Array]:
         "missing URL", "not an http(s) URL", f"URL longer than {MAX_URL_LENGTH} characters",
         "URL too short", "URL has no host",
     )
-    # Valid exactly when no reason applies (case_when gives null then).
-    valid = pc.is_null(reason)
-    return valid, reason
+    # A URL is valid exactly when no reason applies (case_when gives null then).
+    return reason
 
 
 def extra_name(name: str) -> str:
@@ -223,26 +341,25 @@ def _shard(index: int, first_row: int, batch: pa.RecordBatch, columns: Columns) 
     url = batch.column(columns.url).cast(pa.string())
     caption = (_text(batch.column(columns.caption)) if columns.caption
                else pa.nulls(n, pa.string()))
-    valid, reason = _valid_mask(url)
-    arrays = [row, url, caption] + [batch.column(c) for c in columns.extra]
-    names = ["row", "url", "caption"] + [extra_name(c) for c in columns.extra]
+    reason = _reject_reasons(url)
+    arrays = [row, url, caption] + [batch.column(c) for c in columns.extra] + [reason]
+    names = ["row", "url", "caption"] + [extra_name(c) for c in columns.extra] + [REJECT]
     table = pa.Table.from_arrays(arrays, names=names)
-    invalid_mask = pc.invert(valid)
-    invalid = pa.table({
-        "row": row.filter(invalid_mask),
-        "url": url.filter(invalid_mask),
-        "caption": caption.filter(invalid_mask),
-        "error_class": pa.array(["invalid_url"] * pc.sum(invalid_mask.cast(pa.int64())).as_py(),
-                                pa.string()),
-        "error_message": reason.filter(invalid_mask),
-    })
-    return Shard(index=index, first_row=first_row, rows=n, valid=table.filter(valid),
-                 invalid=invalid)
+    keys = json.dumps([extra_name(c) for c in columns.keys]).encode()
+    return Shard(index=index, first_row=first_row, rows=n,
+                 table=table.replace_schema_metadata({KEY_COLUMNS_META: keys}))
+
+
+def key_columns_of(table: pa.Table) -> list[str]:
+    """The columns of a shard's payload that identify a row (see resolve_columns)."""
+    raw = (table.schema.metadata or {}).get(KEY_COLUMNS_META)
+    return [c for c in json.loads(raw) if c in table.column_names] if raw else []
 
 
 def iter_shards(path: Path, shard_size: int, url_column: str | None = None,
                 caption_column: str | None = None, required: tuple[str, ...] = (),
-                keep: list[str] | None = None) -> Iterator[Shard]:
+                keep: list[str] | None = None,
+                key_columns: list[str] | None = None) -> Iterator[Shard]:
     """Cut a part into shards of exactly `shard_size` rows (the last one may be shorter).
 
     Shard boundaries depend only on the file and the shard size, so re-reading a part yields
@@ -252,7 +369,7 @@ def iter_shards(path: Path, shard_size: int, url_column: str | None = None,
     if parquet.metadata.num_rows == 0:
         raise PartError(f"{path}: empty part (0 rows)")
     columns = resolve_columns(path, parquet.schema_arrow, url_column, caption_column, required,
-                              keep)
+                              keep, key_columns)
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     index = 0

@@ -7,7 +7,8 @@ Keys (all under the prefix):
   queued_rows           rows enqueued and not complete: the backpressure signal
   part:<p>              hash: generation, rows, invalid, shards, shards_total, shards_done, ok,
                         failed, bytes, pending, retry_round, started_at, enqueued_at, done_at,
-                        finalized_at, recipe (JSON, see recipe.py)
+                        finalized_at, recipe (JSON, see recipe.py), source (the part file's
+                        fingerprint), store (where its shards go), shard_size
   part:<p>:queued       shard ids enqueued in this generation (makes enqueue idempotent)
   part:<p>:done         shard ids completed in this generation (makes completion count once)
   part:<p>:classes      error class -> rows
@@ -38,7 +39,7 @@ _NOW = "local function now() local t = redis.call('TIME') " \
        "return t[1] .. '.' .. string.format('%06d', tonumber(t[2])) end\n"
 
 _ENQUEUE = """
-local part, queued, done, tasks, queued_rows, errors, classes = unpack(KEYS)
+local part, queued, tasks, queued_rows, errors, classes = unpack(KEYS)
 local p, gen, shard, valid, invalid, payload, invalid_blob = unpack(ARGV)
 if redis.call('HGET', part, 'generation') ~= gen then return -1 end
 if redis.call('SADD', queued, shard) == 0 then return 0 end
@@ -50,14 +51,11 @@ if invalid > 0 then
   redis.call('HINCRBY', classes, 'invalid_url', invalid)
   redis.call('XADD', errors, '*', 'shard', shard, 'data', invalid_blob)
 end
-if valid > 0 then
-  redis.call('XADD', tasks, '*', 'p', p, 'g', gen, 's', shard, 'n', valid, 'd', payload)
-  redis.call('INCRBY', queued_rows, valid)
-  redis.call('HINCRBY', part, 'pending', valid)
-else
-  redis.call('SADD', done, shard)
-  redis.call('HINCRBY', part, 'shards_done', 1)
-end
+-- Every shard goes to a worker, even one without a row to fetch: the worker writes its shard
+-- parquet, which must list every input row (rejected ones included).
+redis.call('XADD', tasks, '*', 'p', p, 'g', gen, 's', shard, 'n', valid, 'd', payload)
+redis.call('INCRBY', queued_rows, valid)
+redis.call('HINCRBY', part, 'pending', valid)
 return 1
 """
 
@@ -231,6 +229,9 @@ class PartState:
     finalized_at: float | None = None
     recipe: str | None = None  # JSON, see recipe.py
     enqueuer: str | None = None  # host:pid:run id of the process that enqueued it
+    source: str | None = None  # fingerprint of the part file it was enqueued from
+    store: str | None = None  # the store its shards are written to
+    shard_size: int | None = None  # rows per shard it was cut with
 
     @property
     def enqueued(self) -> bool:
@@ -251,12 +252,14 @@ class PartState:
         for name in ("generation", "rows", "invalid", "shards", "shards_done", "ok", "failed",
                      "bytes", "pending", "retry_round"):
             setattr(state, name, int(values.get(name) or 0))
-        if values.get("shards_total") is not None:
-            state.shards_total = int(values["shards_total"])
+        for name in ("shards_total", "shard_size"):
+            if values.get(name) is not None:
+                setattr(state, name, int(values[name]))
         for name in ("started_at", "enqueued_at", "done_at", "finalized_at"):
             if values.get(name) is not None:
                 setattr(state, name, float(values[name]))
-        state.recipe, state.enqueuer = values.get("recipe"), values.get("enqueuer")
+        for name in ("recipe", "enqueuer", "source", "store"):
+            setattr(state, name, values.get(name))
         return state
 
 
@@ -280,28 +283,31 @@ class Queue:
         ensure_group(self.r, self.keys.tasks)
 
     # -- enqueue side
-    def begin(self, partition: str, recipe: str | None = None,
-              enqueuer: str | None = None) -> tuple[int, str | None]:
-        """Register a part; returns its generation and recipe.
+    def begin(self, partition: str, recipe: str | None = None, enqueuer: str | None = None,
+              source: str | None = None, store: str | None = None,
+              shard_size: int | None = None) -> PartState:
+        """Register a part; returns its state, generation and recipe included.
 
-        Both are kept if the part exists, so a re-run resumes the same generation with the
-        recipe its first shards were made with; a reset starts both afresh. `enqueuer`
+        Existing values are kept, so a re-run resumes the same generation with the recipe its
+        first shards were made with, and the state keeps saying which file and store it is
+        about (provenance.py compares them); a reset starts all of them afresh. `enqueuer`
         ("host:pid:run id") names the process enqueuing it, so a sensor can tell a run that
         died without a word (a reboot, SIGKILL) from one still at work.
         """
-        k = self.keys
+        key = self.keys.part(partition)
         seconds, micros = self.r.time()
         pipe = self.r.pipeline()
-        pipe.hsetnx(k.part(partition), "generation", GENERATION_START)
-        pipe.hsetnx(k.part(partition), "started_at", f"{seconds}.{micros:06d}")
-        if recipe is not None:
-            pipe.hsetnx(k.part(partition), "recipe", recipe)
+        pipe.hsetnx(key, "generation", GENERATION_START)
+        pipe.hsetnx(key, "started_at", f"{seconds}.{micros:06d}")
+        for name, value in (("recipe", recipe), ("source", source), ("store", store),
+                            ("shard_size", shard_size)):
+            if value is not None:
+                pipe.hsetnx(key, name, value)
         if enqueuer is not None:
-            pipe.hset(k.part(partition), "enqueuer", enqueuer)
-        pipe.sadd(k.parts, partition)
-        pipe.hmget(k.part(partition), ["generation", "recipe"])
-        generation, stored = pipe.execute()[-1]
-        return int(generation), _text(stored)
+            pipe.hset(key, "enqueuer", enqueuer)
+        pipe.sadd(self.keys.parts, partition)
+        pipe.hgetall(key)
+        return PartState.from_hash(partition, pipe.execute()[-1])
 
     def reset(self, partition: str) -> int:
         """Start the part over as a new generation; late results of the old one are ignored."""
@@ -315,8 +321,8 @@ class Queue:
         """1 if enqueued now, 0 if this generation already has it, -1 if the generation moved on."""
         k = self.keys
         return int(self._enqueue(
-            keys=[k.part(partition), k.queued(partition), k.done(partition), k.tasks,
-                  k.queued_rows, k.errors(partition), k.classes(partition)],
+            keys=[k.part(partition), k.queued(partition), k.tasks, k.queued_rows,
+                  k.errors(partition), k.classes(partition)],
             args=[partition, generation, shard, valid_rows, invalid_rows, payload, invalid_blob],
         ))
 
@@ -341,6 +347,42 @@ class Queue:
 
     def is_queued(self, partition: str, shard: int) -> bool:
         return bool(self.r.sismember(self.keys.queued(partition), shard))
+
+    def done_shards(self, partition: str) -> list[int]:
+        """Ids of the shards of the part's current generation that are complete."""
+        return sorted(int(s) for s in self.r.smembers(self.keys.done(partition)))
+
+    # -- a host's worker processes (the supervisor's side)
+    def hand_back(self, consumer: str, forgive: bool) -> int:
+        """Make every shard that `consumer` (a worker process that died) holds claimable at
+        once, instead of after the visibility timeout; returns how many.
+
+        Unless forgiven, the death costs each shard one delivery, as a reclaim after the
+        timeout would: a shard that kills every process taking it still reaches the
+        dead-letter stream (and, delivered before, runs alone meanwhile).
+        """
+        entries = self.r.xpending_range(self.keys.tasks, GROUP, min="-", max="+",
+                                        count=100_000, consumername=consumer)
+        for entry in entries:
+            delivered = int(entry["times_delivered"])
+            self.r.xclaim(self.keys.tasks, GROUP, consumer, 0, [entry["message_id"]],
+                          idle=self.visibility_ms + 1, justid=True,
+                          retrycount=max(delivered - 1, 0) if forgive else delivered)
+        return len(entries)
+
+    def consumers(self) -> dict[str, int]:
+        """Worker processes the group knows (host:pid) and how many shards each holds."""
+        try:
+            info = self.r.xinfo_consumers(self.keys.tasks, GROUP)
+        except redis.ResponseError:  # no stream or group yet
+            return {}
+        return {_text(c["name"]): int(c["pending"]) for c in info}
+
+    def forget_consumer(self, consumer: str) -> None:
+        """Drop a dead process from the group once it holds nothing (the group's consumer
+        list would otherwise grow with every process restart of a weeks-long run)."""
+        if self.consumers().get(consumer, 1) == 0:
+            self.r.xgroup_delconsumer(self.keys.tasks, GROUP, consumer)
 
     # -- worker side (synchronous variant, used by tests and tools; workers use AsyncQueue)
     def complete(self, task: Task, outcome: Outcome) -> int:
@@ -378,17 +420,26 @@ class Queue:
     def hosts(self) -> dict[str, dict]:
         return {_text(k): json.loads(v) for k, v in self.r.hgetall(self.keys.hosts).items()}
 
-    def rates(self, minutes: int = 1) -> dict[str, int]:
-        """ok / failed / bytes completed over the last `minutes` whole-or-current minutes."""
-        now = int(self.r.time()[0]) // 60
+    def rates(self, minutes: int = 2, since: float | None = None) -> tuple[dict[str, int], float]:
+        """ok / failed / bytes completed in the current minute and the `minutes - 1` before
+        it, and how many seconds that window spans (from the start of its first minute, or
+        `since` if later, to now).
+
+        Dividing by the seconds actually covered keeps a rate steady across minute
+        boundaries: a partial minute counted as a whole one makes it drop to 0 every minute.
+        """
+        seconds, micros = self.r.time()
+        now = seconds + micros / 1e6
+        minute = int(now) // 60
+        start = max((minute - minutes + 1) * 60, since or 0.0)
         pipe = self.r.pipeline(transaction=False)
-        for m in range(now - minutes + 1, now + 1):
+        for m in range(minute - minutes + 1, minute + 1):
             pipe.hgetall(f"{self.keys.rate_prefix}{m}")
         total = {"ok": 0, "failed": 0, "bytes": 0}
         for raw in pipe.execute():
             for key, value in raw.items():
                 total[_text(key)] = total.get(_text(key), 0) + int(value)
-        return total
+        return total, max(now - start, 1.0)
 
     def dead_letters(self) -> int:
         return int(self.r.xlen(self.keys.dead))
@@ -518,11 +569,13 @@ class AsyncQueue:
                                            max=task.entry_id, count=1)
         return bool(info) and _text(info[0]["consumer"]) == self.consumer
 
-    async def current_generation(self, partition: str) -> tuple[str | None, str | None]:
-        """The part's generation and its recipe (JSON), in one round trip."""
-        generation, recipe = await self.r.hmget(self.keys.part(partition),
-                                                ["generation", "recipe"])
-        return _text(generation), _text(recipe)
+    async def current_generation(self, partition: str
+                                 ) -> tuple[str | None, str | None, str | None]:
+        """The part's generation, its recipe (JSON) and its file's fingerprint, in one round
+        trip."""
+        generation, recipe, source = await self.r.hmget(self.keys.part(partition),
+                                                        ["generation", "recipe", "source"])
+        return _text(generation), _text(recipe), _text(source)
 
     async def complete(self, task: Task, outcome: Outcome) -> int:
         return int(await self._complete(keys=complete_keys(self.keys, task.partition),

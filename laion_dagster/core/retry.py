@@ -1,9 +1,11 @@
 """Retrying only the failed rows of a part: what img2dataset cannot do.
 
 The rows of the chosen error classes go back on the queue as new shards (ids above a
-million, one range per retry round) in one atomic step that also takes their old failures out
-of the part's counts and error records; their new outcome is counted when those shards
-complete, and finalizing writes the error file again. Nothing is counted twice.
+million, one range per retry round, one retry shard per shard of the part that has such rows)
+in one atomic step that also takes their old failures out of the part's counts and error
+records; their new outcome is counted when those shards complete, and written into the part's
+shard they belong to (the worker merges it into that shard's files), and finalizing writes the
+error file again. Nothing is counted twice, and every row stays in one shard parquet.
 """
 
 from __future__ import annotations
@@ -55,20 +57,17 @@ def retry_failed(queue: Queue, part: parts.Part, settings: Settings,
     rows = pa.array(sorted(set(chosen.column("row").to_pylist())), pa.int64())
     recipe = Recipe.from_json(state.recipe) if state.recipe else Recipe.from_settings(settings)
     required = (recipe.verify_hash_column,) if recipe.verify_hash_column else ()
-    # The rows' full input (extra columns included) comes from the part file itself.
-    pending, batches = [], []
-    for shard in parts.iter_shards(part.path, settings.shard_size, settings.url_column,
-                                   settings.caption_column, required,
-                                   settings.save_additional_columns):
+    # The rows' full input (extra columns included) comes from the part file itself, cut
+    # with the part's own shard size: each retry shard holds rows of one shard of the part,
+    # and its id (round × 1,000,000 + that shard's) tells the worker which shard to merge
+    # the new outcomes into, so every row stays in exactly one shard parquet.
+    shards = []
+    for shard in parts.iter_shards(part.path, state.shard_size or settings.shard_size,
+                                   settings.url_column, settings.caption_column, required,
+                                   settings.save_additional_columns, settings.key_columns):
         picked = shard.valid.filter(pc.is_in(shard.valid.column("row"), rows))
         if picked.num_rows:
-            pending.append(picked)
-        if sum(t.num_rows for t in pending) >= settings.shard_size:
-            batches.append(pa.concat_tables(pending))
-            pending = []
-    if pending:
-        batches.append(pa.concat_tables(pending))
-    shards = [(i, table.num_rows, parts.encode_table(table)) for i, table in enumerate(batches)]
+            shards.append((shard.index, picked.num_rows, parts.encode_table(picked)))
     remaining = errors.filter(pc.invert(chosen_mask))
     blob = parts.encode_table(remaining) if remaining.num_rows else b""
     round_ = queue.requeue_failed(part.key, state.generation, blob, counts, shards)

@@ -14,6 +14,7 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,25 +26,33 @@ def _default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "laion-dagster"
 
 
+STATE_FOLDER = ".laion-dagster"
+
+
 class Settings(BaseSettings):
     """Everything a run, a worker or a sensor needs to know.
 
-    Paths left unset are placed under `data_dir`, so the defaults work out of the box and one
-    environment variable moves everything.
+    Paths left unset have defaults that work out of the box. The state of a download (the
+    embedded Redis, the Dagster instance, logs) lives with the data it describes: in `data_dir`
+    when one is named, else beside the store (`<store_dir>/.laion-dagster`), so two unrelated
+    downloads on one machine never share a queue or an instance by accident.
     """
 
     model_config = SettingsConfigDict(env_prefix="LAION_", extra="forbid", validate_default=True)
 
     # Where things live
-    data_dir: Path = Field(default_factory=_default_data_dir, description=(
-        "home of the embedded Redis, the Dagster instance, and every path left unset"))
+    data_dir: Path | None = Field(None, description=(
+        "home of the embedded Redis, the Dagster instance and the logs, and of parquet/ and "
+        "store/ when those are unset (default: <store_dir>/.laion-dagster when store_dir is "
+        "set, else ~/.local/share/laion-dagster)"))
     parquet_dir: Path | None = Field(None, description=(
         "folder of input parquet parts (<data_dir>/parquet); subfolders are subsets"))
-    store_dir: Path | None = Field(None, description="where shards are written (<data_dir>/store)")
+    store_dir: Path | None = Field(None, description=(
+        "where shards are written (<data_dir>/store)"))
     error_dir: Path | None = Field(None, description=(
         "where each part's error file goes (<store_dir>/_errors)"))
 
-    # Redis: unset means the embedded server under data_dir/redis
+    # Redis: unset means the embedded server under <state>/redis
     redis_url: str | None = Field(None, description=(
         "redis:// or rediss:// URL with password and /db; unset starts the embedded server"))
     prefix: str = Field("laion", description="prefix of every Redis key (the old task_key)")
@@ -56,6 +65,9 @@ class Settings(BaseSettings):
     save_additional_columns: list[str] | None = Field(None, description=(
         "input columns kept with each sample; unset keeps them all (LAION's metadata is the "
         "point)"))
+    key_columns: list[str] | None = Field(None, description=(
+        "input columns that identify a row, copied into the part's error file (default: "
+        "those of SAMPLE_ID, hash, uid, id the part has)"))
     shard_size: int = Field(10_000, ge=1, description="rows per shard (one queue entry)")
     queue_threshold: int = Field(5_000_000, ge=1, description=(
         "the sensor launches a part only while fewer rows than this are queued"))
@@ -84,6 +96,10 @@ class Settings(BaseSettings):
     disk_min_free_gb: float = Field(5.0, description=(
         "pause a host whose store disk has fewer GB free than this"))
     host_id: str | None = Field(None, description="this worker host's name (default: hostname)")
+
+    stall_timeout: float = Field(300.0, ge=0, description=(
+        "`run` ends (exit 1, saying why) when nothing was downloaded, failed or queued for "
+        "this many seconds while work remains; 0 waits forever"))
 
     # Fetching
     connect_timeout: float = Field(10.0, gt=0, description="seconds to connect (DNS included)")
@@ -157,21 +173,58 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"allowed_networks: not a network in CIDR notation ({error})") from None
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # redis-py's own error for a malformed URL is a traceback from deep inside a client.
+        if value is None or not value.strip():
+            return None
+        split = urlsplit(value.strip())
+        if split.scheme == "unix" and split.path:
+            return value.strip()
+        if split.scheme not in ("redis", "rediss") or not split.hostname:
+            raise ValueError("expected redis://[:password@]host[:port][/db], rediss://... for "
+                             "TLS, or unix:///path/to/socket")
+        try:
+            split.port  # noqa: B018 - raises for a port that is not a number
+        except ValueError as error:
+            raise ValueError(f"bad port ({error})") from None
+        return value.strip()
+
+    @property
+    def home(self) -> Path:
+        """The data folder: named, or the user's default."""
+        return self.data_dir or _default_data_dir()
+
     @property
     def parts_root(self) -> Path:
-        return self.parquet_dir or self.data_dir / "parquet"
+        return self.parquet_dir or self.home / "parquet"
 
     @property
     def store_root(self) -> Path:
-        return self.store_dir or self.data_dir / "store"
+        return self.store_dir or self.home / "store"
 
     @property
     def errors_root(self) -> Path:
         return self.error_dir or self.store_root / "_errors"
 
     @property
+    def state_dir(self) -> Path:
+        """Where the embedded Redis, the Dagster instance and the logs of this download live:
+        the named data folder, else beside the store it describes."""
+        if self.data_dir is not None:
+            return self.data_dir
+        if self.store_dir is not None:
+            return self.store_dir / STATE_FOLDER
+        return self.home
+
+    @property
     def redis_dir(self) -> Path:
-        return self.data_dir / "redis"
+        return self.state_dir / "redis"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced; None means 'keep what the environment says'."""

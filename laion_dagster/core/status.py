@@ -19,18 +19,22 @@ from laion_dagster.core.settings import Settings
 class Status:
     queued_rows: int
     dead_letters: int
-    ok_last_minute: int
-    failed_last_minute: int
-    bytes_last_minute: int
+    window_seconds: float  # what the recent figures cover: the current and previous minute
+    ok_recent: int
+    failed_recent: int
+    bytes_recent: int
     images_per_second: float
     mb_per_second: float
     images_per_second_hour: float
     mb_per_second_hour: float
-    eta_seconds: float | None
-    dataset_rows: int | None
+    eta_seconds: float | None  # of the rows on the queue now, at the recent rate
+    parquet_dir: str
+    dataset_rows: int | None  # None where parquet_dir is not readable from here
     rows_remaining: int | None
     dataset_eta_seconds: float | None
-    top_errors: list[tuple[str, int]]
+    failed: int  # rows that failed to download, every part
+    invalid: int  # rows without a usable URL (class invalid_url), every part
+    top_errors: list[tuple[str, int]]  # download failures by class (invalid rows apart)
     parts: list[dict]
     hosts: list[dict]
 
@@ -61,18 +65,22 @@ def _rows_not_enqueued(settings: Settings, enqueued: set[str]) -> tuple[int, int
 
 
 def collect(queue: Queue, settings: Settings) -> Status:
-    # The current minute is partial; the previous whole minutes give a steadier rate.
-    rate = queue.rates(minutes=2)
-    per_second = (rate["ok"] + rate["failed"]) / 120.0
-    hour = queue.rates(minutes=60)
-    per_second_hour = (hour["ok"] + hour["failed"]) / 3600.0
-    parts_seen = []
-    classes: dict[str, int] = {}
     keys = queue.partitions()
     states = queue.parts_states(keys)
+    active = [st.started_at for st in states.values() if st.started_at and not st.done]
+    since = min(active) if active else None
+    # Rates over the time actually covered: the current and the previous minute (never a
+    # partial minute counted as a whole), and the hour, or as much of it as work has run.
+    recent, recent_seconds = queue.rates(minutes=2)
+    hour, hour_seconds = queue.rates(minutes=60, since=since)
+    per_second = (recent["ok"] + recent["failed"]) / recent_seconds
+    per_second_hour = (hour["ok"] + hour["failed"]) / hour_seconds
+    parts_seen = []
+    classes: dict[str, int] = {}
     for counts in queue.classes_of(keys):
         for name, count in counts.items():
-            classes[name] = classes.get(name, 0) + count
+            if name != "invalid_url":  # the invalid rows, counted on their own
+                classes[name] = classes.get(name, 0) + count
     remaining = 0
     for state in states.values():
         remaining += max(state.rows - state.ok - state.failed - state.invalid, 0)
@@ -96,18 +104,27 @@ def collect(queue: Queue, settings: Settings) -> Status:
         dataset_rows = sum(st.rows for st in states.values()) + unseen[0]
     steady = per_second_hour or per_second
     return Status(
-        queued_rows=depth, dead_letters=queue.dead_letters(), ok_last_minute=rate["ok"],
-        failed_last_minute=rate["failed"], bytes_last_minute=rate["bytes"],
+        queued_rows=depth, dead_letters=queue.dead_letters(),
+        window_seconds=round(recent_seconds, 1), ok_recent=recent["ok"],
+        failed_recent=recent["failed"], bytes_recent=recent["bytes"],
         images_per_second=round(per_second, 1),
-        mb_per_second=round(rate["bytes"] / 120.0 / 1e6, 2),
+        mb_per_second=round(recent["bytes"] / recent_seconds / 1e6, 2),
         images_per_second_hour=round(per_second_hour, 2),
-        mb_per_second_hour=round(hour["bytes"] / 3600.0 / 1e6, 2),
-        eta_seconds=round(depth / per_second) if per_second > 0 else None,
+        mb_per_second_hour=round(hour["bytes"] / hour_seconds / 1e6, 2),
+        eta_seconds=round(depth / per_second) if per_second > 0 and depth else None,
+        parquet_dir=str(settings.parts_root),
         dataset_rows=dataset_rows, rows_remaining=rows_remaining,
         dataset_eta_seconds=(round(rows_remaining / steady)
-                             if rows_remaining is not None and steady > 0 else None),
+                             if rows_remaining and steady > 0 else None),
+        failed=sum(st.failed for st in states.values()),
+        invalid=sum(st.invalid for st in states.values()),
         top_errors=sorted(classes.items(), key=lambda kv: -kv[1])[:6],
         parts=parts_seen, hosts=hosts)
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 part', '4 parts', '1,000 rows'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def bar(done: int, total: int | None, width: int = 20) -> str:
@@ -125,8 +142,14 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def fit(text: str, width: int) -> str:
+    """`text` in `width` characters, an ellipsis marking where it was cut."""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def render(status: Status) -> str:
-    whole = ("dataset: parquet_dir not readable from here" if status.dataset_rows is None else
+    whole = (f"dataset: {status.parquet_dir} is not readable from here, so only enqueued parts "
+             "count" if status.dataset_rows is None else
              f"dataset: {status.rows_remaining:,} of {status.dataset_rows:,} rows to go, "
              f"ETA {_duration(status.dataset_eta_seconds)}")
     errors = ", ".join(f"{name} {count:,}" for name, count in status.top_errors) or "none"
@@ -134,27 +157,34 @@ def render(status: Status) -> str:
         f"queue: {status.queued_rows:,} rows   dead-lettered shards: {status.dead_letters}"
         f"   ETA for the queue: {_duration(status.eta_seconds)}",
         f"rate: {status.images_per_second:,.1f} images/s, {status.mb_per_second:,.2f} MB/s "
-        f"over the last 2 min (ok {status.ok_last_minute:,}, failed "
-        f"{status.failed_last_minute:,});  {status.images_per_second_hour:,.1f} images/s, "
+        f"over the last {status.window_seconds:.0f}s (ok {status.ok_recent:,}, failed "
+        f"{status.failed_recent:,});  {status.images_per_second_hour:,.1f} images/s, "
         f"{status.mb_per_second_hour:,.2f} MB/s over the last hour",
         whole,
-        f"top errors: {errors}",
+        f"failed: {status.failed:,} rows, top classes: {errors};  invalid (no usable URL): "
+        f"{status.invalid:,}",
         "",
-        "parts:",
+        f"parts ({len(status.parts):,}):",
     ]
+    width = min(max((len(p["partition"]) for p in status.parts), default=0), 60)
     for p in status.parts:
-        lines.append(f"  {p['partition'][:60]:<60} {bar(p['shards_done'], p['shards_total'])} "
+        lines.append(f"  {fit(p['partition'], width):<{width}} "
+                     f"{bar(p['shards_done'], p['shards_total'])} "
                      f"{p['shards_done']}/{p['shards_total'] or '?'} shards  ok {p['ok']:,}  "
-                     f"failed {p['failed']:,}  {p['state']}")
+                     f"failed {p['failed']:,}  invalid {p['invalid']:,}  {p['state']}")
     if not status.parts:
         lines.append("  (none enqueued yet)")
     lines += ["", "hosts:"]
     for h in status.hosts:
         state = "gone?" if h["stale"] else "paused" if h.get("paused") else "running"
-        lines.append(f"  {h['host']:<24} {state:<8} disk used {h['disk_used_gb']:,.0f} GB, "
-                     f"free {h['disk_free_gb']:,.0f} GB   {h.get('rate', 0):,.1f} images/s   "
-                     f"{h.get('alive_processes', '?')}/{h.get('processes', '?')} processes   "
-                     f"seen {h['last_seen_s']}s ago")
+        lines.append(f"  {fit(h['host'], 24):<24} {state:<8} disk used "
+                     f"{h['disk_used_gb']:,.0f} GB, free {h['disk_free_gb']:,.0f} GB   "
+                     f"{h.get('rate', 0):,.1f} images/s   {h.get('alive_processes', '?')}/"
+                     f"{h.get('processes', '?')} processes   seen {h['last_seen_s']}s ago")
+        if h.get("paused") and h.get("pause_reason"):
+            lines.append(f"    paused: {h['pause_reason']}")
+        for problem in h.get("problems") or []:
+            lines.append(f"    shards failing: {problem}")
     if not status.hosts:
         lines.append("  (no worker is reporting)")
     return "\n".join(lines)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
+import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,15 +34,22 @@ SAMPLE_SCHEMA = pa.schema([
     ("original_width", pa.int32()), ("original_height", pa.int32()), ("sha256", pa.string()),
     ("bytes", pa.int64()), ("format", pa.string()),
 ])
+# A part's error file: these columns, then the input columns that identify a row.
 ERROR_SCHEMA = pa.schema([
-    ("row", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
+    ("row", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
     ("error_class", pa.string()), ("error_message", pa.string()), ("http_status", pa.int32()),
 ])
 
 
-def sample_key(row: int) -> str:
-    """Keys come from the row's place in its part, never from the URL (which is hostile)."""
-    return f"{row:010d}"
+def sample_key(prefix: str, row: int) -> str:
+    """`<subset>_<part>_<row>`: unique across the dataset, sorted in input order within a part,
+    and never derived from the URL (which is hostile). `prefix` is parts.sample_prefix."""
+    return f"{prefix}_{row:010d}"
+
+
+# Every name a shard writes, and only those: what cleanup may remove.
+_MEMBER = re.compile(r"[A-Za-z0-9_\-]+_\d{10}\.[A-Za-z0-9]+")
+_TEMP_TAG = r"\.tmp-\d+-[0-9a-f]{8}"
 
 
 # output_format="parquet" spools images here while the shard downloads (uncompressed Arrow,
@@ -66,16 +75,36 @@ def clear_stale_temporaries(part_dir: Path, shard: int) -> None:
     Whoever holds the claim is the shard's only rightful writer, so any other temporary for it
     belongs to a killed worker (or one that lost its claim and will fail to publish, which is
     harmless: the shard is counted once, by its current owner). Called when a new writer starts
-    and when a shard is dead-lettered, so no killed attempt leaves files behind.
+    and when a shard is dead-lettered, so no killed attempt leaves files behind. Only the exact
+    names a writer makes match (`00012.tar.tmp-<pid>-<8 hex>`, `00012.old-<8 hex>`, ...):
+    anything else in the folder is not ours to remove.
     """
     name = f"{shard:05d}"
-    # "<name>." and "<name>_" only: shard 10000's temporaries are not shard 1000000's.
-    for path in [*part_dir.glob(f"{name}.*.tmp-*"), *part_dir.glob(f"{name}.tmp-*"),
-                 *part_dir.glob(f"{name}_*.tmp-*")]:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+    ours = re.compile(rf"{name}(?:\.tar|\.parquet|_stats\.json|\.images\.arrow)?{_TEMP_TAG}"
+                      rf"|{name}\.old-[0-9a-f]{{8}}")
+    if not part_dir.is_dir():
+        return
+    for entry in os.scandir(part_dir):
+        if not ours.fullmatch(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
         else:
-            path.unlink(missing_ok=True)
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def is_shard_folder(path: Path) -> bool:
+    """Whether a folder holds only what output_format "files" writes (sample members): the
+    only kind of folder a writer may replace or remove."""
+    try:
+        return path.is_dir() and all(_MEMBER.fullmatch(entry.name) and entry.is_file()
+                                     for entry in os.scandir(path))
+    except OSError:
+        return False
+
+
+class ForeignFiles(OSError):
+    """A shard's place in the store holds something we did not write; we leave it alone."""
 
 
 def leftovers(store: Path) -> list[Path]:
@@ -91,6 +120,7 @@ def shard_complete(part_dir: Path, shard: int) -> bool:
 @dataclass
 class SampleRecord:
     row: int
+    key: str
     url: str
     caption: str | None
     status: str = "success"
@@ -105,10 +135,13 @@ class SampleRecord:
     bytes: int | None = None
     format: str | None = None
     extra: dict = field(default_factory=dict)
+    # Rejected at enqueue (no usable URL): already counted there, written here only so that
+    # every input row is in its shard parquet.
+    rejected: bool = False
 
     def meta(self) -> dict:
         """The sample's JSON sidecar, in img2dataset's field names."""
-        meta = {"key": sample_key(self.row), "row": self.row, "url": self.url,
+        meta = {"key": self.key, "row": self.row, "url": self.url,
                 "caption": self.caption, "status": self.status,
                 "error_message": self.error_message, "width": self.width,
                 "height": self.height, "original_width": self.original_width,
@@ -190,7 +223,7 @@ class ShardWriter:
                 if len(self._spooled) >= SPOOL_BATCH:
                     self._flush_spool()
             return
-        key = sample_key(record.row)
+        key = record.key
         members = {
             f"{key}.{record.format}": body,
             f"{key}.txt": (record.caption or "").encode(),
@@ -229,18 +262,27 @@ class ShardWriter:
                 images = spool.column("image").take(where)
                 writer.write_table(chunk.append_column("image", images))
 
-    def close(self, records: list[SampleRecord], extra_columns: pa.Table | None) -> dict:
-        """Write the parquet and stats, publish everything; returns the stats."""
-        if self._tar is not None:
-            self._tar.write(TAR_END)
-            self._tar.write(b"\0" * (-self._tar.tell() % TAR_RECORD))
-            self._tar.close()
+    def close(self, records: list[SampleRecord], extra_columns: pa.Table | None,
+              merge: bool = False) -> dict:
+        """Write the parquet and stats, publish everything; returns the stats.
+
+        `merge`: the records are some rows of this shard done again (a retry of its failed
+        rows); the shard's other rows, and their images, are kept from its current copy, so
+        the shard still holds each of its rows exactly once.
+        """
         table = records_table(records)
         if extra_columns is not None:
             for name in extra_columns.column_names:
                 table = table.append_column(name, extra_columns.column(name))
+        if merge:
+            kept = self._carry_over({r.row for r in records}, {r.key for r in records})
+            table = pa.concat_tables([kept, table], promote_options="default").sort_by("row")
+        if self._tar is not None:
+            self._tar.write(TAR_END)
+            self._tar.write(b"\0" * (-self._tar.tell() % TAR_RECORD))
+            self._tar.close()
         end = time.time()
-        stats = shard_stats(records, self.start_time, end)
+        stats = shard_stats(table, self.start_time, end)
         stats.update({"shard": self.shard, "output_format": self.output_format})
         if self.made_with is not None:
             stats["recipe"] = self.made_with
@@ -254,28 +296,64 @@ class ShardWriter:
         data = [] if self._spool is not None else [self._tmp_data]
         for tmp in [*data, tmp_parquet, tmp_stats]:
             _fsync(tmp)
+        final = self.paths["data"]
+        if self.output_format == "files" and final.exists() and not is_shard_folder(final):
+            raise ForeignFiles(f"{final} exists and holds files this program did not write; "
+                               "move it away to let the shard be written")
+        previous = _stats_format(self.paths["stats"])
         # An older copy of this shard stops counting as complete before any of it is replaced.
         self.paths["stats"].unlink(missing_ok=True)
         if self._spool is not None:
             self._tmp_data.unlink()
         else:
-            _publish(self._tmp_data, self.paths["data"])
+            _publish(self._tmp_data, final)
         os.replace(tmp_parquet, self.paths["parquet"])
-        self._remove_other_formats()
+        if previous not in (None, self.output_format):
+            self._remove_old_format(previous)
         os.replace(tmp_stats, self.paths["stats"])
         _fsync_dir(self.part_dir)
         return stats
 
-    def _remove_other_formats(self) -> None:
-        """A part started over in another format leaves no stale copy of this shard behind."""
-        for other in ("webdataset", "files"):
-            if other == self.output_format:
-                continue
-            stale = shard_paths(self.part_dir, self.shard, other)["data"]
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            elif stale.exists():
-                stale.unlink()
+    def _carry_over(self, redone_rows: set[int], redone_keys: set[str]) -> pa.Table:
+        """Copy this shard's current samples, but for the rows done again, into the new copy;
+        returns their sample rows (the shard parquet's, without any image column)."""
+        current = pq.read_table(self.paths["parquet"])
+        keep = pc.invert(pc.is_in(current.column("row"), pa.array(sorted(redone_rows),
+                                                                  pa.int64())))
+        current = current.filter(keep)
+        data = self.paths["data"]
+        if self._spool is not None and "image" in current.column_names:
+            with self._lock:
+                for row, image in zip(current.column("row").to_pylist(),
+                                      current.column("image").to_pylist(), strict=True):
+                    if image is not None:
+                        self._spooled.append((row, image))
+                        if len(self._spooled) >= SPOOL_BATCH:
+                            self._flush_spool()
+        elif self._tar is not None and data.is_file():
+            with tarfile.open(data) as old, self._lock:
+                for member in old:
+                    if member.isfile() and member.name.split(".", 1)[0] not in redone_keys:
+                        content = old.extractfile(member).read()
+                        self._tar.write(b"".join(tar_member(member.name, content,
+                                                            int(member.mtime))))
+        elif self._tar is None and self._spool is None and is_shard_folder(data):
+            for entry in os.scandir(data):
+                if entry.name.split(".", 1)[0] not in redone_keys:
+                    os.link(entry.path, self._tmp_data / entry.name)
+        return current.drop_columns([c for c in ("image",) if c in current.column_names])
+
+    def _remove_old_format(self, previous: str) -> None:
+        """A part started over in another format leaves no stale copy of this shard behind;
+        only what the previous copy's stats say it wrote is removed, and a folder only when it
+        holds nothing but sample files."""
+        if previous == "parquet":
+            return  # its images were in the shard parquet, which is replaced already
+        stale = shard_paths(self.part_dir, self.shard, previous)["data"]
+        if previous == "files" and is_shard_folder(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+        elif previous == "webdataset" and stale.is_file():
+            stale.unlink()
 
     def abort(self) -> None:
         """Remove the temporary files: nothing partial is left behind."""
@@ -313,8 +391,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _stats_format(path: Path) -> str | None:
+    """The output format a shard's existing _stats.json says it was written in, if any."""
+    try:
+        return json.loads(path.read_text()).get("output_format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _publish(tmp: Path, final: Path) -> None:
-    """Rename into place; a folder that exists already is swapped out, then removed."""
+    """Rename into place; a shard folder that exists already is swapped out, then removed
+    (close() has checked that it holds only sample files)."""
     if tmp.is_dir() and final.exists():
         old = final.with_name(final.name + f".old-{secrets.token_hex(4)}")
         os.replace(final, old)
@@ -327,7 +414,7 @@ def _publish(tmp: Path, final: Path) -> None:
 def records_table(records: list[SampleRecord]) -> pa.Table:
     columns = {name: [] for name in SAMPLE_SCHEMA.names}
     for r in records:
-        columns["key"].append(sample_key(r.row))
+        columns["key"].append(r.key)
         columns["row"].append(r.row)
         columns["url"].append(r.url)
         columns["caption"].append(r.caption)
@@ -345,23 +432,33 @@ def records_table(records: list[SampleRecord]) -> pa.Table:
     return pa.table(columns, schema=SAMPLE_SCHEMA)
 
 
-def error_table(records: list[SampleRecord]) -> pa.Table:
-    return failed_rows(records_table(records))
+def error_table(records: list[SampleRecord], key_columns: list[str] = ()) -> pa.Table:
+    table = records_table(records)
+    for name in key_columns:
+        table = table.append_column(name, pa.array([r.extra.get(name) for r in records]))
+    return failed_rows(table, key_columns)
 
 
-def failed_rows(samples: pa.Table) -> pa.Table:
-    """The error records of a shard's sample table: what goes to the part's error file."""
+def failed_rows(samples: pa.Table, key_columns: list[str] = ()) -> pa.Table:
+    """The error records of a shard's sample table, with the input columns that identify a row:
+    what goes to the part's error file."""
     failed = samples.filter(pc.not_equal(samples.column("status"), "success"))
-    return failed.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
+    ours = failed.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
+    for name in key_columns:
+        if name in failed.column_names:
+            ours = ours.append_column(name, failed.column(name))
+    return ours
 
 
 def read_complete_shard(part_dir: Path, shard: int, rows: list[int],
-                        made_with: dict | None = None) -> pa.Table | None:
+                        made_with: dict | None = None,
+                        extra: list[str] = ()) -> pa.Table | None:
     """The sample table of a shard already complete on disk for exactly these rows, or None.
 
     Incremental mode: a shard written by an earlier run (or another Redis) need not be
     downloaded again. The row check guards against a different shard_size since then; the
-    recipe check against a part started over with another format, size or filter.
+    recipe check against a part started over with another format, size or filter, or a part
+    file that changed since. `extra` input columns are read too, where the shard has them.
     """
     if not shard_complete(part_dir, shard):
         return None
@@ -376,7 +473,8 @@ def read_complete_shard(part_dir: Path, shard: int, rows: list[int],
     path = paths["parquet"]
     try:
         names = pq.read_schema(path).names
-        samples = pq.read_table(path, columns=[n for n in SAMPLE_SCHEMA.names if n in names])
+        wanted = [*SAMPLE_SCHEMA.names, *extra]
+        samples = pq.read_table(path, columns=[n for n in wanted if n in names])
     except (OSError, pa.ArrowException):
         return None
     if sorted(samples.column("row").to_pylist()) != sorted(rows):
@@ -384,18 +482,19 @@ def read_complete_shard(part_dir: Path, shard: int, rows: list[int],
     return samples
 
 
-def shard_stats(records: list[SampleRecord], start: float, end: float) -> dict:
-    """img2dataset's stats fields, with the same names and meaning."""
+def shard_stats(samples: pa.Table, start: float, end: float) -> dict:
+    """img2dataset's stats fields, with the same names and meaning, from the sample table."""
     status: dict[str, int] = {}
-    for r in records:
-        name = "success" if r.status == "success" else r.error_class or "unknown"
+    for state, error_class in zip(samples.column("status").to_pylist(),
+                                  samples.column("error_class").to_pylist(), strict=True):
+        name = "success" if state == "success" else error_class or "unknown"
         status[name] = status.get(name, 0) + 1
     successes = status.get("success", 0)
     to_resize = sum(n for name, n in status.items() if name in RESIZE_CLASSES)
     return {
-        "count": len(records),
+        "count": samples.num_rows,
         "successes": successes,
-        "failed_to_download": len(records) - successes - to_resize,
+        "failed_to_download": samples.num_rows - successes - to_resize,
         "failed_to_resize": to_resize,
         "duration": round(end - start, 3),
         "start_time": start,

@@ -20,10 +20,11 @@ from dagster import (
 )
 
 from laion_dagster.core import parts
-from laion_dagster.core.accounting import PartNotDone, PartSummary, finalize_part
+from laion_dagster.core.accounting import ERROR_CLASSES, PartNotDone, PartSummary, finalize_part
 from laion_dagster.core.connection import RedisUnavailable
 from laion_dagster.core.embedded import EmbeddedServerError
 from laion_dagster.core.enqueue import enqueue_part
+from laion_dagster.core.provenance import PartChanged
 from laion_dagster.core.retry import RetryRefused, retry_failed
 from laion_dagster.defs.partitions import parts_partitions
 from laion_dagster.defs.resources import LaionResource
@@ -68,8 +69,8 @@ def part_tasks(context: AssetExecutionContext, config: PartTasksConfig,
                 context.log.info(f"{key}: starting over as generation {generation}")
             report = enqueue_part(queue, part, settings, progress=progress,
                                   enqueuer=f"{socket.gethostname()}:{os.getpid()}:"
-                                           f"{context.run_id}")
-    except (parts.PartError, RedisUnavailable, EmbeddedServerError) as error:
+                                           f"{context.run.run_id}")
+    except (parts.PartError, PartChanged, RedisUnavailable, EmbeddedServerError) as error:
         # The message names the file and the problem; the core's traceback adds nothing.
         raise Failure(description=str(error)) from None
     return MaterializeResult(metadata={
@@ -84,6 +85,7 @@ def part_tasks(context: AssetExecutionContext, config: PartTasksConfig,
         "waited_for_queue_s": round(report.waited_seconds, 1),
         "generation": report.generation,
         "part_file": MetadataValue.path(report.path),
+        "store_dir": MetadataValue.path(str(settings.store_root)),
         "output_format": report.recipe.output_format,
         "recipe": MetadataValue.json(dataclasses.asdict(report.recipe)),
     })
@@ -105,6 +107,24 @@ def _retry(key: str, settings, laion: LaionResource, classes: tuple[str, ...]):
             ["| error class | rows |", "|---|---:|"]
             + [f"| {k} | {v:,} |" for k, v in sorted(report.classes.items())])),
     })
+
+
+def human_size(nbytes: int) -> str:
+    """1234567 → '1.2 MB': sizes in the units people read."""
+    size = float(nbytes)
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def _part_file(settings, partition: str) -> str:
+    """The part's file name, for the metadata (the key is short on purpose)."""
+    try:
+        return str(parts.find(settings.parts_root, partition).path)
+    except parts.PartError:
+        return ""
 
 
 def classes_table(summary: PartSummary) -> str:
@@ -138,12 +158,14 @@ def part_images(context: AssetExecutionContext, laion: LaionResource) -> Materia
             summary = finalize_part(queue, context.partition_key, settings)
     except (PartNotDone, RedisUnavailable, EmbeddedServerError) as error:
         raise Failure(description=str(error)) from None
+    part_file = _part_file(settings, context.partition_key)
     metadata = {
         "rows": summary.rows,
         "ok": summary.ok,
         "failed": summary.failed,
         "invalid_rows": summary.invalid,
-        "bytes": summary.bytes,
+        "size": human_size(summary.bytes),
+        "size_mb": round(summary.bytes / 1e6, 1),
         "success_rate": round(summary.success_rate, 4),
         "images_per_second": round(summary.images_per_second, 1),
         "duration_s": round(summary.duration, 1),
@@ -152,9 +174,12 @@ def part_images(context: AssetExecutionContext, laion: LaionResource) -> Materia
         "error_classes": MetadataValue.md(classes_table(summary)),
         "output_dir": MetadataValue.path(summary.output_dir),
         "error_file": MetadataValue.path(summary.error_file or ""),
+        "part_file": MetadataValue.path(part_file),
     }
-    for name, count in summary.classes.items():
-        metadata[f"failed_{name}"] = count
+    # Every class, zeros included: each partition then has the same metadata keys, which is
+    # what the asset's plots across partitions are drawn from.
+    for name in ERROR_CLASSES:
+        metadata[f"failed_{name}"] = summary.classes.get(name, 0)
     checks = [
         AssetCheckResult(
             check_name=BALANCED, passed=summary.balanced,

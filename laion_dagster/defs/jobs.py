@@ -7,17 +7,15 @@ import time
 from dagster import AssetSelection, Config, OpExecutionContext, define_asset_job, job, op
 
 from laion_dagster.defs.assets import part_images, part_tasks
-from laion_dagster.defs.partitions import parts_partitions
 from laion_dagster.defs.resources import LaionResource
 from laion_dagster.worker.supervisor import Supervisor
 
 enqueue_job = define_asset_job(
-    "enqueue_job", selection=AssetSelection.assets(part_tasks), partitions_def=parts_partitions,
+    "enqueue_job", selection=AssetSelection.assets(part_tasks),
     description="Queue one part's rows (what launch_or_hold launches; backfill it by partition).")
 
 finalize_job = define_asset_job(
     "finalize_job", selection=AssetSelection.assets(part_images),
-    partitions_def=parts_partitions,
     description="Write a finished part's error file, totals and checks (what finalize_parts "
                 "launches).")
 

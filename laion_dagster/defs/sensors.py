@@ -35,13 +35,16 @@ UNFINISHED = {DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunS
         description="Adds a partition for every new parquet part under parquet_dir/<subset>/.")
 def discover_parts(context: SensorEvaluationContext, laion: LaionResource) -> SensorResult:
     settings = laion.settings()
-    found = parts.discover(settings.parts_root)
+    found = parts.survey(settings.parts_root)
     known = set(context.instance.get_dynamic_partitions(PARTS))
-    new = [p.key for p in found if p.key not in known]
+    new = [p.key for p in found.parts if p.key not in known]
+    skipped = (f"; {len(found.problems)} files are not parts: {found.problems[0]}"
+               + (" …" if len(found.problems) > 1 else "") if found.problems else "")
     if not new:
         return SensorResult(skip_reason=SkipReason(
-            f"no new parts in {settings.parts_root} ({len(known)} known)"))
-    context.log.info(f"adding {len(new)} parts: {', '.join(new[:5])}{' …' if len(new) > 5 else ''}")
+            f"no new parts in {settings.parts_root} ({len(known)} known){skipped}"))
+    context.log.info(f"adding {len(new)} parts: {', '.join(new[:5])}{' …' if len(new) > 5 else ''}"
+                     f"{skipped}")
     return SensorResult(dynamic_partitions_requests=[parts_partitions.build_add_request(new)])
 
 

@@ -21,31 +21,34 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from laion_dagster.core import images, parts
 from laion_dagster.core.connection import connect_async
 from laion_dagster.core.fetch import Fetcher, FetchResult
 from laion_dagster.core.queue import AsyncQueue, Outcome, Task
 from laion_dagster.core.recipe import Recipe
+from laion_dagster.core.retry import ROUND as RETRY_ROUND
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.writers import (
     SampleRecord,
     ShardWriter,
-    clear_stale_temporaries,
-    error_table,
     failed_rows,
     read_complete_shard,
     records_table,
+    sample_key,
+    shard_complete,
 )
 from laion_dagster.worker.shared import Shared
 
 log = logging.getLogger("laion_dagster.worker")
 
-OUR_COLUMNS = ("row", "url", "caption")
+OUR_COLUMNS = ("row", "url", "caption", parts.REJECT)
 # Images up to this size are checked and stored on the event loop when nothing is resized;
 # bigger ones, and every decode or resize, go to the thread pool.
 INLINE_BYTES = 1_000_000
 _terminated = False  # set by SIGTERM sent to this process alone
+CLAIM_PROBLEM = "cannot claim shards"
 
 
 def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: images.Filters,
@@ -69,30 +72,84 @@ def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: imag
 class ShardJob:
     """Everything about one claimed shard while it is being worked on."""
 
-    def __init__(self, task: Task, settings: Settings, recipe: Recipe):
+    def __init__(self, task: Task, settings: Settings, recipe: Recipe, source: str | None):
         self.task = task
         self.recipe = recipe
         self.table = parts.decode_table(task.payload)
+        self.prefix = parts.sample_prefix(task.partition)
+        self.key_columns = parts.key_columns_of(self.table)
+        self.rejected = rejected_rows(self.table)
         part_dir = settings.store_root / parts.relative_dir(task.partition)
-        self.writer = ShardWriter(part_dir, task.shard, recipe.output_format, recipe.made_with)
+        # A retry shard's rows go back into the part's shard they came from, when this host
+        # holds it: the new outcomes are merged into its files (see retry.py).
+        original = task.shard % RETRY_ROUND if task.shard >= RETRY_ROUND else None
+        self.merge = original is not None and shard_complete(part_dir, original)
+        self.writer = ShardWriter(part_dir, original if self.merge else task.shard,
+                                  recipe.output_format, made_with(recipe, source))
         self.records: list[SampleRecord] = []
+
+    def close(self) -> None:
+        self.writer.close(self.records, self.extra_columns(), merge=self.merge)
 
     def extra_columns(self) -> pa.Table:
         return self.table.drop_columns([c for c in OUR_COLUMNS if c in self.table.column_names])
 
+    def samples(self) -> list[SampleRecord]:
+        """A record per row, in row order; rows rejected at enqueue are failed already."""
+        table = self.table
+        extra = self.extra_columns()
+        extras = extra.to_pylist() if extra.num_columns else [{}] * table.num_rows
+        records = []
+        for row, url, caption, more in zip(table.column("row").to_pylist(),
+                                           table.column("url").to_pylist(),
+                                           table.column("caption").to_pylist(), extras,
+                                           strict=True):
+            record = SampleRecord(row=row, key=sample_key(self.prefix, row), url=url,
+                                  caption=caption, extra=more)
+            reason = self.rejected.get(row)
+            if reason is not None:
+                record.status, record.error_class = "failed", "invalid_url"
+                record.error_message, record.rejected = reason, True
+            records.append(record)
+        return records
+
     def outcome(self) -> Outcome:
-        return outcome_of(records_table(self.records))
+        samples = records_table(self.records)
+        for name in self.key_columns:
+            samples = samples.append_column(name, self.table.column(name))
+        return outcome_of(samples, self.rejected, self.key_columns)
 
 
-def outcome_of(samples: pa.Table) -> Outcome:
-    """A shard's counts, error classes and error records, from its sample table."""
+def made_with(recipe: Recipe, source: str | None) -> dict:
+    """What a shard's content depends on (kept in its _stats.json): the part's recipe and the
+    fingerprint of the file its rows came from, so incremental mode never takes a shard made
+    from an older version of the part for this one."""
+    return {**recipe.made_with, "source": source} if source else recipe.made_with
+
+
+def rejected_rows(table: pa.Table) -> dict[int, str]:
+    """Rows of a shard payload that are not fetched (no usable URL), with the reason."""
+    if parts.REJECT not in table.column_names:
+        return {}
+    rejected = table.filter(pc.is_valid(table.column(parts.REJECT)))
+    return dict(zip(rejected.column("row").to_pylist(),
+                    rejected.column(parts.REJECT).to_pylist(), strict=True))
+
+
+def outcome_of(samples: pa.Table, rejected: dict[int, str] | None = None,
+               key_columns: list[str] = ()) -> Outcome:
+    """A shard's counts, error classes and error records, from its sample table. Rows rejected
+    at enqueue are left out: the enqueue counted them and recorded their errors."""
+    if rejected:
+        samples = samples.filter(pc.invert(pc.is_in(
+            samples.column("row"), pa.array(list(rejected), pa.int64()))))
     status = samples.column("status").to_pylist()
     sizes = samples.column("bytes").to_pylist()
     classes = Counter(c or "unknown" for c, st in
                       zip(samples.column("error_class").to_pylist(), status, strict=True)
                       if st != "success")
     ok = status.count("success")
-    errors = failed_rows(samples)
+    errors = failed_rows(samples, key_columns)
     return Outcome(ok=ok, failed=len(status) - ok,
                    bytes=sum(b or 0 for b, st in zip(sizes, status, strict=True)
                              if st == "success"),
@@ -182,9 +239,12 @@ class WorkerProcess:
                         task = await self.queue.claim(block_ms=1000)
                     except Exception as error:  # Redis down: back off, carry on
                         log.warning("claim failed (%s); retrying", error)
+                        self.shared.set_problem(f"{CLAIM_PROBLEM}: {error}")
                         slots.release()
                         await self._sleep(2.0)
                         continue
+                    if self.shared.read_problem().startswith(CLAIM_PROBLEM):
+                        self.shared.set_problem("")
                     if task is None:
                         slots.release()
                         continue
@@ -297,6 +357,8 @@ class WorkerProcess:
             else:
                 log.exception("shard %s/%s failed; it will be retried after the visibility "
                               "timeout", task.partition, task.shard)
+                self.shared.set_problem(f"shard {task.partition}/{task.shard:05d} failed: "
+                                        f"{type(error).__name__}: {error}")
         finally:
             dispatch_idle.set()
             slots.release()
@@ -307,41 +369,40 @@ class WorkerProcess:
             job.writer.abort()
 
     async def _work(self, task: Task, dispatch_idle: asyncio.Event) -> None:
-        generation, stored_recipe = await self.queue.current_generation(task.partition)
+        generation, stored_recipe, source = await self.queue.current_generation(task.partition)
         if generation != task.generation:
             # The part was reset: this entry belongs to a generation nobody wants any more.
             await self.queue.complete(task, Outcome(0, 0, 0, {}))
             return
-        if task.deliveries > self.settings.max_deliveries:
-            await self._dead_letter(task)
-            return
         recipe = Recipe.from_json(stored_recipe) if stored_recipe else self.own_recipe
+        if task.deliveries > self.settings.max_deliveries:
+            await self._dead_letter(task, recipe, source)
+            return
         loop = asyncio.get_running_loop()
         if not recipe.overwrite:
             existing = await loop.run_in_executor(self.pool, self._outcome_on_disk, task,
-                                                  recipe)
+                                                  recipe, source)
             if existing is not None:
                 await self.queue.complete(task, existing)
                 log.info("shard %s/%05d: complete on disk already (%d ok, %d failed); "
                          "not downloaded", task.partition, task.shard, existing.ok,
                          existing.failed)
                 return
-        job = await loop.run_in_executor(self.pool, ShardJob, task, self.settings, recipe)
+        job = await loop.run_in_executor(self.pool, ShardJob, task, self.settings, recipe,
+                                         source)
         self.active[task.entry_id] = job
         started = time.monotonic()
         fetches = []
-        table = job.table
-        rows = table.column("row").to_pylist()
-        urls = table.column("url").to_pylist()
-        captions = table.column("caption").to_pylist()
-        extras = self._extras(job)
-        for i in range(table.num_rows):
+        rejected: list[SampleRecord] = []
+        for record in job.samples():
+            if record.rejected:
+                rejected.append(record)
+                continue
             await self.fetch_slots.acquire()
-            record = SampleRecord(row=rows[i], url=urls[i], caption=captions[i], extra=extras[i])
             fetches.append(asyncio.create_task(self._one(job, record)))
         dispatch_idle.set()
         try:
-            job.records = list(await asyncio.gather(*fetches))
+            job.records = rejected + list(await asyncio.gather(*fetches))
         except BaseException:
             # One sample could not be stored (e.g. the disk is full): the others stop here.
             for fetch in fetches:
@@ -356,7 +417,7 @@ class WorkerProcess:
             log.warning("shard %s/%05d: taken over by another worker while this one worked on "
                         "it; discarding this attempt", task.partition, task.shard)
             return
-        await loop.run_in_executor(self.pool, job.writer.close, job.records, job.extra_columns())
+        await loop.run_in_executor(self.pool, job.close)
         outcome = job.outcome()
         counted = await self.queue.complete(task, outcome)
         self.active.pop(task.entry_id, None)
@@ -367,6 +428,7 @@ class WorkerProcess:
         self.shared.counters[0] += outcome.ok
         self.shared.counters[1] += outcome.failed
         self.shared.counters[2] += outcome.bytes
+        self.shared.set_problem("")
         elapsed = time.monotonic() - started
         errors = ",".join(f"{k}:{v}" for k, v in
                           sorted(outcome.classes.items(), key=lambda kv: -kv[1]))
@@ -378,20 +440,16 @@ class WorkerProcess:
                  task.rows, outcome.ok, outcome.failed, outcome.bytes, elapsed, errors or "-")
         self.health.add(outcome)
 
-    def _outcome_on_disk(self, task: Task, recipe: Recipe) -> Outcome | None:
-        """Incremental mode: a shard an earlier run wrote completely, with the same recipe, is
-        reported, not redone."""
+    def _outcome_on_disk(self, task: Task, recipe: Recipe, source: str | None
+                         ) -> Outcome | None:
+        """Incremental mode: a shard an earlier run wrote completely, from the same file with
+        the same recipe, is reported, not redone."""
         part_dir = self.settings.store_root / parts.relative_dir(task.partition)
-        rows = parts.decode_table(task.payload).column("row").to_pylist()
-        samples = read_complete_shard(part_dir, task.shard, rows, recipe.made_with)
-        return None if samples is None else outcome_of(samples)
-
-    @staticmethod
-    def _extras(job: ShardJob) -> list[dict]:
-        extra = job.extra_columns()
-        if extra.num_columns == 0:
-            return [{} for _ in range(job.table.num_rows)]
-        return extra.to_pylist()
+        table = parts.decode_table(task.payload)
+        keys = parts.key_columns_of(table)
+        samples = read_complete_shard(part_dir, task.shard, table.column("row").to_pylist(),
+                                      made_with(recipe, source), keys)
+        return None if samples is None else outcome_of(samples, rejected_rows(table), keys)
 
     async def _one(self, job: ShardJob, record: SampleRecord) -> SampleRecord:
         # The fetch slot is held until the image is stored, not just fetched: when resizing
@@ -400,6 +458,7 @@ class WorkerProcess:
         # held in memory.
         try:
             result: FetchResult = await self.fetcher.fetch(record.url)
+            self.shared.counters[3] += 1
             if not result.ok:
                 record.status, record.error_class = "failed", result.error_class
                 record.error_message = result.error_message
@@ -418,24 +477,23 @@ class WorkerProcess:
         finally:
             self.fetch_slots.release()
 
-    async def _dead_letter(self, task: Task) -> None:
-        table = parts.decode_table(task.payload)
+    async def _dead_letter(self, task: Task, recipe: Recipe, source: str | None) -> None:
+        """Give up on a shard that killed too many workers: its rows are failed (class
+        dead_letter) in a shard parquet of their own, written without touching an image."""
         message = (f"shard was delivered {task.deliveries} times without completing "
                    f"(max_deliveries={self.settings.max_deliveries}); it is in the dead stream")
-        records = [SampleRecord(row=r, url=u, caption=c, status="failed",
-                                error_class="dead_letter", error_message=message)
-                   for r, u, c in zip(table.column("row").to_pylist(),
-                                      table.column("url").to_pylist(),
-                                      table.column("caption").to_pylist(), strict=True)]
-        outcome = Outcome(ok=0, failed=len(records), bytes=0,
-                          classes={"dead_letter": len(records)},
-                          errors=parts.encode_table(error_table(records)))
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(self.pool, ShardJob, task, self.settings, recipe,
+                                         source)
+        for record in job.samples():
+            if not record.rejected:
+                record.status, record.error_class = "failed", "dead_letter"
+                record.error_message = message
+            job.records.append(record)
         log.error("dead-lettering %s/%05d after %d deliveries", task.partition, task.shard,
                   task.deliveries)
-        part_dir = self.settings.store_root / parts.relative_dir(task.partition)
-        await asyncio.get_running_loop().run_in_executor(
-            self.pool, clear_stale_temporaries, part_dir, task.shard)
-        await self.queue.dead_letter(task, outcome, message)
+        await loop.run_in_executor(self.pool, job.close)
+        await self.queue.dead_letter(task, job.outcome(), message)
 
 
 def _on_sigterm(*_: object) -> None:

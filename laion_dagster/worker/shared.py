@@ -21,10 +21,25 @@ class Shared:
 
     stop: Any  # RawValue('b'): finish in-flight shards, claim nothing new
     paused: Any  # RawValue('b'): the disk is full; claim nothing new until it clears
-    counters: Any  # RawArray('q', 3): ok, failed, bytes done by this process
+    # RawArray('q', 4): ok, failed, bytes of this process's completed shards, and rows
+    # fetched so far (any outcome; what shows progress while a shard is still open)
+    counters: Any
     # RawValue('b'), set by the process on ENOSPC, cleared by the supervisor once space is
     # freed: the process claims nothing meanwhile.
     out_of_space: Any
+    # RawArray('c', PROBLEM_BYTES): why this process's last shard failed, empty once a shard
+    # completes again; the supervisor puts it in the host report, so `run` and `status` can
+    # say why nothing moves instead of leaving it in a log file.
+    problem: Any
+
+    def set_problem(self, text: str) -> None:
+        self.problem.value = text.encode("utf-8", "replace")[:PROBLEM_BYTES - 1]
+
+    def read_problem(self) -> str:
+        return self.problem.value.decode("utf-8", "replace")
+
+
+PROBLEM_BYTES = 300
 
 
 def run_process(settings_json: str, index: int, shared: Shared) -> None:

@@ -17,14 +17,15 @@ import socket
 import time
 from collections.abc import Callable
 
+import psutil
 import redis
 
 from laion_dagster.core import embedded
 from laion_dagster.core.connection import RedisUnavailable, connect
 from laion_dagster.core.hosts import HostReport, disk_state
-from laion_dagster.core.queue import Keys, ensure_group
+from laion_dagster.core.queue import Keys, Queue, ensure_group
 from laion_dagster.core.settings import Settings
-from laion_dagster.worker.shared import Shared, run_process
+from laion_dagster.worker.shared import PROBLEM_BYTES, Shared, run_process
 
 log = logging.getLogger("laion_dagster.worker")
 
@@ -42,12 +43,19 @@ class Supervisor:
         self._last = (time.monotonic(), 0, 0)
         self._free_at_enospc: float | None = None
         self._redis: redis.Redis | None = None
+        self._queue: Queue | None = None
         self._signal: int | None = None
+        # Consumers (host:pid) of processes that died: their shards go back to the queue at
+        # once, and the consumer leaves the group once it holds nothing.
+        # consumer -> whether its death is forgiven, or None once its shards are handed back
+        self._dead: dict[str, bool | None] = {}
+
 
     # -- processes
     def _spawn(self, index: int) -> tuple[mp.process.BaseProcess, Shared]:
-        shared = Shared(stop=self.stop, paused=self.paused, counters=self.ctx.RawArray("q", 3),
-                        out_of_space=self.ctx.RawValue("b", 0))
+        shared = Shared(stop=self.stop, paused=self.paused, counters=self.ctx.RawArray("q", 4),
+                        out_of_space=self.ctx.RawValue("b", 0),
+                        problem=self.ctx.RawArray("c", PROBLEM_BYTES))
         child = self.ctx.Process(target=run_process, name=f"laion-worker-{index}",
                                  args=(self.settings.model_dump_json(), index, shared),
                                  daemon=False)
@@ -59,10 +67,13 @@ class Supervisor:
         self._redis = self._wait_for_redis()
         if self._redis is None:
             return
+        self._queue = Queue(self._redis, settings.prefix, settings.visibility_timeout,
+                            settings.max_deliveries)
         settings.store_root.mkdir(parents=True, exist_ok=True)
         # First of all: each process spends most of a second importing its libraries.
         self.children = [self._spawn(i) for i in range(settings.processes)]
         ensure_group(self._redis, self.keys.tasks)
+        self._adopt_orphans()
         log.info("worker pool on %s: %d processes × %d concurrent fetches, store %s",
                  self.host, settings.processes, settings.concurrency, settings.store_root)
 
@@ -88,8 +99,11 @@ class Supervisor:
         for index, (child, shared) in enumerate(self.children):
             if child.is_alive() or self.stop.value:
                 continue
-            log.warning("worker process %d (pid %s) exited with %s; restarting", index,
-                        child.pid, child.exitcode)
+            # A clean exit cannot be a shard's fault; a signal (the OOM killer, a crash in a
+            # decoder) may be, so then each of its shards pays a delivery: the poison-shard rule.
+            self._dead[f"{self.host}:{child.pid}"] = child.exitcode == 0
+            log.warning("worker process %d (pid %s) exited with %s; restarting it and handing "
+                        "its shards back to the queue", index, child.pid, child.exitcode)
             # Keep the dead child's counters: they are part of this host's totals.
             done = list(shared.counters)
             new_child, new_shared = self._spawn(index)
@@ -97,6 +111,37 @@ class Supervisor:
                 new_shared.counters[i] = value
             self.children[index] = (new_child, new_shared)
             self.restarts += 1
+        self._hand_back_dead()
+
+    def _hand_back_dead(self, forget: bool = False) -> None:
+        """Shards of dead processes go back to the queue now, not after visibility_timeout;
+        with `forget`, consumers that hold nothing any more leave the group."""
+        if self._queue is None or not self._dead:
+            return
+        try:
+            for consumer, forgive in list(self._dead.items()):
+                if forgive is not None:
+                    count = self._queue.hand_back(consumer, forgive)
+                    if count:
+                        log.info("handed back the %d shards of %s", count, consumer)
+                    self._dead[consumer] = None
+                elif forget:
+                    self._queue.forget_consumer(consumer)
+                    if consumer not in self._queue.consumers():
+                        del self._dead[consumer]
+        except redis.RedisError as error:
+            log.warning("could not hand back the shards of a dead process yet: %s", error)
+
+    def _adopt_orphans(self) -> None:
+        """Shards held by this host's processes of an earlier pool that died with it (a
+        SIGKILLed supervisor, a reboot) go back to the queue at once."""
+        assert self._queue is not None
+        mine = {f"{self.host}:{child.pid}" for child, _ in self.children}
+        for consumer in self._queue.consumers():
+            host, _, pid = consumer.rpartition(":")
+            if host == self.host and consumer not in mine and not _is_worker(pid):
+                self._dead[consumer] = False
+        self._hand_back_dead()
 
     # -- host checks
     def totals(self) -> tuple[int, int, int]:
@@ -106,6 +151,12 @@ class Supervisor:
             failed += shared.counters[1]
             nbytes += shared.counters[2]
         return ok, failed, nbytes
+
+    def fetched(self) -> int:
+        return sum(shared.counters[3] for _, shared in self.children)
+
+    def problems(self) -> list[str]:
+        return sorted({text for _, shared in self.children if (text := shared.read_problem())})
 
     def _check_out_of_space(self, free_gb: float) -> str | None:
         """A process that hit ENOSPC waits until space is freed: until the free space has
@@ -150,10 +201,12 @@ class Supervisor:
             paused=bool(self.paused.value), pause_reason=disk.reason,
             processes=len(self.children),
             alive_processes=sum(c.is_alive() for c, _ in self.children),
-            rate=round(rate, 2), ok=ok, failed=failed, bytes=nbytes, seen_at=time.time())
+            rate=round(rate, 2), ok=ok, failed=failed, bytes=nbytes, seen_at=time.time(),
+            fetched=self.fetched(), problems=self.problems())
         try:
             assert self._redis is not None
             self._redis.hset(self.keys.hosts, self.host, report.to_json())
+            self._hand_back_dead(forget=True)
         except redis.RedisError as error:
             log.warning("could not report host state: %s", error)
             self._restart_embedded_server()
@@ -224,3 +277,14 @@ class Supervisor:
             except redis.RedisError:
                 pass
             self._redis.close()
+
+
+def _is_worker(pid: str) -> bool:
+    """Whether `pid` is a live worker process (a spawned multiprocessing child), not a pid
+    the system has given to something else since."""
+    try:
+        process = psutil.Process(int(pid))
+        return process.status() != psutil.STATUS_ZOMBIE and any(
+            "multiprocessing" in part for part in process.cmdline())
+    except (psutil.Error, ValueError):
+        return False

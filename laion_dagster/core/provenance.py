@@ -1,0 +1,64 @@
+"""What a part's queue state was made from and for, and whether it still describes this run.
+
+A part's hash in Redis records the fingerprint of the file it was enqueued from and the store
+its shards were written to. Its counts are about those files and no others: a run with another
+store, or a changed part file, must not report them as its own (or skip the part as final).
+
+- Another store: the part is downloaded again, as a new generation, into the store of this
+  run; nothing in the old store is touched.
+- A changed file, same store: refused with a message, because downloading it would replace
+  shards made from the old file; the user starts it over on purpose (reset / start_over).
+- A final part whose shards are missing from its store (deleted since): downloaded again as a
+  new generation; shards still on disk are kept (incremental mode), so only the missing ones
+  cost requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from laion_dagster.core import parts
+from laion_dagster.core.queue import PartState, Queue
+from laion_dagster.core.settings import Settings
+from laion_dagster.core.writers import shard_complete
+
+
+class PartChanged(RuntimeError):
+    """The part file changed since its queue state was made; the message says how to go on."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    restart: bool  # start a new generation before going on
+    reason: str | None = None  # why (for the log and the progress output)
+
+
+def check(state: PartState, part: parts.Part, settings: Settings,
+          fingerprint: str | None = None) -> Verdict:
+    """Whether `state` (as recorded in Redis) describes `part` written to this run's store.
+
+    Raises PartChanged for a changed file; returns restart=True for another store. A part that
+    was never enqueued, or whose state predates these records, is fine as it is.
+    """
+    store = str(settings.store_root)
+    if state.store is not None and state.store != store:
+        return Verdict(True, f"{part.key} was downloaded into {state.store}, not {store}; "
+                             f"downloading it into {store} as generation "
+                             f"{state.generation + 1}")
+    current = fingerprint or parts.fingerprint(part.path)
+    if state.source is not None and state.source != current:
+        raise PartChanged(
+            f"{part.key}: {part.path} changed since its rows were queued (size:footer "
+            f"{state.source} then, {current} now); its shards in {store} were made from the "
+            f"old file. To download the new file into {store}, replacing them, start the part "
+            f"over: `laion-dagster reset {part.key}` (or materialize part_tasks with "
+            "start_over: true); or choose another --store-dir")
+    return Verdict(False)
+
+
+def missing_shards(queue: Queue, state: PartState, settings: Settings) -> int:
+    """Shards of a finished part that its store no longer holds (deleted since)."""
+    if not state.done:
+        return 0
+    part_dir = settings.store_root / parts.relative_dir(state.partition)
+    return sum(not shard_complete(part_dir, shard) for shard in queue.done_shards(state.partition))
