@@ -20,6 +20,10 @@ evenly over the eight addresses. Every tool gets the same URL list, with IP addr
 (no tool resolves anything; ours also has host_map set, so a name could not reach DNS). One
 parquet part with URL and TEXT columns per transport; the bare loop reads the same URLs as text.
 
+Tools: ours (the worker pool on an enqueued part: the workers' rate, start-up apart), run
+(`laion-dagster run` with its defaults on the same rows cut in four parts, from launch to exit:
+what a user times; https-newconn only), img2dataset, bare.
+
 Modes:
   http           raw bytes over http (keep-alive where the client does it); img2dataset with
                  disable_all_reencoding=True, resize_mode=no
@@ -52,7 +56,7 @@ import ipaddress
 import json
 import os
 import random
-import resource
+import re
 import shutil
 import signal
 import socket
@@ -62,12 +66,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import measure  # bench/, beside this script
+from measure import Sampler, children_cpu
+from targets import Targets
 
 # Before anything that could import albumentations, and for every process started from here.
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
@@ -85,7 +92,8 @@ ADDRESSES = [f"127.0.0.{i + 2}" for i in range(HOSTS)]
 HOST_MAP = {f"img{i + 1}.test": address for i, address in enumerate(ADDRESSES)}
 ALL_MODES = ("http", "https", "https-newconn", "resized")
 DEFAULT_MODES = ("http", "https-newconn", "resized")
-TOOLS = ("ours", "img2dataset", "bare")
+TOOLS = ("ours", "run", "img2dataset", "bare")
+END_TO_END_PARTS = 4
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff", "avif", "heic", "ico"}
 SUBSET = "bench"
 PART_FILE = "part-00000-compare-c000.snappy.parquet"
@@ -175,11 +183,11 @@ def bare_worker(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- processes we own
 
-class Owned:
-    """Every process this script starts, so that an exit of any kind stops them."""
+class Owned(measure.Owned):
+    """measure.Owned, and the embedded Redis servers started for our runs."""
 
     def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
+        super().__init__()
         # Each embedded Redis started, by directory, with its pid in case the directory is
         # gone before the cleanup.
         self.redis_servers: dict[Path, int] = {}
@@ -195,34 +203,8 @@ class Owned:
     def stop_redis(self, directory: Path) -> None:
         stop_redis(directory, self.redis_servers.pop(directory, None))
 
-    def popen(self, *args, **kwargs) -> subprocess.Popen:
-        kwargs.setdefault("start_new_session", True)
-        proc = subprocess.Popen(*args, **kwargs)
-        self.procs.append(proc)
-        return proc
-
-    def forget(self, proc: subprocess.Popen) -> None:
-        """Drop a process that has exited; one still running stays for the cleanup."""
-        if proc.poll() is None:
-            return
-        with contextlib.suppress(ValueError):
-            self.procs.remove(proc)
-
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
-        self.procs.clear()
+        super().stop_all()
         for directory in list(self.redis_servers):
             self.stop_redis(directory)
 
@@ -251,73 +233,6 @@ def child_env(cert: Path) -> dict[str, str]:
     env["NO_ALBUMENTATIONS_UPDATE"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-# ---------------------------------------------------------------- sampling a process tree
-
-class Sampler:
-    """Peak RSS per process and of the whole tree, and each process's last CPU times."""
-
-    def __init__(self, roots, interval: float = 0.2):
-        import psutil
-
-        self.psutil = psutil
-        self.roots = roots  # callable -> list of pids
-        self.interval = interval
-        self.peak: dict[int, int] = {}
-        self.role: dict[int, str] = {}
-        self.cpu: dict[int, float] = {}
-        self.peak_tree = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
-
-    def start(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        while True:
-            self.take()
-            if self._stop.wait(self.interval):
-                return
-
-    def take(self) -> None:
-        ps = self.psutil
-        procs = []
-        for pid in self.roots():
-            with contextlib.suppress(ps.Error):
-                root = ps.Process(pid)
-                procs.append((root, "root"))
-                procs += [(child, "child") for child in root.children(recursive=True)]
-        tree = 0
-        for proc, role in procs:
-            try:
-                with proc.oneshot():
-                    rss = proc.memory_info().rss
-                    times = proc.cpu_times()
-                    if proc.pid not in self.role:
-                        line = " ".join(proc.cmdline())
-                        self.role[proc.pid] = ("tracker" if "resource_tracker" in line
-                                               else role)
-            except ps.Error:
-                continue
-            tree += rss
-            self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), rss)
-            self.cpu[proc.pid] = times.user + times.system
-        self.peak_tree = max(self.peak_tree, tree)
-
-    def peak_of(self, role: str | None = None) -> int:
-        return max((rss for pid, rss in self.peak.items()
-                    if role is None or self.role.get(pid) == role), default=0)
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------- corpus
@@ -387,6 +302,16 @@ def write_lists(root: Path, corpus: Corpus, ports: dict[str, int]) -> dict[str, 
                        compression="snappy")
         (root / "lists" / f"{transport}.txt").write_text("\n".join(urls) + "\n")
         lists[transport] = root / "lists" / transport
+        # The same rows as END_TO_END_PARTS parts, for `laion-dagster run` end to end.
+        folder = root / "lists" / f"{transport}-parts" / SUBSET
+        folder.mkdir(parents=True)
+        size = -(-len(urls) // END_TO_END_PARTS)
+        for index in range(END_TO_END_PARTS):
+            rows = slice(index * size, (index + 1) * size)
+            pq.write_table(pa.table({"URL": urls[rows], "TEXT": corpus.captions[rows]}),
+                           folder / f"part-{index:05d}-compare-c000.snappy.parquet",
+                           compression="snappy")
+        lists[f"{transport}-parts"] = root / "lists" / f"{transport}-parts"
     return lists
 
 
@@ -564,6 +489,8 @@ def check_served(lists: dict[str, Path], corpus: Corpus, cert: Path) -> None:
 
     context = ssl.create_default_context(cafile=str(cert))
     for transport, folder in lists.items():
+        if transport.endswith("-parts"):
+            continue  # the same URLs, cut in parts
         urls = (folder.parent / f"{transport}.txt").read_text().split()
         seen = set()
         for row, url in enumerate(urls):
@@ -823,6 +750,65 @@ class Bench:
         time.sleep(1.0)  # py-spy attaches
         return spies
 
+    # -- ours end to end: `laion-dagster run` with its defaults, from Enter to exit
+    def _launch(self, command: list[str], run_dir: Path, env: dict[str, str], log: Path,
+                result: Result, name: str) -> Sampler:
+        """Run one tool's command to its end, timed and sampled: wall time, client CPU (the
+        tree's, sampled, or its waited-for children's, whichever saw more), server CPU."""
+        ru0, srv0 = children_cpu(), self.nginx.cpu()
+        launched = time.perf_counter()
+        with open(log, "ab") as out:
+            proc = self.owned.popen(command, cwd=run_dir, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        sampler = Sampler(lambda: [proc.pid]).start()
+        try:
+            code = proc.wait(timeout=self.args.run_timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"not done within {self.args.run_timeout:g}s") from None
+        finally:
+            self.owned.forget(proc)
+            sampler.stop()
+        done = time.perf_counter()
+        srv1, ru1 = self.nginx.cpu(), children_cpu()
+        if code != 0:
+            raise RuntimeError(f"{name} exited with {code}; see {log}")
+        result.seconds = done - launched
+        result.client_cpu = max(ru1 - ru0, sum(sampler.cpu.values()))
+        result.server_cpu = srv1 - srv0
+        return sampler
+
+    def _run_run(self, mode: Mode, run_dir: Path, result: Result, _profile):
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        store = run_dir / "store"
+        command = [str(Path(sys.executable).with_name("laion-dagster")), "run",
+                   "--parquet-dir", str(self.lists[f"{mode.transport}-parts"]),
+                   "--store-dir", str(store), "--data-dir", str(run_dir / "data")]
+        env = {k: v for k, v in self.env.items()
+               if not k.startswith("LAION_") and k != "DAGSTER_HOME"}
+        env["LAION_ALLOWED_NETWORKS"] = json.dumps(["127.0.0.0/8"])  # the IP-literal URLs
+        if mode.resize:
+            env.update(LAION_RESIZE_MODE="keep_ratio", LAION_IMAGE_SIZE="256",
+                       LAION_ENCODE_FORMAT="jpg")
+        sampler = self._launch(command, run_dir, env, run_dir / "run.log", result,
+                               "laion-dagster run")
+        first = re.search(r"first image fetched ([\d.]+)s", (run_dir / "run.log").read_text())
+        result.startup = float(first.group(1)) if first else None
+        result.peak_proc = sampler.peak_of("child")
+        result.peak_tree = sampler.peak_tree
+        for path in sorted(store.rglob("[0-9]*.parquet")):
+            if "_errors" in path.parts:
+                continue  # the parts' error files
+            status = pq.read_table(path, columns=["status", "error_class"])
+            ok = pc.sum(pc.equal(status.column("status"), "success")).as_py() or 0
+            result.ok += ok
+            result.failed += status.num_rows - ok
+            result.failures.update(c for c in status.column("error_class").to_pylist() if c)
+        result.on_disk, result.bytes_on_disk = count_tars(store)
+
     # -- img2dataset
     def _run_img_to_dataset(self, mode: Mode, run_dir: Path, result: Result, _profile):
         a = self.args
@@ -840,29 +826,9 @@ class Bench:
                         "--encode_format", "jpg", "--encode_quality", "95"]
         else:
             command += ["--resize_mode", "no", "--disable_all_reencoding", "True"]
-        env = self.env  # NO_ALBUMENTATIONS_UPDATE=1 among the rest
-        ru0, srv0 = children_cpu(), self.nginx.cpu()
-        launched = time.perf_counter()
-        with open(run_dir / "img2dataset.log", "ab") as log_file:
-            proc = self.owned.popen(command, cwd=run_dir, env=env, stdout=log_file,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        sampler = Sampler(lambda: [proc.pid]).start()
-        try:
-            code = proc.wait(timeout=a.run_timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise RuntimeError(f"not done within {a.run_timeout:g}s") from None
-        finally:
-            self.owned.forget(proc)
-            sampler.stop()
-        done = time.perf_counter()
-        srv1, ru1 = self.nginx.cpu(), children_cpu()
-        if code != 0:
-            raise RuntimeError(f"img2dataset exited with {code}")
-        result.seconds = done - launched
-        result.client_cpu = max(ru1 - ru0, sum(sampler.cpu.values()))
-        result.server_cpu = srv1 - srv0
+        # self.env has NO_ALBUMENTATIONS_UPDATE=1 among the rest
+        sampler = self._launch(command, run_dir, self.env, run_dir / "img2dataset.log",
+                               result, "img2dataset")
         result.peak_proc = sampler.peak_of()
         result.peak_tree = sampler.peak_tree
         for path in sorted(out.glob("*_stats.json")):
@@ -1127,21 +1093,22 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
                   f"so no client can exceed ~{ceiling:,.0f} img/s here = "
                   f"{ceiling / i2d:.1f}x img2dataset's median")
 
-    targets = []
-
-    def target(name: str, value, limit: float, at_least: bool, unit: str = "x",
-               spec: str = ".2f") -> None:
-        if value is None:
-            targets.append((name, "n/a", "NOT RUN"))
-            return
-        good = value >= limit if at_least else value <= limit
-        sign = ">=" if at_least else "<="
-        targets.append((name, f"{value:{spec}}{unit} (target {sign} {limit:g}{unit})",
-                        "PASS" if good else "FAIL"))
+    targets = Targets()
+    target = targets.check
 
     target("https new conn/image: ours / img2dataset", ratio("https-newconn", "img2dataset"),
            10, True)
     target("https new conn/image: ours / bare", ratio("https-newconn", "bare"), 0.8, True)
+
+    def end_to_end(other: str, key: str) -> float | None:
+        run = summary.get(("https-newconn", "run"), {}).get("rate")
+        theirs = summary.get(("https-newconn", other), {}).get(key)
+        return run / theirs if run and theirs else None
+
+    target("run end to end, defaults / workers' steady (https new conn)",
+           end_to_end("ours", "warm"), 0.8, True)
+    target("run end to end, defaults / img2dataset (https new conn)",
+           end_to_end("img2dataset", "rate"), 10, True)
     target("http raw: ours / img2dataset", ratio("http", "img2dataset"), 2, True)
     target("http raw: ours / bare", ratio("http", "bare"), 0.75, True)
     target("resized keep_ratio 256 jpg: ours / img2dataset", ratio("resized", "img2dataset"),
@@ -1154,14 +1121,9 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
     peak = max((summary[(m.name, "ours")]["peak_proc"] for m in ours_modes), default=None)
     target("peak RSS per worker process (MB)", peak and peak / mb, 250, False, " MB", ",.0f")
     complete = all(s["complete"] for s in summary.values())
-    targets.append(("every run downloaded every URL, bytes intact",
-                    "yes" if complete else "NO (see table)", "PASS" if complete else "FAIL"))
-    print()
-    print("targets:")
-    width = max(len(t[0]) for t in targets)
-    for name, value, verdict in targets:
-        print(f"  {verdict:<8}{name:<{width}}  {value}")
-    return all(v != "FAIL" for _, _, v in targets)
+    targets.add("every run downloaded every URL, bytes intact",
+                "yes" if complete else "NO (see table)", complete)
+    return targets.report()
 
 
 # ---------------------------------------------------------------- main
@@ -1270,7 +1232,10 @@ def main() -> int:
         results: list[Result] = []
         for round_ in range(args.rounds):
             for mode_index, mode in enumerate(modes):
-                order = [t for t in tools if not (t == "bare" and mode.resize)]
+                # `run` end to end is measured where its target is: https, a new connection
+                # per image.
+                order = [t for t in tools if not (t == "bare" and mode.resize)
+                         and not (t == "run" and mode.name != "https-newconn")]
                 shift = (round_ + mode_index) % max(1, len(order))
                 order = order[shift:] + order[:shift]
                 for tool in order:

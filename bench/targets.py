@@ -1,0 +1,33 @@
+"""The targets a benchmark checks, one PASS/FAIL/NOT RUN line each (bench/compare.py and
+bench/field.py print theirs the same way, so a reader compares them at a glance)."""
+
+from __future__ import annotations
+
+
+class Targets:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, str]] = []  # (name, value against limit, verdict)
+
+    def check(self, name: str, value: float | None, limit: float, at_least: bool,
+              unit: str = "x", spec: str = ".2f") -> None:
+        """A measured figure against its limit; None when the run that gives it did not run."""
+        if value is None:
+            self.lines.append((name, "n/a", "NOT RUN"))
+            return
+        sign = ">=" if at_least else "<="
+        good = value >= limit if at_least else value <= limit
+        self.add(name, f"{value:{spec}}{unit} (target {sign} {limit:g}{unit})", good)
+
+    def add(self, name: str, shown: str, good: bool | None) -> None:
+        """A target judged by the caller; None: not run."""
+        verdict = "NOT RUN" if good is None else "PASS" if good else "FAIL"
+        self.lines.append((name, shown, verdict))
+
+    def report(self) -> bool:
+        """Print every target; True when none failed."""
+        print()
+        print("targets:")
+        width = max((len(name) for name, _, _ in self.lines), default=0)
+        for name, shown, verdict in self.lines:
+            print(f"  {verdict:<8}{name:<{width}}  {shown}")
+        return all(verdict != "FAIL" for _, _, verdict in self.lines)
