@@ -25,8 +25,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dagster import DagsterInstance
+import psutil
 
 from laion_dagster.core import embedded, exclusive, parts, provenance
 from laion_dagster.core.accounting import PartSummary, summarize
@@ -37,15 +38,20 @@ from laion_dagster.core.hosts import is_stale, store_problem
 from laion_dagster.core.queue import PartState, Queue
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.status import bar, plural
-from laion_dagster.defs.partitions import PARTS
-from laion_dagster.instance import failure_message, get_instance
 from laion_dagster.usage import UsageError
+
+if TYPE_CHECKING:  # Dagster is imported once the pool is starting: a second saved
+    from dagster import DagsterInstance
 
 # A pool that dies this many times in a row, each within POOL_QUICK_DEATH seconds of its start,
 # is broken (a bad setting, a missing library), not unlucky: the run ends and says so.
 POOL_MAX_QUICK_DEATHS = 3
 POOL_QUICK_DEATH = 60.0
 LINE_EVERY = 5.0
+# Parts up to this many rows are enqueued in this process (a second or two of work); bigger
+# ones in `dagster asset materialize` processes, at most ENQUEUE_PROCESSES at once.
+IN_PROCESS_ROWS = 1_000_000
+ENQUEUE_PROCESSES = 4
 
 
 @dataclass
@@ -111,12 +117,16 @@ class OneShot:
         self.failures: dict[str, str] = {}
         self.finished: set[str] = set()  # final, or failed for this run
         self.total_rows = 0
+        self.rows: dict[str, int] = {}
+        self.early: set[str] = set()  # queued before Dagster started; their runs still due
         self.workers: subprocess.Popen | None = None
         self.workers_started = 0.0
         self.quick_deaths = 0
         self.signal: int | None = None
         self.gave_up: str | None = None
         self.started = time.monotonic()
+        # When the command started (Enter), on the wall clock the workers report theirs in.
+        self.started_at = psutil.Process().create_time()
         self.first_fetch: float | None = None
         self.rate = Rate()
 
@@ -160,6 +170,8 @@ class OneShot:
             partition_key=key, instance=instance, raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
         if not result.success:
+            from laion_dagster.instance import failure_message
+
             self.failures[key] = failure_message(instance, result.run_id)
         self.finished.add(key)
 
@@ -208,12 +220,9 @@ class OneShot:
         client = connect(s, name="laion-dagster-run")
         queue = Queue(client, s.prefix, s.visibility_timeout, s.max_deliveries)
         queue.ensure_group()
-        instance = get_instance(s)
         keys = [p.key for p in found]
-        self.total_rows = sum(parts.rows_if_readable(p) for p in found)
-        known = set(instance.get_dynamic_partitions(PARTS))
-        if new := [k for k in keys if k not in known]:
-            instance.add_dynamic_partitions(PARTS, new)
+        self.rows = {p.key: parts.rows_if_readable(p) for p in found}
+        self.total_rows = sum(self.rows.values())
         final = self._check_states(queue, found)
         if final:
             self.say(f"{final} of {plural(len(keys), 'part')} already final in {s.store_root}; "
@@ -221,10 +230,22 @@ class OneShot:
         summaries: list[PartSummary] = []
         try:
             if len(self.finished) < len(keys):
+                # First of all: the pool's processes import their libraries (about a second)
+                # while this one opens the Dagster instance.
                 self._start_workers()
                 self.say(f"{plural(len(keys), 'part')}, {s.processes} worker processes × "
                          f"{s.concurrency} fetches; store {s.store_root}; worker log "
                          f"{self.worker_log}")
+                # Small parts go on the queue now, without waiting for Dagster to start
+                # (seconds); their Dagster runs, which find them queued, follow.
+                self._enqueue_early(queue, found)
+                from laion_dagster.defs.partitions import PARTS
+                from laion_dagster.instance import get_instance
+
+                instance = get_instance(s)
+                known = set(instance.get_dynamic_partitions(PARTS))
+                if new := [k for k in keys if k not in known]:
+                    instance.add_dynamic_partitions(PARTS, new)
                 self._loop(queue, instance, keys)
         except _GiveUp:
             self.say(f"giving up: {self.gave_up}")
@@ -283,13 +304,15 @@ class OneShot:
             for key, st in states.items():
                 if st.done and key not in self.finished and self.signal is None:
                     self._finalize(instance, key)
-            self._maybe_enqueue(queue, keys, states)
+            self._maybe_enqueue(queue, instance, keys, states)
             self._keep_pool_alive()
             now = time.monotonic()
             fetched = sum(int(h.get("fetched", 0)) for h in hosts.values())
             self.rate.add(now, fetched)
-            if fetched and self.first_fetch is None:
-                self.first_fetch = now - self.started
+            firsts = [h["first_fetch_at"] for h in hosts.values()
+                      if (h.get("first_fetch_at") or 0) >= self.started_at]
+            if firsts and self.first_fetch is None:
+                self.first_fetch = min(firsts) - self.started_at
                 self.say(f"first image fetched {self.first_fetch:.1f}s after start")
             mark = (sum(st.rows for st in states.values()),
                     sum(st.ok + st.failed + st.invalid for st in states.values()),
@@ -370,6 +393,8 @@ class OneShot:
                 continue
             del self.enqueuing[key]
             if proc.returncode != 0 and self.signal is None:
+                from laion_dagster.instance import failure_message
+
                 runs = instance.get_runs(_partition_filter(key), limit=1)
                 message = (failure_message(instance, runs[0].run_id) if runs
                            else f"exit code {proc.returncode}")
@@ -377,15 +402,74 @@ class OneShot:
                 self.finished.add(key)  # nothing more will happen to it in this run
                 self.say(f"part {key} failed: {message}")
 
-    def _maybe_enqueue(self, queue: Queue, keys: list[str], states: dict[str, PartState]) -> None:
-        if self.enqueuing or self.signal is not None:
-            return  # one part at a time, in order, as the sensor does
-        waiting = [k for k in keys if not states[k].enqueued and k not in self.finished]
-        if not waiting:
+    def _fits_here(self, key: str, depth: int) -> bool:
+        """Whether a part is enqueued in this process: one that fits under the high watermark
+        whatever happens (its rows plus the queued ones) cannot wait on it."""
+        rows = self.rows.get(key, 0)
+        return 0 < rows <= IN_PROCESS_ROWS and depth + rows <= self.settings.queue_high_watermark
+
+    def _enqueue_early(self, queue: Queue, found: list[parts.Part]) -> None:
+        """Queue the small waiting parts straight away, before Dagster is even imported, so a
+        small job's first fetch comes within seconds. Their Dagster runs follow (the loop), and
+        find them queued: enqueuing is idempotent, so nothing is queued twice. A part that
+        cannot be read is left to its run, which names the file and the problem."""
+        from laion_dagster.core.enqueue import enqueue_part
+
+        states = queue.parts_states([p.key for p in found])
+        for part in found:
+            if states[part.key].enqueued or part.key in self.finished:
+                continue
+            depth = queue.queued_rows()
+            if hold_reasons(depth, queue.hosts(), self.settings) or \
+                    not self._fits_here(part.key, depth):
+                return
+            try:
+                enqueue_part(queue, part, self.settings)
+            except (parts.PartError, provenance.PartChanged):
+                return
+            self.early.add(part.key)
+
+    def _maybe_enqueue(self, queue: Queue, instance: DagsterInstance, keys: list[str],
+                       states: dict[str, PartState]) -> None:
+        """Enqueue the waiting parts, in order, while the queue has room.
+
+        A part that fits under the high watermark is enqueued here, as a Dagster run in this
+        process (no start-up of its own). A bigger one gets a `dagster asset materialize`
+        process, several at once, so one part waiting on the watermark never holds up the
+        rest. A part queued early (_enqueue_early) gets its run here too, for the record.
+        """
+        if self.signal is not None:
             return
-        if hold_reasons(queue.queued_rows(), queue.hosts(), self.settings):
-            return
-        self._launch_enqueue(waiting[0])
+        for key in keys:
+            if key in self.early:
+                self.early.discard(key)
+                self._enqueue_here(instance, key)
+                continue
+            if states[key].enqueued or key in self.finished or key in self.enqueuing:
+                continue
+            depth = queue.queued_rows()
+            if hold_reasons(depth, queue.hosts(), self.settings):
+                return
+            if self._fits_here(key, depth):
+                self._enqueue_here(instance, key)
+            elif len(self.enqueuing) < ENQUEUE_PROCESSES:
+                self._launch_enqueue(key)
+            else:
+                return
+
+    def _enqueue_here(self, instance: DagsterInstance, key: str) -> None:
+        from laion_dagster.definitions import defs
+
+        result = defs.resolve_job_def("enqueue_job").execute_in_process(
+            partition_key=key, instance=instance, raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+        if not result.success:
+            from laion_dagster.instance import failure_message
+
+            message = failure_message(instance, result.run_id)
+            self.failures[key] = message
+            self.finished.add(key)
+            self.say(f"part {key} failed: {message}")
 
     def _progress_line(self, states: dict[str, PartState], waiting: list[str]) -> str:
         """A progress bar over every row of every part, with counts, rate, ETA and, when
@@ -439,7 +523,9 @@ def format_summary(result: RunResult, settings: Settings) -> str:
         f"rows: {rows:,}  ok: {ok:,}  failed: {failed:,}  invalid (no usable URL): {invalid:,}"
         f"  success rate: {ok / attempted if attempted else 0:.1%}",
         f"bytes: {nbytes / 1e6:,.1f} MB  in {result.duration:,.1f}s"
-        f"  ({attempted / result.duration if result.duration else 0:,.0f} images/s overall)",
+        f"  ({attempted / result.duration if result.duration else 0:,.0f} images/s overall"
+        + (f"; first image after {result.first_fetch:.1f}s" if result.first_fetch is not None
+           else "") + ")",
     ]
     if classes:
         lines.append("failed by class: " + ", ".join(

@@ -572,3 +572,116 @@ def test_a_host_is_resolved_once_per_process_not_once_per_url(settings, images, 
                                                for i in range(60)])
     assert all(r.ok for r in results)
     assert lookups == ["img-c.test"]
+
+
+# ---------------------------------------------------------------- dead hosts and idle connections
+
+def blackhole_port() -> tuple[socket.socket, list[socket.socket]]:
+    """A loopback port whose connects time out like a dead host's: its listen queue is full,
+    so the kernel drops every further SYN."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())  # EINPROGRESS: queued, never accepted
+        fillers.append(filler)
+    time.sleep(0.2)
+    return listener, fillers
+
+
+def test_a_dead_host_costs_two_connect_timeouts_not_one_per_url(settings, image_server, images):
+    """Ten URLs on a host whose connects time out, fetched one after another: the first two
+    wait out connect_timeout, the other eight fail at once with the same class and say why;
+    a live host on the same fetcher is not affected."""
+    listener, fillers = blackhole_port()
+    port = listener.getsockname()[1]
+    quick = settings.with_overrides(connect_timeout=0.5, timeout=5.0, retries=0)
+    urls = [f"http://img-a.test:{port}/{i}.jpg" for i in range(10)]
+    live = image_server.url("img-b.test") + images[0].path
+    try:
+        results = fetch_all(quick, [*urls, live])
+    finally:
+        for sock in (listener, *fillers):
+            sock.close()
+    dead = [result for result, _ in results[:10]]
+    assert [r.error_class for r in dead] == ["timeout"] * 10, [r.error_message for r in dead]
+    assert all(seconds >= 0.45 for _, seconds in results[:2])
+    assert all(seconds < 0.1 for _, seconds in results[2:10])
+    assert not any(r.error_message.startswith("not tried") for r in dead[:2])
+    assert all(r.error_message.startswith("not tried: img-a.test failed to connect")
+               for r in dead[2:])
+    assert results[10][0].ok
+
+
+def test_a_host_that_failed_once_is_still_tried(settings, image_server, images):
+    """One refused connect is not a dead host: the next URL of that host is fetched."""
+    with socket.socket() as probe:  # a port nothing listens on: refused at once
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    results = fetch_all(settings, [f"http://img-a.test:{closed}/x.jpg",
+                                   image_server.url("img-a.test") + images[0].path])
+    assert results[0][0].error_class == "connection"
+    assert results[1][0].ok  # same host name (the down list is by host), a live port
+
+
+class KeepAliveServer:
+    """A bare HTTP/1.1 keep-alive server on loopback that counts the connections it accepted
+    and those still open."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+        self.accepted = 0
+        self.open = 0
+
+    async def serve(self, reader, writer):
+        self.accepted += 1
+        self.open += 1
+        try:
+            while (await reader.readuntil(b"\r\n\r\n")):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(self.body) + self.body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+
+def test_idle_connections_are_bounded_and_the_most_recent_hosts_keep_theirs(settings, images):
+    """idle_connections=3: after ten hosts, only three idle connections stay open (the
+    others are closed, not kept for hosts never asked again); the three most recent hosts
+    are fetched again over them, without a new connection; an older host needs a new one."""
+    names = [f"h{i}.test" for i in range(10)]
+    bounded = settings.with_overrides(idle_connections=3,
+                                      host_map={name: "127.0.0.1" for name in names})
+    server = KeepAliveServer(images[0].body)
+
+    async def run():
+        listening = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+        port = listening.sockets[0].getsockname()[1]
+        try:
+            async with Fetcher(bounded) as fetcher:
+                async def fetch(name):
+                    result = await fetcher.fetch(f"http://{name}:{port}/a.jpg")
+                    assert result.ok, result.error_message
+                for name in names:
+                    await fetch(name)
+                await asyncio.sleep(0.2)  # the server sees the closed ones go
+                open_after_ten = server.open
+                for name in reversed(names[-3:]):
+                    await fetch(name)
+                reused = server.accepted
+                await fetch(names[0])
+                return open_after_ten, reused, server.accepted
+        finally:
+            listening.close()
+            await listening.wait_closed()
+
+    open_after_ten, accepted_after_reuse, accepted_at_end = asyncio.run(run())
+    assert open_after_ten == 3
+    assert accepted_after_reuse == 10  # the three recent hosts reused their connections
+    assert accepted_at_end == 11

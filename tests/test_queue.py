@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from laion_dagster.core import parts
-from laion_dagster.core.enqueue import enqueue_part
+from laion_dagster.core.enqueue import auto_shard_size, enqueue_part
 from laion_dagster.core.queue import AsyncQueue, Outcome, Queue
 
 
@@ -56,6 +56,28 @@ def test_enqueue_counts_rows_and_is_idempotent(queue, settings):
     errors = queue.read_errors(part.key)
     assert errors.num_rows == 13 and set(errors.column("error_class").to_pylist()) == {
         "invalid_url"}
+
+
+@pytest.mark.parametrize(("rows", "processes", "expected"), [
+    (2_000, 2, 250),  # a first try: 8 shards for 2 processes, never below 250 rows
+    (20_000, 2, 2_500),  # every process gets 4 shards, so none idles on its last slow URL
+    (5_000, 16, 250),
+    (18_000_000, 16, 10_000),  # a LAION part: img2dataset's 10,000 rows
+])
+def test_shard_size_fits_the_part_and_the_pool_when_unset(queue, settings, rows, processes,
+                                                          expected):
+    part = _write_part(settings, rows=rows) if rows <= 20_000 else None
+    assert auto_shard_size(rows, processes) == expected
+    if part is None:
+        return
+    unset = settings.model_copy(update={"shard_size": None, "processes": processes})
+    report = enqueue_part(queue, part, unset)
+    assert report.shards == -(-rows // expected)
+    assert queue.part(part.key).shard_size == expected
+    # A later run with more processes keeps the size the part was cut with: the same rows,
+    # not some twice and some never.
+    again = enqueue_part(queue, part, unset.with_overrides(processes=processes * 8))
+    assert again.shards == report.shards and again.shards_added == 0
 
 
 def test_enqueue_pauses_above_high_watermark(queue, settings):

@@ -84,6 +84,14 @@ def small(settings, image_server, images):
                          subsets=("laion2B-en",), rows_per_part=60, images=images, seed=5)
 
 
+@pytest.fixture
+def lasting(settings, image_server, images):
+    """Two 120-row parts with a few rows that never answer: a run of it lasts at least one
+    `timeout` (5 s) after its first image, long enough to stop or kill it half way."""
+    return write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
+                         rows_per_part=120, images=images, seed=3, slow_rows=True)
+
+
 def where(settings, store: Path, data: Path | None = None) -> list[str]:
     args = ["run", "--parquet-dir", str(settings.parts_root), "--store-dir", str(store)]
     return args + (["--data-dir", str(data)] if data else [])
@@ -192,12 +200,10 @@ def test_a_final_part_whose_shards_were_deleted_is_downloaded_again(settings, sm
 # ---------------------------------------------------------------- one command per folder
 
 def test_a_second_run_on_a_folder_in_use_exits_2_and_sigterm_stops_everything(
-        settings, image_server, images, user_env, tmp_path):
+        settings, lasting, user_env, tmp_path):
     """Two runs on one folder would share one Redis and one Dagster instance: the second is
     refused, naming the first. `kill` (SIGTERM) of the first stops its pool, its enqueue
     processes and its Redis within the grace period, prints the summary so far, exits 143."""
-    write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
-                  rows_per_part=120, images=images, seed=3, slow_rows=True)
     data, store = tmp_path / "d", tmp_path / "s"
     first = Running(user_env, *where(settings, store, data), "--concurrency", "2")
     try:
@@ -233,10 +239,7 @@ def _since(folder: Path) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
 
 
-def test_ctrl_c_stops_everything_and_exits_130(settings, image_server, images, user_env,
-                                              tmp_path):
-    write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
-                  rows_per_part=120, images=images, seed=3, slow_rows=True)
+def test_ctrl_c_stops_everything_and_exits_130(settings, lasting, user_env, tmp_path):
     run = Running(user_env, *where(settings, tmp_path / "s"), "--concurrency", "2")
     try:
         run.wait_for("first image fetched")
@@ -254,8 +257,8 @@ def test_ctrl_c_stops_everything_and_exits_130(settings, image_server, images, u
     assert again.returncode == 0, again.stdout + again.stderr
 
 
-def test_a_killed_worker_pool_is_started_again_and_the_run_finishes(settings, small, user_env,
-                                                                   tmp_path):
+def test_a_killed_worker_pool_is_started_again_and_the_run_finishes(settings, lasting,
+                                                                   user_env, tmp_path):
     """The OOM killer takes the pool's supervisor: `run` starts a new pool, which takes the
     dead processes' shards at once; the run finishes with every row."""
     store = tmp_path / "s"
@@ -272,7 +275,7 @@ def test_a_killed_worker_pool_is_started_again_and_the_run_finishes(settings, sm
     assert "the worker pool exited with code -9 (killed, or the OOM killer?); starting it " \
            "again" in run.output
     for part in parts.discover(settings.parts_root):
-        check_part(settings.with_overrides(store_dir=store), part, small)
+        check_part(settings.with_overrides(store_dir=store), part, lasting)
 
 
 def test_a_pool_that_keeps_dying_ends_the_run_with_a_sentence(settings, small, tmp_path,
@@ -304,7 +307,7 @@ def test_a_pool_that_keeps_dying_ends_the_run_with_a_sentence(settings, small, t
     assert not embedded.running(run_settings.redis_dir)
 
 
-def test_a_killed_run_takes_its_worker_pool_with_it(settings, small, user_env, tmp_path):
+def test_a_killed_run_takes_its_worker_pool_with_it(settings, lasting, user_env, tmp_path):
     """SIGKILL of `run` itself (nothing can be done in the process): its pool and enqueue
     processes get SIGTERM from the kernel and stop, instead of working on under PID 1."""
     run = Running(user_env, *where(settings, tmp_path / "s"), "--concurrency", "2")
@@ -366,17 +369,20 @@ def test_failing_shards_are_shown_and_a_stuck_run_gives_up_with_the_reason(
     assert "FileExistsError" in out or "NotADirectoryError" in out
 
 
-def test_a_host_paused_on_a_full_disk_is_shown_and_ends_a_stuck_run(settings, dataset,
+def test_a_host_paused_on_a_full_disk_is_shown_and_ends_a_stuck_run(settings, lasting,
                                                                     user_env, tmp_path):
     store = tmp_path / "small-disk"
     if not mount_tmpfs(store, 64):
         pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
     try:
-        # 64 MB, a 20 MB floor and 43 MB of ballast: room to start, not to finish.
-        (store / "ballast").write_bytes(b"\0" * (43 * 1024 * 1024))
+        # 64 MB, a 20 MB floor and 43.5 MB of ballast: room to start (~40 images), not to
+        # finish. One fetch at a time per process, so a process has a shard or two in flight
+        # when the floor is crossed, not the whole dataset (on loopback it takes less than
+        # one heartbeat).
+        (store / "ballast").write_bytes(b"\0" * (87 * 512 * 1024))
         result = command(user_env, *where(settings, store, tmp_path / "d"),
                          "--disk-min-free-gb", str(20 / 1024), "--stall-timeout", "10",
-                         timeout=120)
+                         "--concurrency", "1", timeout=120)
     finally:
         subprocess.run(["umount", "-l", str(store)], capture_output=True)
     out = result.stdout + result.stderr
@@ -399,11 +405,17 @@ def test_a_run_without_parts_starts_nothing_and_says_where_it_looked(settings, u
 def test_keys_are_unique_across_parts_and_every_row_is_in_a_shard_parquet(settings, dataset,
                                                                           user_env, tmp_path):
     """A webdataset made of several parts has no repeated key, and every input row (invalid
-    ones included) is in exactly one shard parquet."""
+    ones included) is in exactly one shard parquet. The Dagster instance beside the store
+    records every part (enqueued before Dagster started or not): its enqueue, with as many
+    shards as the store has, and its images."""
+    from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
+
     store = tmp_path / "s"
     result = command(user_env, *where(settings, store))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "first image fetched" in result.stdout
     keys: list[str] = []
+    shards: dict[str, int] = {}
     for part in parts.discover(settings.parts_root):
         check_part(settings.with_overrides(store_dir=store), part, dataset)
         keys += [name.split(".", 1)[0] for name in tar_members(store / part.relative_dir)
@@ -411,7 +423,18 @@ def test_keys_are_unique_across_parts_and_every_row_is_in_a_shard_parquet(settin
         shard_parquets = sorted((store / part.relative_dir).glob("[0-9]*.parquet"))
         rows = sum(pq.read_metadata(p).num_rows for p in shard_parquets)
         assert rows == pq.read_metadata(part.path).num_rows
+        shards[part.key] = len(shard_parquets)
     assert len(keys) == len(set(keys)) == dataset.outcome_counts()["success"]
+
+    with DagsterInstance.from_config(str(store / STATE_FOLDER / "dagster")) as instance:
+        for asset in ("part_tasks", "part_images"):
+            assert instance.get_materialized_partitions(AssetKey(asset)) == set(shards)
+        for key, count in shards.items():
+            [record] = instance.fetch_materializations(AssetRecordsFilter(
+                asset_key=AssetKey("part_tasks"), asset_partitions=[key]), limit=1).records
+            metadata = record.asset_materialization.metadata
+            assert metadata["shards"].value == count
+            assert metadata["rows"].value == 120
 
 
 def test_the_progress_rate_is_steady_and_survives_a_new_pool():

@@ -121,6 +121,30 @@ def test_sigterm_finishes_or_hands_back_in_flight_shards(settings, image_server,
         check_part(slow, part, dataset)
 
 
+def test_a_process_claims_only_the_shards_it_can_start_on_soon(settings, image_server,
+                                                               images, queue):
+    """A shard claimed is a shard no other process or host can take. One fetch at a time and
+    rows on /slow/ that hold it for seconds: the process keeps about LOOKAHEAD rows waiting
+    (two 30-row shards), not shards_in_flight shards, and the rest stays in the queue."""
+    write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
+                  rows_per_part=120, images=images, seed=3, slow_rows=True)
+    one = settings.with_overrides(processes=1, concurrency=1, shard_size=30)
+    assert one.shards_in_flight >= 16
+    found = enqueue_all(queue, one)
+    total = sum(queue.part(p.key).shards_total for p in found)
+    worker = start_worker(one)
+    try:
+        wait_until(lambda: queue.consumers(), 30, what="the process to claim")
+        held = []
+        for _ in range(20):
+            held.append(sum(queue.consumers().values()))
+            time.sleep(0.25)
+    finally:
+        log = stop_worker(worker)
+    assert total == 16
+    assert 1 <= max(held) <= 3, (held, log)
+
+
 def test_full_disk_pauses_the_pool_until_space_frees_up(settings, dataset, queue, tmp_path):
     store = tmp_path / "small-disk"
     if not mount_tmpfs(store, 64):

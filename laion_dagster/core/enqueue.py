@@ -69,6 +69,19 @@ def rejected_records(shard: parts.Shard, partition: str) -> pa.Table:
     return failed_rows(samples, parts.key_columns_of(shard.table))
 
 
+MAX_SHARD = 10_000
+MIN_SHARD = 250
+SHARDS_PER_PROCESS = 4
+
+
+def auto_shard_size(rows: int, processes: int) -> int:
+    """Shards small enough that each of `processes` gets about SHARDS_PER_PROCESS of a small
+    part (a process whose only shard waits on its slowest URL would idle), within
+    MIN_SHARD..MAX_SHARD rows (a LAION part of 18 M rows: 10,000, as img2dataset's)."""
+    wanted = -(-rows // max(processes * SHARDS_PER_PROCESS, 1))
+    return max(MIN_SHARD, min(MAX_SHARD, wanted))
+
+
 def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
                  progress: Callable[[int, int], None] | None = None,
                  poll: float = 1.0, enqueuer: str | None = None) -> EnqueueReport:
@@ -88,8 +101,9 @@ def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
         state = queue.part(part.key)
     # A resumed generation keeps the shard size it was cut with: other boundaries would
     # queue some rows twice and others never.
-    shard_size = state.shard_size or settings.shard_size
-    if shard_size != settings.shard_size:
+    shard_size = (state.shard_size or settings.shard_size
+                  or auto_shard_size(total_rows, settings.processes))
+    if settings.shard_size and shard_size != settings.shard_size:
         log.warning("%s keeps the shard size it was enqueued with (%s rows); shard_size=%s is "
                     "not applied (reset the part to start it over with it)", part.key,
                     f"{shard_size:,}", f"{settings.shard_size:,}")

@@ -14,14 +14,17 @@ import random
 import socket
 import ssl
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from laion_dagster.core.resolve import CachingResolver
 from laion_dagster.core.settings import Settings
 
 REDIRECTS = {301, 302, 303, 307, 308}
@@ -221,6 +224,102 @@ def classify(error: BaseException) -> tuple[str, str]:
     return "connection", message
 
 
+def host_of(url: str) -> str:
+    """The host a URL is fetched from, as per-host limits and the dispatcher count it (lower
+    case, no trailing dot); "" for a URL without one, which fails as invalid_url anyway."""
+    try:
+        return (urlsplit(url.strip(_AROUND)).hostname or "").rstrip(".")
+    except ValueError:
+        return ""
+
+
+def _could_not_connect(error: BaseException) -> bool:
+    """A failure to reach the host at all (no TCP connection), not a bad answer or a slow one
+    after connecting: what says the host is down."""
+    if isinstance(error, aiohttp.ConnectionTimeoutError):
+        return True
+    if isinstance(error, aiohttp.ClientConnectorError) and not isinstance(
+            error, aiohttp.ClientConnectorDNSError | aiohttp.ClientSSLError):
+        return not isinstance(error.os_error, BlockedAddress)
+    return False
+
+
+class DownHosts:
+    """Hosts that just failed to connect, remembered for a while.
+
+    A dead host (its packets dropped, connects timing out) would otherwise cost every one of
+    its URLs a whole `connect_timeout`, holding a fetch slot each. After DOWN_AFTER failures in
+    a row, its other URLs fail at once, with the same class, for DOWN_SECONDS; a success clears
+    it, so a host that failed once by chance costs nothing.
+    """
+
+    DOWN_AFTER = 2
+    DOWN_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self._failures: dict[str, tuple[int, float, str, str]] = {}
+
+    def failed(self, host: str, error_class: str, message: str, now: float) -> None:
+        count = self._failures.get(host, (0,))[0] + 1
+        self._failures[host] = (count, now, error_class, message)
+
+    def succeeded(self, host: str) -> None:
+        self._failures.pop(host, None)
+
+    def known_down(self, host: str, now: float) -> tuple[str, str] | None:
+        entry = self._failures.get(host)
+        if entry is None:
+            return None
+        count, when, error_class, message = entry
+        if now - when > self.DOWN_SECONDS:
+            del self._failures[host]
+            return None
+        if count < self.DOWN_AFTER:
+            return None
+        return error_class, (f"not tried: {host} failed to connect {count} times in a row, "
+                             f"the last {now - when:.0f}s ago ({message})")
+
+
+class BoundedPoolConnector(aiohttp.TCPConnector):
+    """A TCPConnector that keeps at most `max_idle` idle connections, closing the least
+    recently used first.
+
+    aiohttp bounds the connections in use (`limit`), not the idle ones it keeps for
+    `keepalive_timeout`; with LAION's thousands of hosts, that was thousands of TLS
+    connections (~250 KB each) kept for hosts never asked again. The few hosts that serve many
+    URLs use theirs all the time, so they stay. Two private methods of aiohttp are extended
+    (tests/test_fetch.py checks the bound still holds).
+    """
+
+    def __init__(self, *args: Any, max_idle: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._max_idle = max_idle
+        self._idle: OrderedDict[Any, Any] = OrderedDict()  # protocol -> its key, oldest first
+
+    def _release(self, key: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        super()._release(key, protocol, *args, **kwargs)
+        pooled = self._conns.get(key)
+        if not pooled or pooled[-1][0] is not protocol:
+            return  # closed, not kept
+        self._idle[protocol] = key
+        while len(self._idle) > self._max_idle:
+            oldest, oldest_key = self._idle.popitem(last=False)
+            queue = self._conns.get(oldest_key)
+            for entry in queue or ():
+                if entry[0] is oldest:
+                    queue.remove(entry)
+                    if not queue:
+                        del self._conns[oldest_key]
+                    oldest.close()
+                    break
+
+    async def _get(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        connection = await super()._get(key, *args, **kwargs)
+        if connection is not None:
+            self._idle.pop(connection.protocol, None)
+        return connection
+
+
 def shared_ssl_context() -> ssl.SSLContext:
     """One context per process: creating one loads the CA bundle (~22 ms)."""
     return ssl.create_default_context()
@@ -232,16 +331,20 @@ class Fetcher:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.session: aiohttp.ClientSession | None = None
+        self._busy: Counter[str] = Counter()  # host -> its fetches under way
+        self._gates: dict[str, asyncio.Semaphore] = {}  # host -> its per_host_limit
+        self.down = DownHosts()
         # Parsed once here; the same networks open both guards (resolver and IP literals).
         self.allowed = tuple(ipaddress.ip_network(n) for n in settings.allowed_networks)
 
     async def __aenter__(self) -> Fetcher:
         s = self.settings
         inner: AbstractResolver = (StaticResolver(s.host_map) if s.host_map
-                                   else aiohttp.ThreadedResolver())
-        connector = aiohttp.TCPConnector(
+                                   else CachingResolver(s.connect_timeout, s.dns_servers))
+        connector = BoundedPoolConnector(
+            max_idle=s.idle_connections,
             limit=s.concurrency,
-            limit_per_host=s.per_host_limit,
+            limit_per_host=0,  # per_host_limit is applied by _gate (and by the dispatcher)
             ttl_dns_cache=300,
             use_dns_cache=True,
             ssl=shared_ssl_context(),
@@ -252,8 +355,9 @@ class Fetcher:
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout,
-                                          sock_read=s.timeout),
+            # The whole fetch has one deadline (fetch()); a read timeout on top of it would
+            # only reschedule a timer for every chunk received.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout),
             headers={"User-Agent": s.user_agent},
             auto_decompress=True,
             max_line_size=16 * 1024,
@@ -267,6 +371,36 @@ class Fetcher:
 
     async def fetch(self, url: str) -> FetchResult:
         """Fetch one URL within the total deadline; never raises for a bad URL or server."""
+        host = host_of(url)
+        self._busy[host] += 1
+        try:
+            gate = self._gate(host)
+            if gate is None:
+                return await self._fetch(url, host)
+            async with gate:
+                return await self._fetch(url, host)
+        finally:
+            self._busy[host] -= 1
+            if not self._busy[host]:
+                del self._busy[host]
+                self._gates.pop(host, None)
+
+    def _gate(self, host: str) -> asyncio.Semaphore | None:
+        """The host's share of this process: per_host_limit fetches at once.
+
+        Kept here rather than in aiohttp's connector (limit_per_host): with thousands of
+        hosts, its waiter bookkeeping cost ~15% of a worker's CPU (bench/field.py); a
+        semaphore per busy host costs next to nothing, and goes when the host is idle.
+        """
+        limit = self.settings.per_host_limit
+        if not limit:
+            return None
+        gate = self._gates.get(host)
+        if gate is None:
+            gate = self._gates[host] = asyncio.Semaphore(limit)
+        return gate
+
+    async def _fetch(self, url: str, host: str) -> FetchResult:
         s = self.settings
         attempt = 0
         loop = asyncio.get_running_loop()
@@ -274,10 +408,13 @@ class Fetcher:
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    body, content_type = await self._follow(url)
+                    body, content_type = await self._follow(url, host)
+                self.down.succeeded(host)
                 return FetchResult(url=url, body=body, content_type=content_type)
             except Exception as error:  # every failure becomes a class, never a crash
                 error_class, message = classify(error)
+                if _could_not_connect(error):
+                    self.down.failed(host, error_class, message, loop.time())
                 status = getattr(error, "http_status", None)
                 if isinstance(error, TimeoutError) and loop.time() >= deadline:
                     message = f"no complete response within {s.timeout:g}s"
@@ -295,9 +432,12 @@ class Fetcher:
                 return FetchResult(url=url, error_class=error_class, error_message=message,
                                    http_status=status)
 
-    async def _follow(self, url: str) -> tuple[bytes, str | None]:
+    async def _follow(self, url: str, host: str) -> tuple[bytes, str | None]:
         assert self.session is not None
         s = self.settings
+        known = self.down.known_down(host, asyncio.get_running_loop().time())
+        if known is not None:
+            raise FetchFailed(*known)
         for hop in range(s.max_redirects + 1):
             # A bad URL after a redirect is the server's doing, not the row's: class redirect.
             bad_url, led_to = ("redirect", "a redirect led to ") if hop else ("invalid_url", "")

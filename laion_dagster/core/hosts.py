@@ -94,6 +94,7 @@ class HostReport:
     seen_at: float
     fetched: int = 0  # rows fetched so far (any outcome): progress before a shard completes
     problems: list[str] = field(default_factory=list)  # why shards fail, if they do
+    first_fetch_at: float | None = None  # when the host's first fetch ended (epoch seconds)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

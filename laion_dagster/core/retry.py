@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from laion_dagster.core import parts
 from laion_dagster.core.accounting import part_errors
+from laion_dagster.core.enqueue import MAX_SHARD
 from laion_dagster.core.queue import Queue
 from laion_dagster.core.recipe import Recipe
 from laion_dagster.core.settings import Settings
@@ -62,7 +63,8 @@ def retry_failed(queue: Queue, part: parts.Part, settings: Settings,
     # and its id (round × 1,000,000 + that shard's) tells the worker which shard to merge
     # the new outcomes into, so every row stays in exactly one shard parquet.
     shards = []
-    for shard in parts.iter_shards(part.path, state.shard_size or settings.shard_size,
+    size = state.shard_size or settings.shard_size or MAX_SHARD  # the old default, if unrecorded
+    for shard in parts.iter_shards(part.path, size,
                                    settings.url_column, settings.caption_column, required,
                                    settings.save_additional_columns, settings.key_columns):
         picked = shard.valid.filter(pc.is_in(shard.valid.column("row"), rows))

@@ -117,7 +117,7 @@ def shard_complete(part_dir: Path, shard: int) -> bool:
     return (part_dir / f"{shard:05d}_stats.json").exists()
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleRecord:
     row: int
     key: str
@@ -184,6 +184,7 @@ def tar_member(name: str, data: bytes, mtime: int) -> tuple[bytes, bytes, bytes]
     return bytes(header), data, _ZEROS[:-len(data) % 512]
 
 
+TAR_BUFFER = 128 * 1024
 # Two zero blocks end an archive; tarfile pads the file to a multiple of 10 KiB, as we do.
 TAR_END = b"\0" * 1024
 TAR_RECORD = 10240
@@ -209,7 +210,8 @@ class ShardWriter:
         self._spool: pa.ipc.RecordBatchFileWriter | None = None
         self._spooled: list[tuple[int, bytes]] = []
         if output_format == "webdataset":
-            self._tar = open(self._tmp_data, "wb")  # noqa: SIM115 - closed in close()/abort()
+            # A larger buffer than the 8 KB default: a sample goes out in one or two writes.
+            self._tar = open(self._tmp_data, "wb", buffering=TAR_BUFFER)  # noqa: SIM115
         elif output_format == "parquet":
             self._spool = pa.ipc.new_file(str(self._tmp_data), IMAGE_SPOOL)
         else:
@@ -231,10 +233,12 @@ class ShardWriter:
         }
         if self._tar is not None:
             mtime = int(self.start_time)
-            chunk = b"".join([piece for name, data in members.items()
-                              for piece in tar_member(name, data, mtime)])
+            # The pieces go out as they are (no joined copy of the image): large transient
+            # copies fragment a worker's heap over a long run.
+            pieces = [piece for name, data in members.items()
+                      for piece in tar_member(name, data, mtime)]
             with self._lock:
-                self._tar.write(chunk)
+                self._tar.writelines(pieces)
             return
         for name, data in members.items():
             (self._tmp_data / name).write_bytes(data)

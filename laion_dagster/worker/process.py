@@ -1,17 +1,22 @@
 """One worker process: an asyncio loop that claims shards, fetches their URLs and writes them.
 
-Up to `concurrency` fetches run at once across the process. A new shard is claimed as soon as
-the current one has handed all its URLs to fetch slots, so a shard waiting on its slowest URL
-does not idle the process (up to `shards_in_flight` shards at a time). Decoding and resizing
-run in a small thread pool, off the event loop; a plain image's header check, hash and append
-to its shard are cheaper than the hand-off and run on the loop.
+Up to `concurrency` fetches run at once across the process, in the order dispatch.py gives:
+one queue per host, a host's rows back to back on its warm connections, at most
+`per_host_limit` at once. A new shard is claimed whenever a fetch slot is free that no waiting
+row can use, so shards waiting on their slowest URLs (a dead host's connect timeout, a server
+that never answers: up to `timeout` seconds) never idle the process: it works on up to
+`shards_in_flight` shards, and MAX_OPEN_ROWS rows, at a time. Decoding and resizing run in a
+small thread pool, off the event loop; a plain image's header check, hash and append to its
+shard are cheaper than the hand-off and run on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
+import functools
 import logging
 import os
 import signal
@@ -25,7 +30,7 @@ import pyarrow.compute as pc
 
 from laion_dagster.core import images, parts
 from laion_dagster.core.connection import connect_async
-from laion_dagster.core.fetch import Fetcher, FetchResult
+from laion_dagster.core.fetch import Fetcher, FetchResult, host_of
 from laion_dagster.core.queue import AsyncQueue, Outcome, Task
 from laion_dagster.core.recipe import Recipe
 from laion_dagster.core.retry import ROUND as RETRY_ROUND
@@ -39,6 +44,7 @@ from laion_dagster.core.writers import (
     sample_key,
     shard_complete,
 )
+from laion_dagster.worker.dispatch import Dispatcher
 from laion_dagster.worker.shared import Shared
 
 log = logging.getLogger("laion_dagster.worker")
@@ -49,6 +55,10 @@ OUR_COLUMNS = ("row", "url", "caption", parts.REJECT)
 INLINE_BYTES = 1_000_000
 _terminated = False  # set by SIGTERM sent to this process alone
 CLAIM_PROBLEM = "cannot claim shards"
+# Rows a process holds in open shards at most (their records and payloads: ~10 MB).
+MAX_OPEN_ROWS = 20_000
+TRIM_EVERY = 2.0  # seconds between malloc_trim calls
+LOOKAHEAD = 24  # rows queued ahead, in units of concurrency
 
 
 def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: images.Filters,
@@ -87,6 +97,12 @@ class ShardJob:
         self.writer = ShardWriter(part_dir, original if self.merge else task.shard,
                                   recipe.output_format, made_with(recipe, source))
         self.records: list[SampleRecord] = []
+        # While its rows are fetched: how many are left, when they are done, what failed.
+        self.pending = 0
+        self.done = asyncio.Event()
+        self.failure: BaseException | None = None
+        self.abandoned = False
+        self.fetches: set[asyncio.Task] = set()
 
     def close(self) -> None:
         self.writer.close(self.records, self.extra_columns(), merge=self.merge)
@@ -209,6 +225,14 @@ class WorkerProcess:
         # The recipe of parts enqueued without one (see recipe.py).
         self.own_recipe = Recipe.from_settings(settings)
         self.stopping = asyncio.Event()
+        self.open_rows = 0  # rows of the shards this process works on
+        # entry id -> rows of a shard claimed whose rows are not in the dispatcher yet (it
+        # reads Redis and opens its files first): they count as waiting, or the claim loop
+        # would take shards_in_flight shards at once before the first one's rows arrive.
+        self.arriving: dict[str, int] = {}
+        self.dispatcher = Dispatcher(settings.concurrency, settings.per_host_limit)
+        self.wants_a_shard = self.dispatcher.listen()
+        self.can_dispatch = self.dispatcher.listen()
 
     async def run(self) -> None:
         s = self.settings
@@ -216,60 +240,86 @@ class WorkerProcess:
         self.queue = AsyncQueue(client, s.prefix, self.consumer, s.visibility_timeout,
                                 s.max_deliveries)
         await self.queue.ensure_group()
-        slots = asyncio.Semaphore(s.shards_in_flight)
-        self.fetch_slots = asyncio.Semaphore(s.concurrency)
-        dispatch_idle = asyncio.Event()
-        dispatch_idle.set()
         running: set[asyncio.Task] = set()
         keeper = asyncio.create_task(self._keep_claims())
+        tidier = asyncio.create_task(self._return_free_memory())
         watcher = asyncio.create_task(self._watch_stop())
         try:
             async with Fetcher(s) as fetcher:
                 self.fetcher = fetcher
-                while not self.stopping.is_set():
-                    if self.shared.paused.value or self.shared.out_of_space.value:
-                        await self._sleep(1.0)
-                        continue
-                    if not await self._unless_stopped(slots.acquire()):
-                        break
-                    if not await self._unless_stopped(dispatch_idle.wait()):
-                        slots.release()
-                        break
-                    try:
-                        task = await self.queue.claim(block_ms=1000)
-                    except Exception as error:  # Redis down: back off, carry on
-                        log.warning("claim failed (%s); retrying", error)
-                        self.shared.set_problem(f"{CLAIM_PROBLEM}: {error}")
-                        slots.release()
-                        await self._sleep(2.0)
-                        continue
-                    if self.shared.read_problem().startswith(CLAIM_PROBLEM):
-                        self.shared.set_problem("")
-                    if task is None:
-                        slots.release()
-                        continue
-                    suspect = task.deliveries > 1
-                    if suspect:
-                        self.held = task  # kept fresh while it waits, so nobody takes it
-                        alone = await self._alone(running)
-                        self.held = None
-                        if not alone:
-                            with contextlib.suppress(Exception):
-                                await self.queue.release([task])
-                            slots.release()
-                            break
-                    dispatch_idle.clear()
-                    job = asyncio.create_task(self._handle(task, dispatch_idle, slots))
-                    running.add(job)
-                    job.add_done_callback(running.discard)
-                    if suspect:
-                        await self._alone(running)
-                await self._drain(running)
+                dispatching = asyncio.create_task(self._dispatch())
+                try:
+                    await self._claim_loop(running)
+                    await self._drain(running)
+                finally:
+                    dispatching.cancel()
         finally:
             keeper.cancel()
+            tidier.cancel()
             watcher.cancel()
             self.pool.shutdown(wait=True)
             await client.aclose()
+
+    async def _claim_loop(self, running: set[asyncio.Task]) -> None:
+        while not self.stopping.is_set():
+            if self.shared.paused.value or self.shared.out_of_space.value:
+                await self._sleep(1.0)
+                continue
+            # Claim only with room: a shard taken while every fetch slot is busy would wait
+            # here instead of on a process or host that has room.
+            if not await self._unless_stopped(self._room_for_a_shard(running)):
+                break
+            try:
+                task = await self.queue.claim(block_ms=1000)
+            except Exception as error:  # Redis down: back off, carry on
+                log.warning("claim failed (%s); retrying", error)
+                self.shared.set_problem(f"{CLAIM_PROBLEM}: {error}")
+                await self._sleep(2.0)
+                continue
+            if self.shared.read_problem().startswith(CLAIM_PROBLEM):
+                self.shared.set_problem("")
+            if task is None:
+                continue
+            suspect = task.deliveries > 1
+            if suspect:
+                self.held = task  # kept fresh while it waits, so nobody takes it
+                alone = await self._alone(running)
+                self.held = None
+                if not alone:
+                    with contextlib.suppress(Exception):
+                        await self.queue.release([task])
+                    break
+            self.open_rows += task.rows
+            self.arriving[task.entry_id] = task.rows
+            shard = asyncio.create_task(self._handle(task))
+            running.add(shard)
+            shard.add_done_callback(running.discard)
+            # Its end frees room for another shard only once it has left `running`.
+            shard.add_done_callback(lambda _: self.dispatcher.notify())
+            if suspect:
+                await self._alone(running)
+
+    async def _dispatch(self) -> None:
+        """Start the next fetch whenever a slot is free and a row can use it."""
+        while True:
+            item = self.dispatcher.take()
+            if item is None:
+                self.can_dispatch.clear()
+                await self.can_dispatch.wait()
+                continue
+            host, (job, record) = item
+            # Kept by its shard (a task nothing refers to may be collected mid-flight), and
+            # cancelled with it if the shard is abandoned.
+            fetch = asyncio.create_task(self._one(job, record))
+            job.fetches.add(fetch)
+            # The slot comes back in a done-callback, not in the coroutine's `finally`: a task
+            # cancelled before its first step never enters its body, and its slot would be
+            # lost for good (enough of them and the process fetches nothing at all).
+            fetch.add_done_callback(functools.partial(self._fetch_ended, host, job))
+
+    def _fetch_ended(self, host: str, job: ShardJob, fetch: asyncio.Task) -> None:
+        job.fetches.discard(fetch)
+        self.dispatcher.finish(host)
 
     async def _alone(self, running: set[asyncio.Task]) -> bool:
         """Wait until no shard is in flight (False if a stop comes first).
@@ -324,6 +374,19 @@ class WorkerProcess:
             except Exception as error:
                 log.warning("could not refresh claims: %s", error)
 
+    async def _return_free_memory(self) -> None:
+        """Give the heap's free pages back to the system every few seconds.
+
+        Every image passes through a few transient buffers of its size (~60 KB) between
+        long-lived small objects; glibc's heap then keeps the freed pages, and a worker's RSS
+        crept up by ~8 MB a second on bench/field.py. malloc_trim hands them back (~2 ms)."""
+        trim = _malloc_trim()
+        if trim is None:
+            return
+        while True:
+            await asyncio.sleep(TRIM_EVERY)
+            trim(0)
+
     async def _drain(self, running: set[asyncio.Task]) -> None:
         """On stop: let in-flight shards finish within the grace period, then hand them back."""
         if not running:
@@ -338,10 +401,9 @@ class WorkerProcess:
         with contextlib.suppress(Exception):
             await self.queue.release(unfinished)
 
-    async def _handle(self, task: Task, dispatch_idle: asyncio.Event,
-                      slots: asyncio.Semaphore) -> None:
+    async def _handle(self, task: Task) -> None:
         try:
-            await self._work(task, dispatch_idle)
+            await self._work(task)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -360,15 +422,30 @@ class WorkerProcess:
                 self.shared.set_problem(f"shard {task.partition}/{task.shard:05d} failed: "
                                         f"{type(error).__name__}: {error}")
         finally:
-            dispatch_idle.set()
-            slots.release()
+            self.open_rows -= task.rows
+            self.arriving.pop(task.entry_id, None)
+            self.dispatcher.notify()
+
+    async def _room_for_a_shard(self, running: set[asyncio.Task]) -> None:
+        """Wait until fewer than LOOKAHEAD × concurrency rows wait for a slot, within
+        shards_in_flight shards and MAX_OPEN_ROWS rows.
+
+        Rows waiting here are what the dispatcher groups by host: with a few seconds of work
+        queued, a host's rows from several shards go out back to back on one warm
+        connection, which spares most TLS handshakes without keeping idle connections."""
+        lookahead = LOOKAHEAD * self.settings.concurrency
+        while not (self.dispatcher.queued + sum(self.arriving.values()) < lookahead
+                   and self.open_rows < MAX_OPEN_ROWS
+                   and len(running) < self.settings.shards_in_flight):
+            self.wants_a_shard.clear()
+            await self.wants_a_shard.wait()
 
     def _abandon(self, task: Task) -> None:
         job = self.active.pop(task.entry_id, None)
         if job is not None:
             job.writer.abort()
 
-    async def _work(self, task: Task, dispatch_idle: asyncio.Event) -> None:
+    async def _work(self, task: Task) -> None:
         generation, stored_recipe, source = await self.queue.current_generation(task.partition)
         if generation != task.generation:
             # The part was reset: this entry belongs to a generation nobody wants any more.
@@ -392,23 +469,30 @@ class WorkerProcess:
                                          source)
         self.active[task.entry_id] = job
         started = time.monotonic()
-        fetches = []
-        rejected: list[SampleRecord] = []
+        rows = []
         for record in job.samples():
             if record.rejected:
-                rejected.append(record)
-                continue
-            await self.fetch_slots.acquire()
-            fetches.append(asyncio.create_task(self._one(job, record)))
-        dispatch_idle.set()
+                job.records.append(record)
+            else:
+                rows.append((host_of(record.url), (job, record)))
+        job.pending = len(rows)
+        if not rows:
+            job.done.set()
+        self.arriving.pop(task.entry_id, None)
+        self.dispatcher.add(rows)
         try:
-            job.records = rejected + list(await asyncio.gather(*fetches))
-        except BaseException:
+            await job.done.wait()
+        finally:
+            if not job.done.is_set() or job.failure is not None:
+                # Stopped or failed half way: its other rows are not fetched here, and its
+                # fetches under way are cancelled (their slots come back as they end).
+                job.abandoned = True
+                self.dispatcher.drop(lambda row: row[0] is job)
+                for fetch in list(job.fetches):
+                    fetch.cancel()
+        if job.failure is not None:
             # One sample could not be stored (e.g. the disk is full): the others stop here.
-            for fetch in fetches:
-                fetch.cancel()
-            await asyncio.gather(*fetches, return_exceptions=True)
-            raise
+            raise job.failure
         job.records.sort(key=lambda r: r.row)
         if not await self.queue.still_mine(task):
             # Another worker has it (we were cut off or stalled): its attempt is the one that
@@ -451,7 +535,7 @@ class WorkerProcess:
                                       made_with(recipe, source), keys)
         return None if samples is None else outcome_of(samples, rejected_rows(table), keys)
 
-    async def _one(self, job: ShardJob, record: SampleRecord) -> SampleRecord:
+    async def _one(self, job: ShardJob, record: SampleRecord) -> None:
         # The fetch slot is held until the image is stored, not just fetched: when resizing
         # is slower than the network, bodies would otherwise pile up in the thread pool's
         # queue (a whole shard's worth, hundreds of MB); this way at most `concurrency` are
@@ -459,23 +543,36 @@ class WorkerProcess:
         try:
             result: FetchResult = await self.fetcher.fetch(record.url)
             self.shared.counters[3] += 1
+            if not self.shared.first_fetch.value:
+                self.shared.first_fetch.value = time.time()
+            if job.abandoned:
+                return
             if not result.ok:
                 record.status, record.error_class = "failed", result.error_class
                 record.error_message = result.error_message
                 record.http_status = result.http_status
-                return record
-            column = job.recipe.verify_hash_column
-            expected = record.extra.get(parts.extra_name(column)) if column else None
-            arguments = (job.writer, record, result.body, job.recipe.filters,
-                         job.recipe.resize, expected)
-            if job.recipe.resize_mode == "no" and len(result.body) <= INLINE_BYTES:
-                # Header check, hash and an append to the shard: ~0.15 ms, less than handing
-                # it to a thread and back costs (and the GIL gives threads no parallelism).
-                return _store(*arguments)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.pool, _store, *arguments)
-        finally:
-            self.fetch_slots.release()
+            else:
+                column = job.recipe.verify_hash_column
+                expected = record.extra.get(parts.extra_name(column)) if column else None
+                arguments = (job.writer, record, result.body, job.recipe.filters,
+                             job.recipe.resize, expected)
+                if job.recipe.resize_mode == "no" and len(result.body) <= INLINE_BYTES:
+                    # Header check, hash and an append to the shard: ~0.15 ms, less than
+                    # handing it to a thread and back costs (the GIL gives threads nothing).
+                    record = _store(*arguments)
+                else:
+                    loop = asyncio.get_running_loop()
+                    record = await loop.run_in_executor(self.pool, _store, *arguments)
+            job.records.append(record)
+            job.pending -= 1
+            if job.pending == 0:
+                job.done.set()
+        except asyncio.CancelledError:
+            pass  # its shard was abandoned
+        except Exception as error:  # storing failed (a full disk): the shard fails
+            if job.failure is None:
+                job.failure = error
+            job.done.set()
 
     async def _dead_letter(self, task: Task, recipe: Recipe, source: str | None) -> None:
         """Give up on a shard that killed too many workers: its rows are failed (class
@@ -494,6 +591,14 @@ class WorkerProcess:
                   task.deliveries)
         await loop.run_in_executor(self.pool, job.close)
         await self.queue.dead_letter(task, job.outcome(), message)
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _on_sigterm(*_: object) -> None:

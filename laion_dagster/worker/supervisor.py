@@ -55,7 +55,8 @@ class Supervisor:
     def _spawn(self, index: int) -> tuple[mp.process.BaseProcess, Shared]:
         shared = Shared(stop=self.stop, paused=self.paused, counters=self.ctx.RawArray("q", 4),
                         out_of_space=self.ctx.RawValue("b", 0),
-                        problem=self.ctx.RawArray("c", PROBLEM_BYTES))
+                        problem=self.ctx.RawArray("c", PROBLEM_BYTES),
+                        first_fetch=self.ctx.RawValue("d", 0.0))
         child = self.ctx.Process(target=run_process, name=f"laion-worker-{index}",
                                  args=(self.settings.model_dump_json(), index, shared),
                                  daemon=False)
@@ -178,6 +179,10 @@ class Supervisor:
         return (f"no space left on device writing a shard ({free_gb * 1000:,.0f} MB free); "
                 "waiting for space to be freed")
 
+    def _first_fetch_at(self) -> float | None:
+        return min((shared.first_fetch.value for _, shared in self.children
+                    if shared.first_fetch.value), default=None)
+
     def heartbeat(self) -> HostReport:
         disk = disk_state(self.settings.store_root, self.settings)
         out_of_space = self._check_out_of_space(disk.free_gb)
@@ -202,7 +207,8 @@ class Supervisor:
             processes=len(self.children),
             alive_processes=sum(c.is_alive() for c, _ in self.children),
             rate=round(rate, 2), ok=ok, failed=failed, bytes=nbytes, seen_at=time.time(),
-            fetched=self.fetched(), problems=self.problems())
+            fetched=self.fetched(), problems=self.problems(),
+            first_fetch_at=self._first_fetch_at())
         try:
             assert self._redis is not None
             self._redis.hset(self.keys.hosts, self.host, report.to_json())
@@ -243,9 +249,13 @@ class Supervisor:
         try:
             self.start()
             next_beat = 0.0
+            first_reported = False
             while not self.stop.value:
-                if time.monotonic() >= next_beat:
-                    self.heartbeat()
+                # The first fetch is reported at once, not at the next beat: `run` prints the
+                # time to the first image, and a small job can be over within one interval.
+                first_due = not first_reported and self._first_fetch_at() is not None
+                if time.monotonic() >= next_beat or first_due:
+                    first_reported = self.heartbeat().first_fetch_at is not None
                     next_beat = time.monotonic() + self.settings.heartbeat_interval
                     if until is not None and until():
                         break

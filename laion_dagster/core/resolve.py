@@ -1,0 +1,136 @@
+"""Resolving host names for the fetcher: asynchronous, cached, one look-up per name.
+
+On LAION nearly every URL is on another host, so a download makes as many look-ups as fetches.
+aiohttp's ThreadedResolver runs each in the event loop's default executor (a handful of
+threads): a few slow or unanswered names then hold every other fetch behind them, and the
+fetches in flight fall far below `concurrency` (bench/field.py measured 6 look-ups pending at
+most, for 128 fetch slots). Here look-ups run on c-ares (aiodns), without threads, and:
+
+- answers are cached for their TTL (clamped to MIN_TTL..MAX_TTL);
+- a name that does not exist, or has no address, fails at once for NEGATIVE_TTL afterwards;
+  one that could not be resolved in time (timeout, SERVFAIL) for FAILED_TTL;
+- one look-up per name is in flight; other fetches of that name wait for its answer;
+- each look-up has a deadline (`connect_timeout`). c-ares (since 1.32) shortens its retry
+  timeouts to a few times the latency it has seen, so after many fast answers it gives up on a
+  name that takes a second or two; within the deadline the name is asked again, as glibc's
+  resolver keeps waiting (5 s, twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import aiodns
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+MIN_TTL = 60.0
+MAX_TTL = 3600.0
+NEGATIVE_TTL = 600.0
+FAILED_TTL = 60.0
+# Per try of c-ares; its own adaptive timeouts may make them shorter.
+TRY_TIMEOUT = 2.0
+TRIES = 3
+
+_NO_SUCH_NAME = {aiodns.error.ARES_ENOTFOUND, aiodns.error.ARES_ENONAME,
+                 aiodns.error.ARES_ENODATA, aiodns.error.ARES_EBADNAME}
+
+
+class LookupFailed(socket.gaierror):
+    """A name that did not resolve: an OSError, so aiohttp reports it as a DNS error."""
+
+
+class CachingResolver(AbstractResolver):
+    """c-ares with a cache, negative caching, a deadline and one look-up per name."""
+
+    def __init__(self, deadline: float, nameservers: list[str] | None = None):
+        self.deadline = deadline
+        self.nameservers = nameservers
+        self._resolver: aiodns.DNSResolver | None = None
+        self._cache: dict[tuple[str, int], tuple[float, Any]] = {}
+        self._pending: dict[tuple[str, int], asyncio.Future] = {}
+        self.lookups = 0  # look-ups sent to c-ares (not answered from the cache)
+
+    def _channel(self) -> aiodns.DNSResolver:
+        if self._resolver is None:  # created in the loop that uses it
+            self._resolver = aiodns.DNSResolver(nameservers=self.nameservers or None,
+                                                timeout=TRY_TIMEOUT, tries=TRIES)
+        return self._resolver
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        # IPv4 first, IPv6 only for a name without an IPv4 address (see _look_up): asking for
+        # both at once (AF_UNSPEC), c-ares reports "no data" when the A query times out
+        # while the AAAA one comes back empty, which would fail a name that exists.
+        key = (host.lower().rstrip("."), int(family))
+        loop = asyncio.get_running_loop()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > loop.time():
+            answer = cached[1]
+        else:
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = loop.create_task(self._look_up(key))
+                self._pending[key] = pending
+                pending.add_done_callback(lambda _: self._pending.pop(key, None))
+            # Shielded: a fetch that gives up (its deadline) must not cancel the look-up that
+            # other fetches of the same name wait for.
+            answer = await asyncio.shield(pending)
+        if isinstance(answer, LookupFailed):
+            raise LookupFailed(answer.errno, answer.strerror)
+        return [ResolveResult(hostname=host, host=address, port=port, family=fam, proto=0,
+                              flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
+                for address, fam in answer]
+
+    async def _look_up(self, key: tuple[str, int]) -> list[tuple[str, int]] | LookupFailed:
+        """The answer, or the failure, and into the cache with it. Never raises."""
+        name, family = key
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.deadline
+        reason = "no answer"
+        while (left := end - loop.time()) > 0.05:
+            self.lookups += 1
+            try:
+                result = await asyncio.wait_for(self._ask(name, family), left)
+            except TimeoutError:
+                reason = f"no answer within {self.deadline:g}s"
+                break
+            except aiodns.error.DNSError as error:
+                code = error.args[0] if error.args else None
+                message = error.args[1] if len(error.args) > 1 else str(error)
+                if code in _NO_SUCH_NAME:
+                    failure = LookupFailed(socket.EAI_NONAME, f"{name}: {message}")
+                    self._cache[key] = (loop.time() + NEGATIVE_TTL, failure)
+                    return failure
+                reason = message  # timeout, SERVFAIL, refused: ask again while time is left
+                await asyncio.sleep(min(0.05, max(left - 0.05, 0)))
+                continue
+            addresses = [(node.addr[0].decode(), node.family) for node in result.nodes]
+            if not addresses:
+                failure = LookupFailed(socket.EAI_NODATA, f"{name}: no address")
+                self._cache[key] = (loop.time() + NEGATIVE_TTL, failure)
+                return failure
+            ttl = min((node.ttl for node in result.nodes), default=MIN_TTL)
+            self._cache[key] = (loop.time() + min(max(ttl, MIN_TTL), MAX_TTL), addresses)
+            return addresses
+        failure = LookupFailed(socket.EAI_AGAIN, f"{name}: {reason} (after {self.deadline:g}s)")
+        self._cache[key] = (loop.time() + FAILED_TTL, failure)
+        return failure
+
+    async def _ask(self, name: str, family: int):
+        """One getaddrinfo through c-ares; for an unspecified family, IPv4 first."""
+        channel = self._channel()
+        if family != socket.AF_UNSPEC:
+            return await channel.getaddrinfo(name, family=family, type=socket.SOCK_STREAM)
+        try:
+            return await channel.getaddrinfo(name, family=socket.AF_INET,
+                                             type=socket.SOCK_STREAM)
+        except aiodns.error.DNSError as error:
+            if not error.args or error.args[0] != aiodns.error.ARES_ENODATA:
+                raise
+        return await channel.getaddrinfo(name, family=socket.AF_INET6, type=socket.SOCK_STREAM)
+
+    async def close(self) -> None:
+        if self._resolver is not None:
+            await self._resolver.close()

@@ -1,0 +1,130 @@
+"""The order in which a worker process fetches the rows of its open shards.
+
+One queue per host. A host's rows go out at most `per_host_limit` at a time; when one of its
+fetches ends, the host's next row goes out first, on the keep-alive connection that fetch just
+left idle: no new TCP and TLS handshake, which is most of the CPU a fetch costs on the web
+(bench/field.py). Other hosts take turns (round robin) for the slots left. So:
+
+- the few hosts that carry many LAION URLs are fetched back to back over a handful of
+  connections, not a new connection per URL;
+- a host at its limit never holds a slot another host could use: its rows wait here, in its
+  queue, not in front of a connection;
+- no host gets more than its limit, whatever order the rows came in.
+
+Pure bookkeeping, no I/O: the worker process (process.py) asks `take()` for the next row while
+it has a free slot and reports each finished fetch with `finish()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+ROWS_PER_CONNECTION = 4
+
+
+class Dispatcher:
+    def __init__(self, concurrency: int, per_host_limit: int):
+        self.free = concurrency  # fetch slots not in use
+        self.limit = per_host_limit or concurrency  # 0: no limit of its own
+        self.queues: dict[str, deque[Any]] = {}  # host -> its rows waiting
+        self.ready: deque[str] = deque()  # hosts with waiting rows and room, in turn order
+        self._in_ready: set[str] = set()
+        self.busy: Counter[str] = Counter()  # host -> its fetches under way
+        self.queued = 0
+        self._listeners: list[asyncio.Event] = []
+
+    def listen(self) -> asyncio.Event:
+        """An event set at every change (a row added, a fetch finished)."""
+        event = asyncio.Event()
+        self._listeners.append(event)
+        return event
+
+    def notify(self) -> None:
+        """Wake every listener (something the dispatcher does not see has changed)."""
+        for event in self._listeners:
+            event.set()
+
+    def add(self, rows: Iterable[tuple[str, Any]]) -> None:
+        """Queue (host, row) pairs; each row keeps its place in its host's queue."""
+        for host, row in rows:
+            queue = self.queues.get(host)
+            if queue is None:
+                queue = self.queues[host] = deque()
+            queue.append(row)
+            self.queued += 1
+            self._make_ready(host)
+        self.notify()
+
+    def _room(self, host: str, queue: deque | None) -> bool:
+        """Whether `host` may have one more fetch under way: one connection serves its rows
+        one after the other (reused, no new handshake); another opens only for every
+        ROWS_PER_CONNECTION rows waiting, up to per_host_limit."""
+        if not queue:
+            return False
+        allowed = min(self.limit, 1 + (len(queue) - 1) // ROWS_PER_CONNECTION)
+        return self.busy[host] < allowed
+
+    def _make_ready(self, host: str, first: bool = False) -> None:
+        if host in self._in_ready or not self._room(host, self.queues.get(host)):
+            return
+        self._in_ready.add(host)
+        if first:
+            self.ready.appendleft(host)
+        else:
+            self.ready.append(host)
+
+    def take(self) -> tuple[str, Any] | None:
+        """The next (host, row) to fetch, taking a slot; None without a free slot or a row
+        whose host has room."""
+        if self.free <= 0:
+            return None
+        while self.ready:
+            host = self.ready.popleft()
+            self._in_ready.discard(host)
+            queue = self.queues.get(host)
+            if not self._room(host, queue):
+                continue
+            row = queue.popleft()
+            self.queued -= 1
+            if not queue:
+                del self.queues[host]
+            self.busy[host] += 1
+            self.free -= 1
+            self._make_ready(host)  # its next row, after the other hosts' turns
+            return host, row
+        return None
+
+    def finish(self, host: str) -> None:
+        """A fetch of `host` ended: its slot is free, and the host's next row goes first."""
+        self.free += 1
+        self.busy[host] -= 1
+        if self.busy[host] <= 0:
+            del self.busy[host]
+        self._make_ready(host, first=True)  # (a host already waiting its turn keeps it)
+        self.notify()
+
+    def drop(self, unwanted: Callable[[Any], bool]) -> int:
+        """Remove the waiting rows for which `unwanted(row)` is true (an abandoned shard's);
+        returns how many."""
+        dropped = 0
+        for host in list(self.queues):
+            queue = self.queues[host]
+            kept = deque(row for row in queue if not unwanted(row))
+            dropped += len(queue) - len(kept)
+            if kept:
+                self.queues[host] = kept
+            else:
+                del self.queues[host]
+        self.queued -= dropped
+        if dropped:
+            self.notify()
+        return dropped
+
+    @property
+    def stalled(self) -> bool:
+        """A slot is free but no waiting row can use it (none waits, or every one waits on
+        its host's limit): time to take another shard."""
+        return self.free > 0 and not self.ready

@@ -1,0 +1,143 @@
+"""Resolving host names as the real web needs it, against a real DNS server on loopback.
+
+The server (laion_dagster.demo.dns) answers names under `.test` like a recursive resolver:
+some after a delay, some with NXDOMAIN, some never. Nothing else is ever asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from laion_dagster.core.fetch import Fetcher
+from laion_dagster.core.resolve import CachingResolver, LookupFailed
+from laion_dagster.demo.dns import DnsServer, Name
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+@pytest.fixture
+def dns():
+    names = {f"fast{i}.test": Name("127.0.0.2") for i in range(300)}
+    names.update({
+        "img-a.test": Name("127.0.0.1"),
+        "slow.test": Name("127.0.0.3", delay=2.5),
+        "shared.test": Name("127.0.0.4", delay=0.5),
+        "nx.test": Name(None),
+        "silent.test": Name("127.0.0.5", silent=True),
+    })
+    names.update({f"slow{i}.test": Name("127.0.0.6", delay=0.3) for i in range(200)})
+    with DnsServer(names) as server:
+        yield server
+
+
+def test_many_slow_names_resolve_side_by_side_not_one_after_another(dns):
+    """200 names that each take 0.3 s resolve in about that, not 200 × 0.3 s over a handful
+    of threads: one slow name holds up no other fetch."""
+    async def main():
+        resolver = CachingResolver(deadline=10, nameservers=[dns.address])
+        started = time.monotonic()
+        answers = await asyncio.gather(*(resolver.resolve(f"slow{i}.test", 443)
+                                         for i in range(200)))
+        elapsed = time.monotonic() - started
+        await resolver.close()
+        return answers, elapsed
+
+    answers, elapsed = run(main())
+    assert all(a[0]["host"] == "127.0.0.6" and a[0]["port"] == 443 for a in answers)
+    assert elapsed < 3.0
+
+
+def test_one_look_up_per_name_and_the_answer_is_cached(dns):
+    async def main():
+        resolver = CachingResolver(deadline=10, nameservers=[dns.address])
+        first = await asyncio.gather(*(resolver.resolve("shared.test", 80) for _ in range(50)))
+        later = await resolver.resolve("shared.test", 443)
+        await resolver.close()
+        return first, later
+
+    first, later = run(main())
+    assert {a[0]["host"] for a in first} == {"127.0.0.4"}
+    assert later[0]["host"] == "127.0.0.4" and later[0]["port"] == 443
+    assert dns.queries["shared.test"] == 1  # fifty fetches, one question
+
+
+def test_a_name_that_does_not_exist_fails_at_once_and_is_not_asked_again(dns):
+    async def main():
+        resolver = CachingResolver(deadline=10, nameservers=[dns.address])
+        failures = []
+        for _ in range(3):
+            with pytest.raises(LookupFailed) as error:
+                await resolver.resolve("nx.test", 80)
+            failures.append(error.value)
+        await resolver.close()
+        return failures
+
+    failures = run(main())
+    assert isinstance(failures[0], OSError)  # what aiohttp reports as a DNS error
+    assert "nx.test" in str(failures[0]) and "not found" in str(failures[0]).lower()
+    assert dns.queries["nx.test"] == 1
+
+
+def test_a_slow_name_still_resolves_after_many_fast_answers(dns):
+    """c-ares shortens its timeouts after fast answers (250 ms, then doubling); a name whose
+    resolver takes 2.5 s must still resolve within the look-up deadline."""
+    async def main():
+        resolver = CachingResolver(deadline=10, nameservers=[dns.address])
+        await asyncio.gather(*(resolver.resolve(f"fast{i}.test") for i in range(300)))
+        started = time.monotonic()
+        answer = await resolver.resolve("slow.test", 80)
+        elapsed = time.monotonic() - started
+        await resolver.close()
+        return answer, elapsed
+
+    answer, elapsed = run(main())
+    assert answer[0]["host"] == "127.0.0.3"
+    assert 2.4 <= elapsed < 5
+
+
+def test_an_unanswered_name_fails_at_its_deadline_once_for_everyone(dns):
+    async def main():
+        resolver = CachingResolver(deadline=2.0, nameservers=[dns.address])
+        started = time.monotonic()
+        results = await asyncio.gather(*(resolver.resolve("silent.test", 80) for _ in range(20)),
+                                       return_exceptions=True)
+        elapsed = time.monotonic() - started
+        again = time.monotonic()
+        with pytest.raises(LookupFailed):
+            await resolver.resolve("silent.test", 80)
+        cached = time.monotonic() - again
+        await resolver.close()
+        return results, elapsed, cached
+
+    results, elapsed, cached = run(main())
+    assert all(isinstance(r, LookupFailed) for r in results)
+    assert "silent.test" in str(results[0]) and "2s" in str(results[0])
+    assert 1.9 <= elapsed < 3.5
+    assert cached < 0.1  # remembered, not asked for another 2 s
+
+
+def test_the_fetcher_resolves_through_dns_and_keeps_the_address_guard(dns, settings,
+                                                                     image_server, images):
+    """Without a host_map the fetcher asks DNS; an address the guard refuses stays refused
+    (127.0.0.1 is allowed here by name, 127.0.0.2 is not)."""
+    real = settings.model_copy(update={
+        "host_map": {}, "dns_servers": [dns.address], "allow_private_addresses": False,
+        "allowed_networks": ["127.0.0.1/32"]})
+    url = f"http://img-a.test:{image_server.port}{images[0].path}"
+    refused = f"http://fast1.test:{image_server.port}{images[0].path}"
+    missing = f"http://nx.test:{image_server.port}{images[0].path}"
+
+    async def main():
+        async with Fetcher(real) as fetcher:
+            return await asyncio.gather(fetcher.fetch(url), fetcher.fetch(refused),
+                                        fetcher.fetch(missing))
+
+    ok, blocked, nxdomain = run(main())
+    assert ok.ok and ok.body == images[0].body
+    assert blocked.error_class == "blocked_address"
+    assert nxdomain.error_class == "dns" and "nx.test" in nxdomain.error_message
