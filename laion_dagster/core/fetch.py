@@ -9,6 +9,7 @@ deadline, so a server that trickles or streams forever cannot hold a slot.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 import socket
@@ -130,8 +131,12 @@ def request_url(url: str) -> URL:
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@functools.lru_cache(maxsize=65_536)
 def address_blocked(address: str, allowed: tuple[Network, ...] = ()) -> bool:
     """True for addresses we refuse to fetch from: not global, or multicast.
+
+    Cached: every fetch asks it of the address it connects to, and parsing the address and
+    testing it against the special ranges cost ~1.5% of a worker's CPU (py-spy, field.py).
 
     `allowed` (Settings.allowed_networks) lets named non-public networks through, so tests can
     serve from 127.0.0.1 while the guard still refuses 10.x or 169.254.169.254. Mapped IPv6

@@ -2,12 +2,13 @@
 
 Up to `concurrency` fetches run at once across the process, in the order dispatch.py gives:
 one queue per host, a host's rows back to back on its warm connections, at most
-`per_host_limit` at once. A new shard is claimed whenever a fetch slot is free that no waiting
-row can use, so shards waiting on their slowest URLs (a dead host's connect timeout, a server
-that never answers: up to `timeout` seconds) never idle the process: it works on up to
-`shards_in_flight` shards, and MAX_OPEN_ROWS rows, at a time. Decoding and resizing run in a
-small thread pool, off the event loop; a plain image's header check, hash and append to its
-shard are cheaper than the hand-off and run on the loop.
+`per_host_limit` at once. A new shard is claimed whenever fewer than LOOKAHEAD × concurrency
+rows wait for a slot, so shards waiting on their slowest URLs (a dead host's connect timeout, a
+server that never answers: up to `timeout` seconds) never idle the process, and a process never
+holds shards it will not start on soon (they stay claimable by other processes and hosts): it
+works on up to `shards_in_flight` shards, and MAX_OPEN_ROWS rows, at a time. Decoding and
+resizing run in a small thread pool, off the event loop; a plain image's header check, hash
+and append to its shard are cheaper than the hand-off and run on the loop.
 """
 
 from __future__ import annotations
