@@ -163,16 +163,9 @@ class OneShot:
                 start_new_session=True, preexec_fn=die_with_parent)
 
     def _finalize(self, instance: DagsterInstance, key: str) -> None:
-        from laion_dagster.definitions import defs
-
-        job = defs.resolve_job_def("finalize_job")
-        result = job.execute_in_process(
-            partition_key=key, instance=instance, raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
-        if not result.success:
-            from laion_dagster.instance import failure_message
-
-            self.failures[key] = failure_message(instance, result.run_id)
+        failure = _run_here(instance, "finalize_job", key)
+        if failure is not None:
+            self.failures[key] = failure
         self.finished.add(key)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -458,18 +451,11 @@ class OneShot:
                 return
 
     def _enqueue_here(self, instance: DagsterInstance, key: str) -> None:
-        from laion_dagster.definitions import defs
-
-        result = defs.resolve_job_def("enqueue_job").execute_in_process(
-            partition_key=key, instance=instance, raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
-        if not result.success:
-            from laion_dagster.instance import failure_message
-
-            message = failure_message(instance, result.run_id)
-            self.failures[key] = message
+        failure = _run_here(instance, "enqueue_job", key)
+        if failure is not None:
+            self.failures[key] = failure
             self.finished.add(key)
-            self.say(f"part {key} failed: {message}")
+            self.say(f"part {key} failed: {failure}")
 
     def _progress_line(self, states: dict[str, PartState], waiting: list[str]) -> str:
         """A progress bar over every row of every part, with counts, rate, ETA and, when
@@ -498,6 +484,18 @@ def _partition_filter(key: str):
     from dagster import RunsFilter
 
     return RunsFilter(tags={"dagster/partition": key})
+
+
+def _run_here(instance: DagsterInstance, job_name: str, key: str) -> str | None:
+    """Run a job for one partition in this process (no start-up of its own); the reason it
+    failed, or None."""
+    from laion_dagster.definitions import defs
+    from laion_dagster.instance import failure_message
+
+    result = defs.resolve_job_def(job_name).execute_in_process(
+        partition_key=key, instance=instance, raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+    return None if result.success else failure_message(instance, result.run_id)
 
 
 def format_summary(result: RunResult, settings: Settings) -> str:

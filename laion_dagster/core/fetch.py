@@ -374,9 +374,10 @@ class Fetcher:
         if self.session is not None:
             await self.session.close()
 
-    async def fetch(self, url: str) -> FetchResult:
-        """Fetch one URL within the total deadline; never raises for a bad URL or server."""
-        host = host_of(url)
+    async def fetch(self, url: str, host: str | None = None) -> FetchResult:
+        """Fetch one URL within the total deadline; never raises for a bad URL or server.
+        `host`: host_of(url), when the caller has it already (the worker's dispatcher)."""
+        host = host_of(url) if host is None else host
         self._busy[host] += 1
         try:
             gate = self._gate(host)

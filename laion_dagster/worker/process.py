@@ -311,7 +311,7 @@ class WorkerProcess:
             host, (job, record) = item
             # Kept by its shard (a task nothing refers to may be collected mid-flight), and
             # cancelled with it if the shard is abandoned.
-            fetch = asyncio.create_task(self._one(job, record))
+            fetch = asyncio.create_task(self._one(job, record, host))
             job.fetches.add(fetch)
             # The slot comes back in a done-callback, not in the coroutine's `finally`: a task
             # cancelled before its first step never enters its body, and its slot would be
@@ -536,13 +536,13 @@ class WorkerProcess:
                                       made_with(recipe, source), keys)
         return None if samples is None else outcome_of(samples, rejected_rows(table), keys)
 
-    async def _one(self, job: ShardJob, record: SampleRecord) -> None:
+    async def _one(self, job: ShardJob, record: SampleRecord, host: str) -> None:
         # The fetch slot is held until the image is stored, not just fetched: when resizing
         # is slower than the network, bodies would otherwise pile up in the thread pool's
         # queue (a whole shard's worth, hundreds of MB); this way at most `concurrency` are
         # held in memory.
         try:
-            result: FetchResult = await self.fetcher.fetch(record.url)
+            result: FetchResult = await self.fetcher.fetch(record.url, host)
             self.shared.counters[3] += 1
             if not self.shared.first_fetch.value:
                 self.shared.first_fetch.value = time.time()
