@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from laion_dagster.core import resolve
 from laion_dagster.core.fetch import Fetcher
 from laion_dagster.core.resolve import CachingResolver, LookupFailed
 from laion_dagster.demo.dns import DnsServer, Name
@@ -141,3 +142,23 @@ def test_the_fetcher_resolves_through_dns_and_keeps_the_address_guard(dns, setti
     assert ok.ok and ok.body == images[0].body
     assert blocked.error_class == "blocked_address"
     assert nxdomain.error_class == "dns" and "nx.test" in nxdomain.error_message
+
+
+def test_the_cache_is_bounded_and_keeps_the_newest_names(dns, monkeypatch):
+    """A weeks-long run meets millions of names: the cache stays under its bound, and the
+    names just asked are still answered from it."""
+    monkeypatch.setattr(resolve, "CACHE_ENTRIES", 100)
+
+    async def main():
+        resolver = CachingResolver(deadline=10, nameservers=[dns.address])
+        for i in range(300):
+            await resolver.resolve(f"fast{i}.test", 80)
+        size, asked = len(resolver._cache), resolver.lookups
+        again = await resolver.resolve("fast299.test", 80)
+        cached = resolver.lookups == asked
+        await resolver.close()
+        return size, again, cached
+
+    size, again, cached = run(main())
+    assert size <= 100
+    assert again[0]["host"] == "127.0.0.2" and cached

@@ -350,8 +350,10 @@ class Fetcher:
             max_idle=s.idle_connections,
             limit=s.concurrency,
             limit_per_host=0,  # per_host_limit is applied by _gate (and by the dispatcher)
+            # Real DNS: one cache, CachingResolver's (TTLs, negative answers, bounded);
+            # aiohttp's would keep every name of a weeks-long run a second time, unbounded.
+            use_dns_cache=bool(s.host_map),
             ttl_dns_cache=300,
-            use_dns_cache=True,
             ssl=shared_ssl_context(),
             resolver=GuardedResolver(inner, s.allow_private_addresses, self.allowed),
             # Not enable_cleanup_closed: it keeps every closed TLS transport referenced for a

@@ -29,6 +29,10 @@ MIN_TTL = 60.0
 MAX_TTL = 3600.0
 NEGATIVE_TTL = 600.0
 FAILED_TTL = 60.0
+# Names kept per process. LAION has tens of millions of hosts and a run lasts weeks: without a
+# bound the cache only grows (~300 bytes a name). Past it, expired answers go first, then the
+# oldest half.
+CACHE_ENTRIES = 200_000
 # Per try of c-ares; its own adaptive timeouts may make them shorter.
 TRY_TIMEOUT = 2.0
 TRIES = 3
@@ -101,7 +105,7 @@ class CachingResolver(AbstractResolver):
                 message = error.args[1] if len(error.args) > 1 else str(error)
                 if code in _NO_SUCH_NAME:
                     failure = LookupFailed(socket.EAI_NONAME, f"{name}: {message}")
-                    self._cache[key] = (loop.time() + NEGATIVE_TTL, failure)
+                    self._remember(key, loop.time() + NEGATIVE_TTL, failure)
                     return failure
                 reason = message  # timeout, SERVFAIL, refused: ask again while time is left
                 await asyncio.sleep(min(0.05, max(left - 0.05, 0)))
@@ -109,14 +113,25 @@ class CachingResolver(AbstractResolver):
             addresses = [(node.addr[0].decode(), node.family) for node in result.nodes]
             if not addresses:
                 failure = LookupFailed(socket.EAI_NODATA, f"{name}: no address")
-                self._cache[key] = (loop.time() + NEGATIVE_TTL, failure)
+                self._remember(key, loop.time() + NEGATIVE_TTL, failure)
                 return failure
             ttl = min((node.ttl for node in result.nodes), default=MIN_TTL)
-            self._cache[key] = (loop.time() + min(max(ttl, MIN_TTL), MAX_TTL), addresses)
+            self._remember(key, loop.time() + min(max(ttl, MIN_TTL), MAX_TTL), addresses)
             return addresses
         failure = LookupFailed(socket.EAI_AGAIN, f"{name}: {reason} (after {self.deadline:g}s)")
-        self._cache[key] = (loop.time() + FAILED_TTL, failure)
+        self._remember(key, loop.time() + FAILED_TTL, failure)
         return failure
+
+    def _remember(self, key: tuple[str, int], until: float, answer: Any) -> None:
+        self._cache.pop(key, None)  # to the end: the newest entry is the last
+        self._cache[key] = (until, answer)
+        if len(self._cache) <= CACHE_ENTRIES:
+            return
+        now = asyncio.get_running_loop().time()
+        kept = {k: v for k, v in self._cache.items() if v[0] > now}
+        if len(kept) > CACHE_ENTRIES // 2:
+            kept = dict(list(kept.items())[-(CACHE_ENTRIES // 2):])
+        self._cache = kept
 
     async def _ask(self, name: str, family: int):
         """One getaddrinfo through c-ares; for an unspecified family, IPv4 first."""
