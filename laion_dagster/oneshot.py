@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import psutil
-
 from laion_dagster.core import embedded, exclusive, parts, provenance
 from laion_dagster.core.accounting import PartSummary, summarize
 from laion_dagster.core.admission import hold_reasons
@@ -125,8 +123,10 @@ class OneShot:
         self.signal: int | None = None
         self.gave_up: str | None = None
         self.started = time.monotonic()
-        # When the command started (Enter), on the wall clock the workers report theirs in.
-        self.started_at = psutil.Process().create_time()
+        # The same start as `started`, on the wall clock the workers report theirs in: the
+        # time to the first image and the run's duration count from one moment (the process's
+        # own start would add, for `demo`, the making of its dataset).
+        self.started_at = time.time()
         self.first_fetch: float | None = None
         self.rate = Rate()
 
