@@ -49,11 +49,14 @@ def test_pool_downloads_every_row_once_with_the_served_bytes(settings, dataset, 
     assert "shard " in log  # one structured line per shard
 
 
-def test_sigkilled_processes_are_restarted_and_their_shards_taken_at_once(settings, dataset,
-                                                                         queue):
+def test_sigkilled_processes_are_restarted_and_their_shards_taken_at_once(
+        settings, image_server, images, queue):
     """Six SIGKILLs (what the OOM killer sends) mid-shard, with the default 600 s visibility
     timeout: the supervisor hands the dead process's shards back at once, so the run takes
     seconds, not ten minutes, and loses nothing."""
+    # Rows on /slow/ keep shards in flight for seconds: on loopback the others take a second.
+    dataset = write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
+                            rows_per_part=120, images=images, seed=3, slow_rows=True)
     slow = settings.with_overrides(concurrency=2, shard_size=20, max_deliveries=10)
     assert slow.visibility_timeout == 600
     found = enqueue_all(queue, slow)
@@ -63,10 +66,12 @@ def test_sigkilled_processes_are_restarted_and_their_shards_taken_at_once(settin
         supervisor = psutil.Process(worker.pid)
         wait_until(lambda: len(supervisor.children()) >= 2 and shards_done(queue, found) >= 2,
                    30, what="first shards")
-        for killed in range(6):  # kill a fetching process mid-shard, six times
-            children = [c for c in supervisor.children() if "resource_tracker" not in
-                        " ".join(c.cmdline())]
-            children[killed % len(children)].send_signal(signal.SIGKILL)
+        for _ in range(6):  # kill a fetching process mid-shard, six times
+            # A process that holds a shard right now (on loopback a process can be between
+            # shards, and killing it then would test nothing).
+            holder = wait_until(lambda: _holding_a_shard(queue, supervisor), 30,
+                                what="a process holding a shard")
+            holder.send_signal(signal.SIGKILL)
             time.sleep(0.7)
         wait_until(lambda: all_done(queue, [p.key for p in found]), 120, what="all parts done")
     finally:
@@ -76,6 +81,14 @@ def test_sigkilled_processes_are_restarted_and_their_shards_taken_at_once(settin
     assert_every_row_accounted(queue, slow, found, dataset, log)
     # Dead processes leave the consumer group once their shards are taken.
     assert len(queue.consumers()) <= slow.processes + 6
+
+
+def _holding_a_shard(queue, supervisor) -> psutil.Process | None:
+    """A live worker process of `supervisor` that holds at least one shard, if any."""
+    holding = {int(consumer.rsplit(":", 1)[1]) for consumer, count in queue.consumers().items()
+               if count}
+    return next((c for c in supervisor.children() if c.pid in holding and c.is_running()),
+                None)
 
 
 def test_a_whole_pool_killed_and_started_again_finishes_the_job(settings, dataset, queue):
