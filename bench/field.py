@@ -613,6 +613,7 @@ class Run:
     rss_worker: int = 0  # largest worker process
     rss_other: int = 0  # largest other process of the tree
     workers: int = 0
+    cpu_others: dict[str, float] = field(default_factory=dict)  # seconds by kind of process
     outcome: list[str] = field(default_factory=list)  # per row: common class
     detail: list[str] = field(default_factory=list)
     done_at: dict[int, float] = field(default_factory=dict)  # server side, per row
@@ -654,6 +655,14 @@ def is_worker(tool: str, pid: int, roots: list[int], cmdline: str) -> bool:
     if tool == "img2dataset":
         return pid not in roots
     return "spawn_main" in cmdline
+
+
+def process_kind(cmdline: str) -> str:
+    """A short name for a process that is not a worker, for the CPU breakdown."""
+    for word in ("resource_tracker", "valkey", "redis", "laion-dagster run", "img2dataset"):
+        if word in cmdline:
+            return word.split(" ")[-1]
+    return cmdline.split(" ")[-1][:30] or "?"
 
 
 OURS_CLASSES = {"http_4xx", "http_5xx", "dns", "tls", "connection", "timeout", "not_image",
@@ -767,6 +776,9 @@ class Bench:
                     result.workers += 1
                 else:
                     result.rss_other = max(result.rss_other, rss)
+                    kind = process_kind(sampler.cmdline.get(pid, ""))
+                    result.cpu_others[kind] = (result.cpu_others.get(kind, 0.0)
+                                               + sampler.cpu.get(pid, 0.0))
         result.server_cpu = self.servers.cpu() - server0
         seen = self.servers.window(t0, t1)
         result.series = seen["series"]
@@ -960,6 +972,11 @@ def report(args: argparse.Namespace, sim: Sim, runs: list[Run]) -> bool:
     print("CPU ms/row in the worker processes alone (the rest is start-up, Dagster, enqueue, "
           "Redis): " + ", ".join(f"{tool} {fmt(s['cpu_workers'], '.2f')}"
                                  for tool, s in summary.items()))
+    for run in runs:
+        if run.cpu_others:
+            print(f"  {run.tool}, round {run.round + 1}: CPU outside the worker processes, ms/row: "
+                  + ", ".join(f"{kind} {seconds * 1000 / run.rows:.2f}" for kind, seconds
+                              in sorted(run.cpu_others.items(), key=lambda kv: -kv[1])))
     print("rows/s: rows / wall time (launch to exit); steady: rows/s while 10%..90% of the rows "
           "the servers see were finished (scaled to all rows); tail: 99% of those rows -> "
           "exit; cpu: user+sys of the tool's process tree; srv: the DNS and web servers; "

@@ -47,6 +47,31 @@ def test_a_finished_fetch_hands_its_slot_to_the_same_hosts_next_row_first():
     assert dispatcher.take() == ("a.example", 3)
 
 
+def test_a_slow_fetch_lets_its_host_open_another_connection_within_its_limit():
+    """Rows queued behind a fetch that hangs go out once it is reported slow, one more
+    connection per slow fetch, never past per_host_limit; when the slow fetch ends, the
+    host is back to its share."""
+    dispatcher = Dispatcher(concurrency=100, per_host_limit=3)
+    dispatcher.add(("h.example", i) for i in range(3))  # fewer than ROWS_PER_CONNECTION
+    assert take_all(dispatcher) == [("h.example", 0)]
+    dispatcher.slowed("h.example")
+    assert take_all(dispatcher) == [("h.example", 1)]
+    dispatcher.slowed("h.example")
+    assert take_all(dispatcher) == [("h.example", 2)]
+    dispatcher.add(("h.example", i) for i in range(3, 6))
+    dispatcher.slowed("h.example")
+    assert take_all(dispatcher) == []  # three under way: the limit
+    dispatcher.finish("h.example", slow=True)
+    assert take_all(dispatcher) == [("h.example", 3)]
+    assert dispatcher.busy["h.example"] == 3
+    for _ in range(2):
+        dispatcher.finish("h.example", slow=True)
+    dispatcher.finish("h.example")
+    # No slow fetch left: two rows waiting share one connection again.
+    assert take_all(dispatcher) == [("h.example", 4)]
+    assert not dispatcher.slow
+
+
 def test_hosts_take_turns_for_the_slots_left():
     dispatcher = Dispatcher(concurrency=6, per_host_limit=1)
     for host in ("a", "b", "c"):

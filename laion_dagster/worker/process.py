@@ -45,7 +45,7 @@ from laion_dagster.core.writers import (
     sample_key,
     shard_complete,
 )
-from laion_dagster.worker.dispatch import Dispatcher
+from laion_dagster.worker.dispatch import SLOW_FETCH, Dispatcher
 from laion_dagster.worker.shared import Shared
 
 log = logging.getLogger("laion_dagster.worker")
@@ -234,6 +234,7 @@ class WorkerProcess:
         self.dispatcher = Dispatcher(settings.concurrency, settings.per_host_limit)
         self.wants_a_shard = self.dispatcher.listen()
         self.can_dispatch = self.dispatcher.listen()
+        self.slow_fetches: set[asyncio.Task] = set()  # past SLOW_FETCH (dispatch.py)
 
     async def run(self) -> None:
         s = self.settings
@@ -302,6 +303,7 @@ class WorkerProcess:
 
     async def _dispatch(self) -> None:
         """Start the next fetch whenever a slot is free and a row can use it."""
+        loop = asyncio.get_running_loop()
         while True:
             item = self.dispatcher.take()
             if item is None:
@@ -316,11 +318,22 @@ class WorkerProcess:
             # The slot comes back in a done-callback, not in the coroutine's `finally`: a task
             # cancelled before its first step never enters its body, and its slot would be
             # lost for good (enough of them and the process fetches nothing at all).
-            fetch.add_done_callback(functools.partial(self._fetch_ended, host, job))
+            timer = loop.call_later(SLOW_FETCH, self._fetch_slowed, host, fetch)
+            fetch.add_done_callback(functools.partial(self._fetch_ended, host, job, timer))
 
-    def _fetch_ended(self, host: str, job: ShardJob, fetch: asyncio.Task) -> None:
+    def _fetch_slowed(self, host: str, fetch: asyncio.Task) -> None:
+        if not fetch.done():
+            self.slow_fetches.add(fetch)
+            self.dispatcher.slowed(host)
+
+    def _fetch_ended(self, host: str, job: ShardJob, timer: asyncio.TimerHandle,
+                     fetch: asyncio.Task) -> None:
+        timer.cancel()
         job.fetches.discard(fetch)
-        self.dispatcher.finish(host)
+        slow = fetch in self.slow_fetches
+        if slow:
+            self.slow_fetches.discard(fetch)
+        self.dispatcher.finish(host, slow)
 
     async def _alone(self, running: set[asyncio.Task]) -> bool:
         """Wait until no shard is in flight (False if a stop comes first).
