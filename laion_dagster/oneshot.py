@@ -322,7 +322,8 @@ class OneShot:
             if now - last_line >= LINE_EVERY:
                 self.say(self._progress_line(states, waiting))
                 last_line = now
-            time.sleep(0.5)
+            if len(self.finished) < len(keys):  # (the last part final: no reason to wait)
+                time.sleep(0.5)
 
     def _keep_pool_alive(self) -> None:
         if self.workers is None or self.workers.poll() is None or self.signal is not None:
