@@ -411,6 +411,30 @@ def test_trickling_server_cannot_hold_a_slot(settings):
     assert time.monotonic() - started < 3.0
 
 
+def test_a_silent_server_frees_the_slot_after_read_timeout_not_the_deadline(settings):
+    """A server that takes the request and says nothing fails after `read_timeout`, well before
+    the total `timeout`; one that is slow but keeps sending is not cut off by it."""
+
+    async def handle(request):
+        if request.path == "/silent.jpg":
+            await asyncio.sleep(60)
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        await response.prepare(request)
+        for _ in range(8):  # 1.6 s in all, never 1 s without a byte
+            await response.write(b"\xff")
+            await asyncio.sleep(0.2)
+        return response
+
+    patient = settings.with_overrides(timeout=30.0, read_timeout=1.0, retries=0)
+    started = time.monotonic()
+    [silent], _ = fetch_from(patient, handle, ["/silent.jpg"])
+    assert silent.error_class == "timeout"
+    assert "read_timeout" in silent.error_message
+    assert time.monotonic() - started < 5.0
+    [slow], _ = fetch_from(patient, handle, ["/slow.jpg"])
+    assert slow.body == b"\xff" * 8
+
+
 def test_redirects_are_followed_to_the_image(settings, image_server, images):
     """Absolute and relative redirects lead to the image's bytes."""
     image = images[3]

@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     timeout: float = Field(30.0, gt=0, description=(
         "total seconds per URL, redirects and body included; a trickling server cannot hold a "
         "slot longer"))
+    read_timeout: float = Field(10.0, gt=0, description=(
+        "seconds a server may stay silent once asked (before its answer, or mid-body); one "
+        "that never answers frees its fetch slot after this, not after `timeout`"))
     max_bytes: int = Field(20_000_000, ge=1, description=(
         "largest body accepted; enforced while streaming (class too_large)"))
     max_redirects: int = Field(5, ge=0, description="redirects followed per URL")
