@@ -413,7 +413,8 @@ def test_trickling_server_cannot_hold_a_slot(settings):
 
 def test_a_silent_server_frees_the_slot_after_read_timeout_not_the_deadline(settings):
     """A server that takes the request and says nothing fails after `read_timeout`, well before
-    the total `timeout`; one that is slow but keeps sending is not cut off by it."""
+    the total `timeout`, and is not retried within the fetch; one that is slow but keeps
+    sending is not cut off by it."""
 
     async def handle(request):
         if request.path == "/silent.jpg":
@@ -425,12 +426,13 @@ def test_a_silent_server_frees_the_slot_after_read_timeout_not_the_deadline(sett
             await asyncio.sleep(0.2)
         return response
 
-    patient = settings.with_overrides(timeout=30.0, read_timeout=1.0, retries=0)
+    patient = settings.with_overrides(timeout=30.0, read_timeout=1.0, retries=1)
     started = time.monotonic()
-    [silent], _ = fetch_from(patient, handle, ["/silent.jpg"])
+    [silent], hits = fetch_from(patient, handle, ["/silent.jpg"])
     assert silent.error_class == "timeout"
     assert "read_timeout" in silent.error_message
     assert time.monotonic() - started < 5.0
+    assert hits["/silent.jpg"] == 1  # not asked again: it would hold the slot once more
     [slow], _ = fetch_from(patient, handle, ["/slow.jpg"])
     assert slow.body == b"\xff" * 8
 
