@@ -59,8 +59,6 @@ CLAIM_PROBLEM = "cannot claim shards"
 # Rows a process holds in open shards at most (their records and payloads: ~10 MB).
 MAX_OPEN_ROWS = 20_000
 TRIM_EVERY = 2.0  # seconds between malloc_trim calls
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 128 * 1024  # glibc's default, made fixed
 LOOKAHEAD = 24  # rows queued ahead, in units of concurrency
 
 
@@ -617,19 +615,6 @@ def _malloc_trim():
         return None
 
 
-def _keep_large_buffers_off_the_heap() -> None:
-    """Serve every allocation of MMAP_THRESHOLD bytes or more with its own mapping.
-
-    glibc raises its threshold to the largest mapped block freed so far: after the first
-    few TLS read buffers (256 KB each, one per connection) and large images are freed, such
-    blocks come from the heap and fragment it between long-lived small objects. A fixed
-    threshold keeps them mapped, returned whole when freed; on bench/field.py a worker's
-    peak RSS fell by ~15 MB (231 -> 216 MB in the field, 254 -> 238 MB in the lab).
-    """
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 def _on_sigterm(*_: object) -> None:
     global _terminated
     _terminated = True
@@ -644,7 +629,6 @@ def main(settings_json: str, index: int, shared: Shared) -> None:
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s worker[{index}] %(levelname)s %(message)s")
     settings = Settings.model_validate_json(settings_json)
-    _keep_large_buffers_off_the_heap()
     if index == 0:
         build = images.pillow_build()
         hint = "" if "SIMD" in build else " (Pillow-SIMD resizes about twice as fast: README)"
