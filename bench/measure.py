@@ -109,7 +109,9 @@ class Sampler:
                 with proc.oneshot():
                     rss = proc.memory_info().rss
                     times = proc.cpu_times()
-                    if proc.pid not in self.role:
+                    # Read again while the process is young: a child seen between its
+                    # fork and its exec still shows its parent's command line.
+                    if proc.pid not in self.role or time.time() - proc.create_time() < 3.0:
                         line = " ".join(proc.cmdline())
                         self.cmdline[proc.pid] = line
                         self.role[proc.pid] = ("tracker" if "resource_tracker" in line
