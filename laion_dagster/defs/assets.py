@@ -23,9 +23,10 @@ from laion_dagster.core import parts
 from laion_dagster.core.accounting import ERROR_CLASSES, PartNotDone, PartSummary, finalize_part
 from laion_dagster.core.connection import RedisUnavailable
 from laion_dagster.core.embedded import EmbeddedServerError
-from laion_dagster.core.enqueue import enqueue_part
+from laion_dagster.core.enqueue import EnqueueReport, enqueue_part
 from laion_dagster.core.provenance import PartChanged
 from laion_dagster.core.retry import RetryRefused, retry_failed
+from laion_dagster.core.settings import Settings
 from laion_dagster.defs.partitions import parts_partitions
 from laion_dagster.defs.resources import LaionResource
 
@@ -73,7 +74,13 @@ def part_tasks(context: AssetExecutionContext, config: PartTasksConfig,
     except (parts.PartError, PartChanged, RedisUnavailable, EmbeddedServerError) as error:
         # The message names the file and the problem; the core's traceback adds nothing.
         raise Failure(description=str(error)) from None
-    return MaterializeResult(metadata={
+    return MaterializeResult(metadata=enqueue_metadata(report, settings))
+
+
+def enqueue_metadata(report: EnqueueReport, settings: Settings) -> dict:
+    """What a part_tasks materialization records (also `run`'s record of a part it queued
+    before Dagster started)."""
+    return {
         "rows": report.rows,
         "invalid_rows": report.invalid,
         "queued_rows": report.rows - report.invalid,
@@ -88,7 +95,7 @@ def part_tasks(context: AssetExecutionContext, config: PartTasksConfig,
         "store_dir": MetadataValue.path(str(settings.store_root)),
         "output_format": report.recipe.output_format,
         "recipe": MetadataValue.json(dataclasses.asdict(report.recipe)),
-    })
+    }
 
 
 def _retry(key: str, settings, laion: LaionResource, classes: tuple[str, ...]):
