@@ -91,22 +91,32 @@ def _holding_a_shard(queue, supervisor) -> psutil.Process | None:
                 None)
 
 
-def test_a_whole_pool_killed_and_started_again_finishes_the_job(settings, dataset, queue):
+def test_a_whole_pool_killed_and_started_again_finishes_the_job(settings, image_server, images,
+                                                                queue):
     """Supervisor and processes SIGKILLed at once (the OOM killer taking the lot): the next
     pool on this host takes the dead processes' shards at once, not after 600 s."""
+    # Rows on /slow/ keep shards in flight for seconds, so the kill finds shards held (on
+    # loopback the whole job could otherwise be over before it, and nothing handed back).
+    dataset = write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
+                            rows_per_part=120, images=images, seed=3, slow_rows=True)
     slow = settings.with_overrides(concurrency=2, shard_size=20)
+    assert slow.visibility_timeout == 600
     found = enqueue_all(queue, slow)
     first = start_worker(slow)
-    wait_until(lambda: shards_done(queue, found) >= 2, 30, what="first shards")
+    supervisor = psutil.Process(first.pid)
+    wait_until(lambda: shards_done(queue, found) >= 2 and _holding_a_shard(queue, supervisor),
+               30, what="first shards, and a shard held")
     os.killpg(first.pid, signal.SIGKILL)  # the host dies: supervisor and children at once
     first.wait(10)
+    started = time.monotonic()
     second = start_worker(slow)
     try:
         wait_until(lambda: all_done(queue, [p.key for p in found]), 90, what="all parts done")
     finally:
         log = stop_worker(second)
+    assert time.monotonic() - started < 90  # far from one visibility timeout (600 s)
     assert "handed back the" in log
-    assert_every_row_accounted(queue, slow, found, dataset)
+    assert_every_row_accounted(queue, slow, found, dataset, log)
 
 
 def test_sigterm_finishes_or_hands_back_in_flight_shards(settings, image_server, images, queue):
