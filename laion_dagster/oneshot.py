@@ -32,7 +32,7 @@ from laion_dagster.core.accounting import PartSummary, summarize
 from laion_dagster.core.admission import hold_reasons
 from laion_dagster.core.children import die_with_parent
 from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import EnqueueReport
+from laion_dagster.core.enqueue import EnqueueReport, enqueue_part
 from laion_dagster.core.hosts import is_stale, store_problem
 from laion_dagster.core.queue import PartState, Queue
 from laion_dagster.core.settings import Settings
@@ -409,8 +409,6 @@ class OneShot:
         small job's first fetch comes within seconds. The loop then records each as a
         part_tasks materialization (_record_early). A part that cannot be read is left to its
         Dagster run, which names the file and the problem."""
-        from laion_dagster.core.enqueue import enqueue_part
-
         states = queue.parts_states([p.key for p in found])
         for part in found:
             if states[part.key].enqueued or part.key in self.finished:
@@ -456,12 +454,12 @@ class OneShot:
         metadata its run would have recorded. Not a run: an in-process run of the enqueue job
         costs ~0.8 s of CPU (Dagster's run record, events and log capture), and four of them
         were a quarter of `run`'s CPU beyond the workers' on a 20,000-row job."""
-        from dagster import AssetKey, AssetMaterialization
+        from dagster import AssetMaterialization
 
-        from laion_dagster.defs.assets import enqueue_metadata
+        from laion_dagster.defs.assets import enqueue_metadata, part_tasks
 
         instance.report_runless_asset_event(AssetMaterialization(
-            asset_key=AssetKey("part_tasks"), partition=key,
+            asset_key=part_tasks.key, partition=key,
             description="queued by `laion-dagster run` before Dagster started",
             metadata=enqueue_metadata(report, self.settings)))
 

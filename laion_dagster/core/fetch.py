@@ -430,14 +430,14 @@ class Fetcher:
                 if _could_not_connect(error):
                     self.down.failed(host, error_class, message, loop.time())
                 status = getattr(error, "http_status", None)
+                silent = isinstance(error, aiohttp.SocketTimeoutError)  # read_timeout
                 if isinstance(error, TimeoutError) and loop.time() >= deadline:
                     message = f"no complete response within {s.timeout:g}s"
-                elif isinstance(error, aiohttp.SocketTimeoutError):
+                elif silent:
                     message = f"the server sent nothing for {s.read_timeout:g}s (read_timeout)"
                 # Not a server that stayed silent for read_timeout: asking it again at once
                 # would hold the slot as long once more (`retry` can ask it later).
-                retriable = ((error_class in RETRIABLE or status == 429)
-                             and not isinstance(error, aiohttp.SocketTimeoutError))
+                retriable = (error_class in RETRIABLE or status == 429) and not silent
                 pause = min(8.0, 0.5 * 2 ** attempt) * (0.5 + random.random())
                 asked = getattr(error, "retry_after", None)
                 if asked is not None:

@@ -331,8 +331,7 @@ class WorkerProcess:
         timer.cancel()
         job.fetches.discard(fetch)
         slow = fetch in self.slow_fetches
-        if slow:
-            self.slow_fetches.discard(fetch)
+        self.slow_fetches.discard(fetch)
         self.dispatcher.finish(host, slow)
 
     async def _alone(self, running: set[asyncio.Task]) -> bool:
