@@ -437,6 +437,40 @@ def test_a_silent_server_frees_the_slot_after_read_timeout_not_the_deadline(sett
     assert slow.body == b"\xff" * 8
 
 
+def test_a_body_too_slow_to_make_the_deadline_is_given_up_early(settings):
+    """A body that trickles (a byte now and then, never silent for read_timeout) fails as a
+    timeout once its pace shows it cannot arrive by the deadline, not at the deadline, and is
+    not asked again; a slow body whose pace does make the deadline arrives whole."""
+
+    async def handle(request):
+        if request.path == "/trickle.jpg":
+            response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+            response.content_length = 100_000
+            await response.prepare(request)
+            for _ in range(200):  # a byte every 0.3 s: a minute, unless given up
+                await response.write(b"\xff")
+                await asyncio.sleep(0.3)
+            return response
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response.content_length = 40_000
+        await response.prepare(request)
+        for _ in range(8):  # 10 KB/s: 4 s in all, against a 6 s deadline
+            await response.write(b"\xff" * 5_000)
+            await asyncio.sleep(0.5)
+        return response
+
+    patient = settings.with_overrides(timeout=30.0, read_timeout=5.0, retries=1)
+    started = time.monotonic()
+    [trickle], hits = fetch_from(patient, handle, ["/trickle.jpg"])
+    assert trickle.error_class == "timeout"
+    assert "too slow" in trickle.error_message and "of 100,000 bytes" in trickle.error_message
+    assert time.monotonic() - started < 8.0  # judged after 3 s, not held for the 30 s
+    assert hits["/trickle.jpg"] == 1
+    tight = settings.with_overrides(timeout=6.0, read_timeout=5.0)
+    [steady], _ = fetch_from(tight, handle, ["/steady.jpg"])
+    assert steady.ok and steady.body == b"\xff" * 40_000
+
+
 def test_redirects_are_followed_to_the_image(settings, image_server, images):
     """Absolute and relative redirects lead to the image's bytes."""
     image = images[3]

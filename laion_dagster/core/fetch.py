@@ -3,7 +3,8 @@
 Why aiohttp and one shared SSL context: see DESIGN.md (CPU per image decides how many machines
 a LAION-5B download needs). Redirects are followed by hand so that every hop is checked
 (scheme, address guard, hop count). The whole fetch of a URL, retries included, has one
-deadline, so a server that trickles or streams forever cannot hold a slot.
+deadline, so a server that trickles or streams forever cannot hold a slot; a body whose pace
+says it cannot arrive by then is given up early (hopeless_pace).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ from laion_dagster.core.settings import Settings
 REDIRECTS = {301, 302, 303, 307, 308}
 RETRIABLE = {"timeout", "connection", "http_5xx"}
 CHUNK = 64 * 1024
+# A body is judged on its pace only after PACE_AFTER seconds of it (TCP's slow start is over by
+# then even at 400 ms round trips), and given up only if the rest would take PACE_MARGIN times
+# the time left: a row whose pace merely holds, or doubles, is never lost to the judgement.
+PACE_AFTER = 3.0
+PACE_MARGIN = 2.0
 
 
 class BlockedAddress(OSError):
@@ -57,11 +63,31 @@ class FetchResult:
 
 class FetchFailed(Exception):
     def __init__(self, error_class: str, message: str, http_status: int | None = None,
-                 retry_after: float | None = None):
+                 retry_after: float | None = None, retriable: bool = True):
         super().__init__(message)
         self.error_class = error_class
         self.http_status = http_status
         self.retry_after = retry_after
+        # False: asking again within the fetch would only hold the slot as long once more.
+        self.retriable = retriable
+
+
+def hopeless_pace(received: int, length: int, elapsed: float, left: float) -> str | None:
+    """Why a body arriving at this pace cannot be in by the deadline, or None while it can.
+
+    Bodies that trickle (a byte every few seconds, forever) otherwise hold a fetch slot for
+    the whole `timeout` and, at the end of a job, the job itself: on bench/field.py they were
+    the last ~15 s of a 20,000-row run. Judged on the average pace since the headers, only
+    after PACE_AFTER seconds, with a margin of PACE_MARGIN, so a large image from a slow but
+    steady host keeps its whole deadline.
+    """
+    if elapsed < PACE_AFTER or received >= length:
+        return None
+    rest = (length - received) * elapsed / max(received, 1)
+    if rest <= PACE_MARGIN * left:
+        return None
+    return (f"too slow: {received:,} of {length:,} bytes in {elapsed:.0f}s; at that pace the "
+            f"rest needs {rest:,.0f}s, the deadline is {max(left, 0):.0f}s away")
 
 
 # X-Robots-Tag directives that take a value after a colon; anything else before a colon is a
@@ -422,7 +448,7 @@ class Fetcher:
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    body, content_type = await self._follow(url, host)
+                    body, content_type = await self._follow(url, host, deadline)
                 self.down.succeeded(host)
                 return FetchResult(url=url, body=body, content_type=content_type)
             except Exception as error:  # every failure becomes a class, never a crash
@@ -435,9 +461,11 @@ class Fetcher:
                     message = f"no complete response within {s.timeout:g}s"
                 elif silent:
                     message = f"the server sent nothing for {s.read_timeout:g}s (read_timeout)"
-                # Not a server that stayed silent for read_timeout: asking it again at once
-                # would hold the slot as long once more (`retry` can ask it later).
-                retriable = (error_class in RETRIABLE or status == 429) and not silent
+                # Not a server that stayed silent for read_timeout, nor one too slow to make the
+                # deadline: asking it again at once would hold the slot as long once more
+                # (`retry` can ask it later).
+                retriable = ((error_class in RETRIABLE or status == 429) and not silent
+                             and getattr(error, "retriable", True))
                 pause = min(8.0, 0.5 * 2 ** attempt) * (0.5 + random.random())
                 asked = getattr(error, "retry_after", None)
                 if asked is not None:
@@ -451,10 +479,11 @@ class Fetcher:
                 return FetchResult(url=url, error_class=error_class, error_message=message,
                                    http_status=status)
 
-    async def _follow(self, url: str, host: str) -> tuple[bytes, str | None]:
+    async def _follow(self, url: str, host: str, deadline: float) -> tuple[bytes, str | None]:
         assert self.session is not None
         s = self.settings
-        known = self.down.known_down(host, asyncio.get_running_loop().time())
+        loop = asyncio.get_running_loop()
+        known = self.down.known_down(host, loop.time())
         if known is not None:
             raise FetchFailed(*known)
         for hop in range(s.max_redirects + 1):
@@ -496,11 +525,17 @@ class Fetcher:
                     raise FetchFailed("too_large", f"Content-Length {length} > {s.max_bytes}")
                 chunks = []
                 size = 0
+                started = loop.time()
                 async for chunk in response.content.iter_chunked(CHUNK):
                     size += len(chunk)
                     if size > s.max_bytes:
                         raise FetchFailed("too_large", f"body larger than {s.max_bytes} bytes")
                     chunks.append(chunk)
+                    if length is not None:
+                        now = loop.time()
+                        why = hopeless_pace(size, length, now - started, deadline - now)
+                        if why is not None:
+                            raise FetchFailed("timeout", why, retriable=False)
                 return b"".join(chunks), response.headers.get("Content-Type")
         raise FetchFailed("redirect", f"more than {s.max_redirects} redirects (max_redirects); "
                                       f"the last led to {url[:200]}")
