@@ -73,7 +73,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import measure  # bench/, beside this script
-from measure import Sampler, children_cpu
+from measure import Sampler, children_cpu, process_kind
 from targets import Targets
 
 # Before anything that could import albumentations, and for every process started from here.
@@ -540,6 +540,7 @@ class Result:
     redis_breakdown: Counter = field(default_factory=Counter)
     redis_peak: int | None = None
     redis_cpu: float | None = None
+    cpu_kinds: Counter = field(default_factory=Counter)  # run: CPU seconds by process kind
     error: str | None = None
 
     @property
@@ -799,6 +800,9 @@ class Bench:
         result.startup = float(first.group(1)) if first else None
         result.peak_proc = sampler.peak_of("child")
         result.peak_tree = sampler.peak_tree
+        for pid, cpu in sampler.cpu.items():
+            line = sampler.cmdline.get(pid, "")
+            result.cpu_kinds["workers" if "spawn_main" in line else process_kind(line)] += cpu
         for path in sorted(store.rglob("[0-9]*.parquet")):
             if "_errors" in path.parts:
                 continue  # the parts' error files
@@ -990,6 +994,9 @@ def summarize(results: list[Result]) -> dict[tuple[str, str], dict]:
             "redis_breakdown": Counter({k: v / len(good) for k, v in
                                         sum((r.redis_breakdown for r in good),
                                             Counter()).items()}) if good else Counter(),
+            # CPU ms per image by process kind, over the good runs (run only).
+            "cpu_kinds": Counter({k: v * 1000 / sum(r.urls for r in good) for k, v in
+                                  sum((r.cpu_kinds for r in good), Counter()).items()}),
         }
     return summary
 
@@ -1047,6 +1054,11 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
               f"{fmt(s['redis_peak'] and s['redis_peak'] / mb, ',.1f')} MB; worker RSS "
               f"{s['idle_proc'] / mb:,.0f} MB idle -> {s['peak_proc'] / mb:,.0f} MB peak, "
               f"supervisor {s['peak_other'] / mb:,.0f} MB; top commands/img: {top}")
+    for mode in modes:
+        kinds = summary.get((mode.name, "run"), {}).get("cpu_kinds")
+        if kinds:
+            print(f"run {mode.name}: CPU ms/img by process: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in kinds.most_common()))
     if enqueue:
         print(f"enqueue: {enqueue['rate']:,.0f} rows/s median for a {enqueue['rows']:,}-row "
               f"part (rounds: {', '.join(f'{r:,.0f}' for r in enqueue['rates'])}), "

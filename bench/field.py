@@ -105,7 +105,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import field_net as net  # noqa: E402
-from measure import Owned, Sampler, children_cpu  # noqa: E402
+from measure import Owned, Sampler, children_cpu, process_kind  # noqa: E402
 from targets import Targets  # noqa: E402
 
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
@@ -667,17 +667,6 @@ def is_worker(tool: str, pid: int, roots: list[int], cmdline: str) -> bool:
 
 def method_name(tool: str) -> str:
     return tool.replace("2", "_to_").replace("-", "_")
-
-
-def process_kind(cmdline: str) -> str:
-    """A short name for a process that is not a worker, for the CPU breakdown."""
-    for word, kind in (("resource_tracker", "resource tracker"), ("valkey", "redis"),
-                       ("redis", "redis"), ("laion-dagster run", "run"),
-                       ("cli worker", "pool supervisor"), ("compute_log", "dagster log tail"),
-                       ("img2dataset", "img2dataset")):
-        if word in cmdline:
-            return kind
-    return "other"
 
 
 OURS_CLASSES = {"http_4xx", "http_5xx", "dns", "tls", "connection", "timeout", "not_image",

@@ -128,6 +128,17 @@ class Sampler:
                     if role is None or self.role.get(pid) == role), default=0)
 
 
+def process_kind(cmdline: str) -> str:
+    """A short name for a process that is not a worker, for the CPU breakdown."""
+    for word, kind in (("resource_tracker", "resource tracker"), ("valkey", "redis"),
+                       ("redis", "redis"), ("laion-dagster run", "run"),
+                       ("cli worker", "pool supervisor"), ("compute_log", "dagster log tail"),
+                       ("img2dataset", "img2dataset")):
+        if word in cmdline:
+            return kind
+    return "other"
+
+
 def children_cpu() -> float:
     """CPU seconds of every child process this one has waited for."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -121,6 +121,7 @@ class OneShot:
         self.early: dict[str, EnqueueReport] = {}
         self.workers: subprocess.Popen | None = None
         self.workers_started = 0.0
+        self.pool_released = False  # told to exit: every row is accounted for
         self.quick_deaths = 0
         self.signal: int | None = None
         self.gave_up: str | None = None
@@ -296,6 +297,7 @@ class OneShot:
             states = queue.parts_states(keys)
             hosts = queue.hosts()
             self._reap_enqueues(instance)
+            self._release_pool_when_idle(keys, states)
             for key, st in states.items():
                 if st.done and key not in self.finished and self.signal is None:
                     self._finalize(instance, key)
@@ -327,8 +329,20 @@ class OneShot:
             if len(self.finished) < len(keys):  # (the last part final: no reason to wait)
                 time.sleep(0.5)
 
+    def _release_pool_when_idle(self, keys: list[str], states: dict[str, PartState]) -> None:
+        """Once every part's shards are complete the pool has nothing left to do: it is told
+        to exit now, and exits while the last parts are finalized (a Dagster run each, ~1 s)
+        rather than after them (~0.7 s more from Enter to exit on a small job)."""
+        if self.workers is None or self.pool_released or self.enqueuing or self.early:
+            return
+        if all(states[k].done or k in self.finished for k in keys):
+            self.pool_released = True
+            if self.workers.poll() is None:
+                self.workers.send_signal(signal.SIGTERM)
+
     def _keep_pool_alive(self) -> None:
-        if self.workers is None or self.workers.poll() is None or self.signal is not None:
+        if self.workers is None or self.workers.poll() is None or self.signal is not None \
+                or self.pool_released:
             return
         code = self.workers.returncode
         lived = time.monotonic() - self.workers_started
