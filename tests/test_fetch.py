@@ -471,6 +471,26 @@ def test_a_body_too_slow_to_make_the_deadline_is_given_up_early(settings):
     assert steady.ok and steady.body == b"\xff" * 40_000
 
 
+def test_a_large_body_of_known_length_arrives_whole(settings):
+    """A body far larger than aiohttp's read buffer, of known length, sent in many pieces: the
+    fetcher takes it once it is all in, so nothing may stall it before the end (the reader
+    pauses the socket when its buffer fills and no one reads)."""
+    body = bytes(range(256)) * (5 * 4096)  # 5 MB
+
+    async def handle(request):
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        for start in range(0, len(body), 100_000):
+            await response.write(body[start:start + 100_000])
+        return response
+
+    started = time.monotonic()
+    [result], _ = fetch_from(settings.with_overrides(timeout=20.0), handle, ["/big.jpg"])
+    assert result.ok and result.body == body
+    assert time.monotonic() - started < 10.0
+
+
 def test_redirects_are_followed_to_the_image(settings, image_server, images):
     """Absolute and relative redirects lead to the image's bytes."""
     image = images[3]
