@@ -696,6 +696,22 @@ def test_a_dead_host_costs_two_connect_timeouts_not_one_per_url(settings, image_
     assert results[10][0].ok
 
 
+def test_a_connect_timeout_is_not_retried_within_the_fetch(settings):
+    """A host that leaves the connect unanswered costs its URL one connect_timeout, even with
+    retries on: TCP re-sent the SYN within it already, and a second wait would hold the slot
+    as long again (`retry` asks later)."""
+    listener, fillers = blackhole_port()
+    port = listener.getsockname()[1]
+    patient = settings.with_overrides(connect_timeout=0.5, timeout=5.0, retries=2)
+    try:
+        [(result, seconds)] = fetch_all(patient, [f"http://img-a.test:{port}/x.jpg"])
+    finally:
+        for sock in (listener, *fillers):
+            sock.close()
+    assert result.error_class == "timeout", result.error_message
+    assert 0.45 <= seconds < 0.9
+
+
 def test_a_host_that_failed_once_is_still_tried(settings, image_server, images):
     """One refused connect is not a dead host: the next URL of that host is fetched."""
     with socket.socket() as probe:  # a port nothing listens on: refused at once

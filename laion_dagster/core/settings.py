@@ -121,8 +121,8 @@ class Settings(BaseSettings):
         "largest body accepted; enforced while streaming (class too_large)"))
     max_redirects: int = Field(5, ge=0, description="redirects followed per URL")
     retries: int = Field(1, ge=0, description=(
-        "retries of a timeout, connection error, 429 or 5xx, with backoff and jitter, within "
-        "the deadline (not of a server silent for read_timeout)"))
+        "retries of a connection error, 429 or 5xx, with backoff and jitter, within the "
+        "deadline; a timeout is not asked again at once (`errors retry` asks it later)"))
     user_agent: str = Field(
         "laion-dagster/0.1 (+https://github.com/laion-dagster/laion-dagster)",
         description="User-Agent header; name your project and a contact URL")
