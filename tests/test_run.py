@@ -407,8 +407,11 @@ def test_keys_are_unique_across_parts_and_every_row_is_in_a_shard_parquet(settin
     """A webdataset made of several parts has no repeated key, and every input row (invalid
     ones included) is in exactly one shard parquet. The Dagster instance beside the store
     records every part (enqueued before Dagster started or not): its enqueue, with as many
-    shards as the store has, and its images."""
-    from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
+    shards as the store has, and its images, with totals that add up, its error file and both
+    asset checks' outcomes."""
+    from dagster import AssetCheckKey, AssetKey, AssetRecordsFilter, DagsterInstance
+
+    from laion_dagster.defs.assets import BALANCED, SUCCESS_RATE
 
     store = tmp_path / "s"
     result = command(user_env, *where(settings, store))
@@ -435,6 +438,18 @@ def test_keys_are_unique_across_parts_and_every_row_is_in_a_shard_parquet(settin
             metadata = record.asset_materialization.metadata
             assert metadata["shards"].value == count
             assert metadata["rows"].value == 120
+            [record] = instance.fetch_materializations(AssetRecordsFilter(
+                asset_key=AssetKey("part_images"), asset_partitions=[key]), limit=1).records
+            images = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+            assert images["ok"] + images["failed"] + images["invalid_rows"] == 120
+            assert images["shards"] == count
+            assert Path(images["error_file"]).exists()
+        for check in (BALANCED, SUCCESS_RATE):
+            history = instance.event_log_storage.get_asset_check_execution_history(
+                AssetCheckKey(AssetKey("part_images"), check), limit=100)
+            evaluations = [r.event.dagster_event.event_specific_data for r in history]
+            assert {e.partition for e in evaluations} == set(shards)
+            assert all(e.passed for e in evaluations)
 
 
 def test_the_progress_rate_is_steady_and_survives_a_new_pool():
