@@ -411,6 +411,19 @@ def test_trickling_server_cannot_hold_a_slot(settings):
     assert time.monotonic() - started < 3.0
 
 
+async def paced(request, piece: bytes, count: int, pause: float,
+                length: int | None = None) -> web.StreamResponse:
+    """A 200 image answer sent as `count` writes of `piece`, `pause` seconds apart."""
+    response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+    if length is not None:
+        response.content_length = length
+    await response.prepare(request)
+    for _ in range(count):
+        await response.write(piece)
+        await asyncio.sleep(pause)
+    return response
+
+
 def test_a_silent_server_frees_the_slot_after_read_timeout_not_the_deadline(settings):
     """A server that takes the request and says nothing fails after `read_timeout`, well before
     the total `timeout`, and is not retried within the fetch; one that is slow but keeps
@@ -419,12 +432,7 @@ def test_a_silent_server_frees_the_slot_after_read_timeout_not_the_deadline(sett
     async def handle(request):
         if request.path == "/silent.jpg":
             await asyncio.sleep(60)
-        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
-        await response.prepare(request)
-        for _ in range(8):  # 1.6 s in all, never 1 s without a byte
-            await response.write(b"\xff")
-            await asyncio.sleep(0.2)
-        return response
+        return await paced(request, b"\xff", 8, 0.2)  # 1.6 s in all, never 1 s without a byte
 
     patient = settings.with_overrides(timeout=30.0, read_timeout=1.0, retries=1)
     started = time.monotonic()
@@ -443,21 +451,10 @@ def test_a_body_too_slow_to_make_the_deadline_is_given_up_early(settings):
     not asked again; a slow body whose pace does make the deadline arrives whole."""
 
     async def handle(request):
-        if request.path == "/trickle.jpg":
-            response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
-            response.content_length = 100_000
-            await response.prepare(request)
-            for _ in range(200):  # a byte every 0.3 s: a minute, unless given up
-                await response.write(b"\xff")
-                await asyncio.sleep(0.3)
-            return response
-        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
-        response.content_length = 40_000
-        await response.prepare(request)
-        for _ in range(8):  # 10 KB/s: 4 s in all, against a 6 s deadline
-            await response.write(b"\xff" * 5_000)
-            await asyncio.sleep(0.5)
-        return response
+        if request.path == "/trickle.jpg":  # a byte every 0.3 s: a minute, unless given up
+            return await paced(request, b"\xff", 200, 0.3, length=100_000)
+        # 10 KB/s: 4 s in all, against a 6 s deadline
+        return await paced(request, b"\xff" * 5_000, 8, 0.5, length=40_000)
 
     patient = settings.with_overrides(timeout=30.0, read_timeout=5.0, retries=1)
     started = time.monotonic()

@@ -165,13 +165,7 @@ def part_images(context: AssetExecutionContext, laion: LaionResource) -> Materia
             summary = finalize_part(queue, context.partition_key, settings)
     except (PartNotDone, RedisUnavailable, EmbeddedServerError) as error:
         raise Failure(description=str(error)) from None
-    return MaterializeResult(metadata=images_metadata(summary, settings, context.partition_key),
-                             check_results=images_checks(summary, settings))
-
-
-def images_metadata(summary: PartSummary, settings: Settings, partition: str) -> dict:
-    """What a part_images materialization records (also `run`'s record of a part it
-    finalized itself)."""
+    part_file = _part_file(settings, context.partition_key)
     metadata = {
         "rows": summary.rows,
         "ok": summary.ok,
@@ -187,18 +181,13 @@ def images_metadata(summary: PartSummary, settings: Settings, partition: str) ->
         "error_classes": MetadataValue.md(classes_table(summary)),
         "output_dir": MetadataValue.path(summary.output_dir),
         "error_file": MetadataValue.path(summary.error_file or ""),
-        "part_file": MetadataValue.path(_part_file(settings, partition)),
+        "part_file": MetadataValue.path(part_file),
     }
     # Every class, zeros included: each partition then has the same metadata keys, which is
     # what the asset's plots across partitions are drawn from.
     for name in ERROR_CLASSES:
         metadata[f"failed_{name}"] = summary.classes.get(name, 0)
-    return metadata
-
-
-def images_checks(summary: PartSummary, settings: Settings) -> list[AssetCheckResult]:
-    """The part_images asset checks' outcomes for a finalized part."""
-    return [
+    checks = [
         AssetCheckResult(
             check_name=BALANCED, passed=summary.balanced,
             metadata={"rows": summary.rows,
@@ -210,3 +199,4 @@ def images_checks(summary: PartSummary, settings: Settings) -> list[AssetCheckRe
             metadata={"success_rate": round(summary.success_rate, 4),
                       "floor": settings.min_success_rate}),
     ]
+    return MaterializeResult(metadata=metadata, check_results=checks)
