@@ -448,11 +448,19 @@ def test_a_silent_server_frees_the_slot_after_read_timeout_not_the_deadline(sett
 def test_a_body_too_slow_to_make_the_deadline_is_given_up_early(settings):
     """A body that trickles (a byte now and then, never silent for read_timeout) fails as a
     timeout once its pace shows it cannot arrive by the deadline, not at the deadline, and is
-    not asked again; a slow body whose pace does make the deadline arrives whole."""
+    not asked again; a slow body whose pace does make the deadline arrives whole, and so does
+    one that starts late (silence is read_timeout's to judge)."""
 
     async def handle(request):
         if request.path == "/trickle.jpg":  # a byte every 0.3 s: a minute, unless given up
             return await paced(request, b"\xff", 200, 0.3, length=100_000)
+        if request.path == "/late.jpg":  # headers, 4 s of silence, then the body at once
+            response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+            response.content_length = 100_000
+            await response.prepare(request)
+            await asyncio.sleep(4.0)
+            await response.write(b"\xff" * 100_000)
+            return response
         # 10 KB/s: 4 s in all, against a 6 s deadline
         return await paced(request, b"\xff" * 5_000, 8, 0.5, length=40_000)
 
@@ -465,6 +473,9 @@ def test_a_body_too_slow_to_make_the_deadline_is_given_up_early(settings):
     assert hits["/trickle.jpg"] == 1
     tight = settings.with_overrides(timeout=6.0, read_timeout=5.0)
     [steady], _ = fetch_from(tight, handle, ["/steady.jpg"])
+    # Silence before the first byte is read_timeout's to judge, not the pace's.
+    [late], _ = fetch_from(patient, handle, ["/late.jpg"])
+    assert late.ok and late.body == b"\xff" * 100_000, late.error_message
     assert steady.ok and steady.body == b"\xff" * 40_000
 
 

@@ -80,13 +80,14 @@ def hopeless_pace(received: int, length: int, elapsed: float, left: float) -> st
 
     Bodies that trickle (a byte every few seconds, forever) otherwise hold a fetch slot for
     the whole `timeout` and, at the end of a job, the job itself: on bench/field.py they were
-    the last ~15 s of a 20,000-row run. Judged on the average pace since the headers, only
-    after PACE_AFTER seconds, with a margin of PACE_MARGIN, so a large image from a slow but
-    steady host keeps its whole deadline.
+    the last ~15 s of a 20,000-row run. Judged on the average pace since the body's first
+    bytes (`elapsed`), only after PACE_AFTER seconds, with a margin of PACE_MARGIN, so a large
+    image from a slow but steady host keeps its whole deadline; silence, before the body or
+    within it, is read_timeout's to judge.
     """
-    if elapsed < PACE_AFTER or received >= length:
+    if elapsed < PACE_AFTER or not received or received >= length:
         return None
-    rest = (length - received) * elapsed / max(received, 1)
+    rest = (length - received) * elapsed / received
     if rest <= PACE_MARGIN * left:
         return None
     return (f"too slow: {received:,} of {length:,} bytes in {elapsed:.0f}s; at that pace the "
@@ -553,6 +554,8 @@ async def _whole_body(content: aiohttp.StreamReader, length: int, deadline: floa
                 await content.wait_eof()
         except TimeoutError:
             now = loop.time()
+            if not content.total_bytes:
+                started = now  # the pace counts from the first bytes (to within a second)
             why = hopeless_pace(content.total_bytes, length, now - started, deadline - now)
             if why is not None:
                 raise FetchFailed("timeout", why) from None
@@ -567,7 +570,7 @@ async def _body_in_chunks(content: aiohttp.StreamReader, length: int | None, max
     loop = asyncio.get_running_loop()
     chunks = []
     size = 0
-    started = loop.time()
+    started: float | None = None
     async for chunk in content.iter_chunked(CHUNK):
         size += len(chunk)
         if size > max_bytes:
@@ -575,6 +578,7 @@ async def _body_in_chunks(content: aiohttp.StreamReader, length: int | None, max
         chunks.append(chunk)
         if length is not None:
             now = loop.time()
+            started = now if started is None else started  # the pace counts from here
             why = hopeless_pace(size, length, now - started, deadline - now)
             if why is not None:
                 raise FetchFailed("timeout", why)
