@@ -481,8 +481,7 @@ class Fetcher:
     async def _follow(self, url: str, host: str, deadline: float) -> tuple[bytes, str | None]:
         assert self.session is not None
         s = self.settings
-        loop = asyncio.get_running_loop()
-        known = self.down.known_down(host, loop.time())
+        known = self.down.known_down(host, asyncio.get_running_loop().time())
         if known is not None:
             raise FetchFailed(*known)
         for hop in range(s.max_redirects + 1):
@@ -566,7 +565,8 @@ async def _whole_body(content: aiohttp.StreamReader, length: int, deadline: floa
 async def _body_in_chunks(content: aiohttp.StreamReader, length: int | None, max_bytes: int,
                           deadline: float) -> bytes:
     """A body of unknown length, or one decompressed as it arrives, counted read by read so
-    that no more than max_bytes is ever held."""
+    that no more than max_bytes is ever held. With a length (compressed, so the decompressed
+    bytes overstate the pace), the pace can only be judged leniently."""
     loop = asyncio.get_running_loop()
     chunks = []
     size = 0
