@@ -7,6 +7,7 @@ some after a delay, some with NXDOMAIN, some never. Nothing else is ever asked.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -51,6 +52,29 @@ def test_many_slow_names_resolve_side_by_side_not_one_after_another(dns):
     answers, elapsed = run(main())
     assert all(a[0]["host"] == "127.0.0.6" and a[0]["port"] == 443 for a in answers)
     assert elapsed < 3.0
+
+
+def test_answers_reach_the_loop_without_a_thread_of_c_ares(dns):
+    """c-ares's sockets are watched by the event loop itself. With pycares 5, aiodns would run
+    a thread per resolver whose every answer takes the GIL from the loop and wakes it again:
+    a context switch or two per row that the web's scattered answers make expensive."""
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    async def main():
+        warm = CachingResolver(deadline=10, nameservers=[dns.address])
+        await warm.resolve("fast0.test")  # pycares starts its one shared helper thread here
+        before = threads()
+        resolver = CachingResolver(deadline=10, nameservers=[dns.address])
+        answers = await asyncio.gather(*(resolver.resolve(f"fast{i}.test") for i in range(1, 50)))
+        during = threads()
+        await resolver.close()
+        await warm.close()
+        return answers, before, during
+
+    answers, before, during = run(main())
+    assert {a[0]["host"] for a in answers} == {"127.0.0.2"}
+    assert during == before
 
 
 def test_one_look_up_per_name_and_the_answer_is_cached(dns):
