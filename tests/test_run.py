@@ -468,6 +468,36 @@ def test_the_progress_rate_is_steady_and_survives_a_new_pool():
     assert 7 < rate.per_second(62.0) < 9
 
 
+def test_the_progress_bar_counts_rows_fetched_before_their_shard_finishes(settings):
+    """A shard is recorded after its slowest row, so on the web a job's shards finish together
+    near its end: the bar counts the rows the pool has fetched, and says which of them are in
+    finished shards; a resumed job starts from the rows stored before it."""
+    import io
+
+    from laion_dagster.core.queue import PartState
+    from laion_dagster.oneshot import OneShot
+
+    one = OneShot(settings, out=io.StringIO())
+    one.total_rows = 20_000
+    states = {f"part-{i}": PartState(partition=f"part-{i}", rows=5_000) for i in range(4)}
+    one.rate.add(0.0, 0)
+    one.rate.add(5.0, 8_000)
+    line = one._progress_line(states, [])
+    assert " 40% rows 8,000/20,000 | in finished shards: ok 0 failed 0 invalid 0 |" in line
+    states["part-0"].ok, states["part-0"].failed = 4_000, 1_000  # its shards finish
+    one.rate.add(10.0, 10_000)
+    line = one._progress_line(states, [])
+    assert " 50% rows 10,000/20,000 | in finished shards: ok 4,000 failed 1,000 " in line
+    one.rate.add(15.0, 26_000)  # rows handed back by a dead process and fetched again
+    assert " 100% rows 20,000/20,000 |" in one._progress_line(states, [])
+
+    again = OneShot(settings, out=io.StringIO())  # the same job, run again later
+    again.total_rows = 20_000
+    again.rate.add(0.0, 0)
+    again.rate.add(5.0, 2_000)
+    assert " 35% rows 7,000/20,000 |" in again._progress_line(states, [])
+
+
 def test_the_progress_rate_is_right_between_heartbeats_and_falls_when_nothing_moves():
     """The pool reports its counter at each heartbeat (every 5 s; the first fetch at once)
     while `run` polls every half second: at every poll the rate is the pool's real one (1,000
