@@ -631,7 +631,8 @@ def main(settings_json: str, index: int, shared: Shared) -> None:
     if index == 0:
         build = images.pillow_build()
         hint = "" if "SIMD" in build else " (Pillow-SIMD resizes about twice as fast: README)"
-        log.info("images decoded and resized with %s%s", build, hint)
+        log.info("images decoded and resized with %s%s; Arrow's memory pool: %s", build, hint,
+                 pa.default_memory_pool().backend_name)
     try:
         import uvloop
 
