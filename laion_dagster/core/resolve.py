@@ -85,7 +85,7 @@ class CachingResolver(AbstractResolver):
     def _channel(self) -> aiodns.DNSResolver:
         if self._resolver is None:  # created in the loop that uses it
             self._resolver = LoopDNSResolver(nameservers=self.nameservers or None,
-                                                timeout=TRY_TIMEOUT, tries=TRIES)
+                                             timeout=TRY_TIMEOUT, tries=TRIES)
         return self._resolver
 
     async def resolve(self, host: str, port: int = 0,

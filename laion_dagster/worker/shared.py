@@ -51,7 +51,7 @@ def run_process(settings_json: str, index: int, shared: Shared) -> None:
     # Arrow's buffers (parts read, shard tables and parquet written) from glibc's malloc, whose
     # free pages the process hands back every few seconds (process._return_free_memory),
     # rather than from jemalloc, which keeps freed pages for a while: peak RSS per worker
-    # 250 -> 235 MB on bench/field.py (265 -> 246 MB in its lab), no change in CPU seen. Set
+    # 250 -> 234-240 MB on bench/field.py (265 -> 245-249 MB in its lab), CPU unchanged. Set
     # before pyarrow picks its default pool (on first use), and only here, in the process.
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     from laion_dagster.worker import process
