@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (RedisUnavailable, EmbeddedServerError, UsageError, exclusive.FolderBusy,
-            PartError) as error:
+            exclusive.FolderUnwritable, PartError) as error:
         print(f"laion-dagster: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -342,6 +342,20 @@ def test_a_read_only_store_is_refused_before_anything_starts(settings, small, us
     assert not (tmp_path / "d" / "redis" / "server.json").exists()  # nothing was started
 
 
+def test_a_read_only_data_dir_is_refused_with_the_reason(settings, small, user_env, tmp_path):
+    data = tmp_path / "ro"
+    if not mount_tmpfs(data, 4):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        result = command(user_env, *where(settings, tmp_path / "s", data), timeout=60)
+    finally:
+        subprocess.run(["umount", "-l", str(data)], capture_output=True)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == (f"laion-dagster: {data} is not writable (Read-only file "
+                                     "system); give this command a writable --data-dir")
+
+
 def test_a_store_under_the_free_space_floor_is_refused_at_once(settings, small, user_env,
                                                                tmp_path):
     result = command(user_env, *where(settings, tmp_path / "s", tmp_path / "d"),

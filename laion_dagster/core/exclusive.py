@@ -25,6 +25,10 @@ class FolderBusy(RuntimeError):
     """Another command holds the folder; the message names it and what to do."""
 
 
+class FolderUnwritable(RuntimeError):
+    """The folder cannot be made or written (a read-only disk, no permission)."""
+
+
 def _holder(path: Path) -> str:
     try:
         info = json.loads(path.read_text() or "{}")
@@ -39,9 +43,14 @@ def _holder(path: Path) -> str:
 @contextlib.contextmanager
 def hold(folder: Path, command: str | None = None) -> Iterator[None]:
     """Hold `folder` exclusively for the duration, or raise FolderBusy at once."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    handle = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    except OSError as error:
+        raise FolderUnwritable(
+            f"{folder} is not writable ({error.strerror}); give this command a writable "
+            "--data-dir") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
