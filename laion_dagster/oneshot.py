@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -538,9 +539,17 @@ def _run_here(instance: DagsterInstance, job_name: str, key: str) -> str | None:
     from laion_dagster.definitions import defs
     from laion_dagster.instance import failure_message
 
-    result = defs.resolve_job_def(job_name).execute_in_process(
-        partition_key=key, instance=instance, raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+    def execute():
+        return defs.resolve_job_def(job_name).execute_in_process(
+            partition_key=key, instance=instance, raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+
+    # In a thread of its own: a run in the main thread takes SIGINT and SIGTERM over and turns
+    # them into its own failure (Ctrl-C during a finalize reported the part FAILED, exit 1, with
+    # a stack trace). Elsewhere Dagster leaves them to `run`'s handler, which stops everything
+    # in order once this run (a second or two: small parts only) has ended.
+    with ThreadPoolExecutor(1, thread_name_prefix="dagster-run") as pool:
+        result = pool.submit(execute).result()
     return None if result.success else failure_message(instance, result.run_id)
 
 

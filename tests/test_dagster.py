@@ -1,6 +1,8 @@
 """The Dagster layer on a real test instance: definitions, assets, sensors, the worker job."""
 
+import os
 import re
+import signal
 import time
 
 import pyarrow as pa
@@ -93,6 +95,37 @@ def test_a_bad_part_fails_its_own_run_with_a_clear_message(instance, laion, sett
     good = materialize([part_tasks], partition_key=keys[-1], instance=instance,
                        resources={"laion": laion})
     assert good.success
+
+
+def test_a_signal_during_an_in_process_run_is_left_to_the_command(instance, settings, dataset,
+                                                                   queue, monkeypatch):
+    """`run` enqueues small parts and finalizes parts as Dagster runs in its own process. A
+    Ctrl-C or `kill` during one must reach `run`'s own handler, which stops everything in
+    order, and not fail that run: Dagster turned it into a failed run, `run` reported the part
+    FAILED with a stack trace and exited 1."""
+    from laion_dagster import oneshot
+    from laion_dagster.defs import assets
+
+    for name, value in settings.to_env().items():  # the job's resource reads the environment
+        monkeypatch.setenv(name, value)
+    keys = add_parts(instance, settings)
+    original = assets.enqueue_part
+
+    def interrupted_enqueue(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C mid-run
+        time.sleep(0.2)  # (the handler runs in the main thread meanwhile)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(assets, "enqueue_part", interrupted_enqueue)
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: seen.append(signum))
+    try:
+        failure = oneshot._run_here(instance, "enqueue_job", keys[0])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert failure is None
+    assert seen == [signal.SIGINT]
+    assert queue.part(keys[0]).enqueued
 
 
 def test_discover_parts_adds_new_files_as_partitions(instance, laion, settings, dataset):
