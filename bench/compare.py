@@ -1001,6 +1001,13 @@ def summarize(results: list[Result]) -> dict[tuple[str, str], dict]:
     return summary
 
 
+def write_json(path: Path, summary: dict[tuple[str, str], dict]) -> None:
+    """The medians per mode and tool, for another script (bench/field.py's loopback run)."""
+    keys = ("rate", "warm", "startup", "cpu", "server", "peak_proc", "complete", "ok", "errors")
+    path.write_text(json.dumps({f"{mode}/{tool}": {k: s[k] for k in keys}
+                                for (mode, tool), s in summary.items()}, indent=1))
+
+
 def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
            corpus: Corpus) -> bool:
     summary = summarize(results)
@@ -1165,8 +1172,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rows per shard, ours and img2dataset (default: images / 10)")
     parser.add_argument("--pool", type=int, default=300, help="distinct images in the corpus")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--enqueue-rows", type=int, default=1_000_000)
-    parser.add_argument("--enqueue-rounds", type=int, default=3)
+    parser.add_argument("--enqueue-rows", type=int, default=1_000_000,
+                        help="rows of the enqueue benchmark's part (0: no enqueue benchmark)")
+    parser.add_argument("--enqueue-rounds", type=int, default=3,
+                        help="0: no enqueue benchmark")
     parser.add_argument("--bare-loop", choices=("uvloop", "asyncio"), default=None,
                         help="default: uvloop if installed (as our workers use it)")
     parser.add_argument("--run-timeout", type=float, default=600.0)
@@ -1176,6 +1185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="after the rounds, one more run of ours per mode under py-spy "
                              "(raw collapsed stacks in this folder; not counted)")
     parser.add_argument("--tmp", type=Path, default=None, help="parent of the work directory")
+    parser.add_argument("--json", help="also write the medians per mode and tool to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     # the bare loop's worker processes
     parser.add_argument("--bare-worker", action="store_true", help=argparse.SUPPRESS)
@@ -1237,7 +1247,7 @@ def main() -> int:
             f"{ADDRESSES[0]}-{ADDRESSES[-1]}; every transport checked")
 
         enqueue = None
-        if args.enqueue_rows > 0:
+        if args.enqueue_rows > 0 and args.enqueue_rounds > 0:
             enqueue = enqueue_bench(owned, root, args.enqueue_rows, args.enqueue_rounds)
 
         bench = Bench(args, owned, root, corpus, lists, cert, nginx)
@@ -1271,6 +1281,8 @@ def main() -> int:
                     log(f"profiled ours {mode.name}: {profiled.rate:,.0f} img/s under py-spy; "
                         f"stacks in {args.profile}")
         good = report(args, modes, results, enqueue, corpus)
+        if args.json:
+            write_json(Path(args.json), summarize(results))
         return 0 if good else 1
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
