@@ -1230,7 +1230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--img2dataset-rounds", type=int, default=1, help=(
         "rounds img2dataset takes part in (the first ones): at ~17 rows/s, each of its runs "
         "of 20,000 rows takes ~20 minutes, and its figures vary less than the others'"))
-    parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument("--tools", default=",".join(TOOLS),
+                        help=f"comma-separated, of {', '.join(TOOLS)} (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ours-args", default="",
                         help='extra flags for `laion-dagster run`, e.g. "--concurrency 256"')
