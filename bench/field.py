@@ -1105,6 +1105,9 @@ def report(args: argparse.Namespace, sim: Sim, runs: list[Run], loopback: list[d
     # invocation (its `run`, https, a new connection per image). The twin at zero latency
     # (ours-lab) is printed above as a ratio: where the field's CPU goes, not a target.
     looped = [r["cpu"] for r in loopback if not r.get("error")]
+    for result in loopback:
+        if result.get("error"):
+            targets.add("loopback: every run completed", result["error"][:200], False)
     target("CPU per image: ours in the field / on loopback (compare.py)",
            ours.get("cpu_image") / median(looped) if ours.get("cpu_image") and looped
            else None, 1.0, False)
@@ -1125,16 +1128,20 @@ def report(args: argparse.Namespace, sim: Sim, runs: list[Run], loopback: list[d
 
 # ---------------------------------------------------------------- the loopback benchmark
 
-def run_loopback(root: Path, images: int, index: int) -> dict:
+def run_loopback(owned: Owned, root: Path, images: int, index: int) -> dict:
     """bench/compare.py's `run` on https with a new connection per image, as many images as
-    the field has rows: the loopback figure, in this invocation. Its medians, or an error."""
+    the field has rows: the loopback figure, in this invocation. Its medians, or an error.
+    It runs in a session of its own, as our other processes: Ctrl-C here stops it with
+    SIGTERM (cleanup), on which it stops its nginx and its run in order."""
     out = root / f"loopback-{index}.json"
     command = [sys.executable, str(HERE / "compare.py"), "--images", str(images),
                "--rounds", "1", "--modes", "https-newconn", "--tools", "run",
                "--enqueue-rounds", "0", "--json", str(out), "--tmp", str(root)]
     with open(root / f"loopback-{index}.log", "wb") as log_file:
-        done = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, check=False)
+        done = owned.popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL)
+        done.wait()
+        owned.forget(done)
     try:
         result = json.loads(out.read_text())["https-newconn/run"]
     except (OSError, ValueError, KeyError):
@@ -1361,7 +1368,7 @@ def main() -> int:
                                        f"{root / 'servers.log'}")
                 log(f"round {round_ + 1}: {tool} ...")
                 if tool == "loopback":
-                    loopback.append(run_loopback(root, len(sim.urls), len(loopback)))
+                    loopback.append(run_loopback(owned, root, len(sim.urls), len(loopback)))
                     log(f"round {round_ + 1}: loopback    "
                         + (f"ERROR {loopback[-1]['error']}" if loopback[-1].get("error") else
                            f"{loopback[-1]['rate']:7,.0f} images/s, CPU "
