@@ -182,6 +182,32 @@ def test_a_host_gone_for_good_mid_shard_is_taken_over(settings, image_server, im
     assert not leftovers(quick.store_root), log
 
 
+def test_a_claim_whose_reply_was_lost_is_handed_back_before_the_timeout(
+        settings, image_server, images, queue):
+    """Redis served a worker's claim but the reply never reached it (the server was killed
+    after writing it to its append-only file, or the connection dropped; the client's retry
+    then claimed the next shard). Here the test makes that claim itself, in the worker's name.
+    The shard is handed back within seconds, not left for the 10-minute visibility timeout
+    (a run's end waited that long), and is downloaded once."""
+    dataset = write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
+                            rows_per_part=120, images=images, seed=7)
+    own = settings.with_overrides(visibility_timeout=600.0, shard_size=20, processes=1)
+    found = parts.discover(own.parts_root)
+    worker = start_worker(own)
+    try:
+        consumers = wait_until(lambda: queue.consumers(), 30, what="the worker polling")
+        [consumer] = consumers
+        for part in found:
+            enqueue_part(queue, part, own)
+        reply = queue.r.xreadgroup(GROUP, consumer, {queue.keys.tasks: ">"}, count=1)
+        [[_, [(lost_id, _)]]] = reply
+        wait_until(lambda: all_done(queue, [p.key for p in found]), 90, what="all parts done")
+    finally:
+        log = stop_worker(worker)
+    assert "claim reply never arrived" in log and lost_id.decode() in log, log
+    balanced(queue, own, found, dataset)
+
+
 def test_a_slow_live_worker_keeps_its_shard(settings, image_server, images, queue):
     """Two live hosts, visibility timeout 2 s, URLs that take 5 s: the holder refreshes its
     claim, so no shard is ever done twice (each is logged by exactly one host)."""

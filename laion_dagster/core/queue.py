@@ -562,6 +562,25 @@ class AsyncQueue:
                                 idle=self.visibility_ms + 1, justid=True,
                                 retrycount=max(task.deliveries - 1, 0))
 
+    async def unreceived(self, known: set[str], min_idle: float) -> tuple[list[Task], set[str]]:
+        """Shards Redis says this consumer holds that it does not know of, idle `min_idle`
+        seconds or more, as tasks to hand back; and every entry id it holds.
+
+        A claim is a write: when Redis served an XREADGROUP or XAUTOCLAIM but its reply never
+        arrived (the server was killed after writing it to its append-only file, or the
+        connection dropped), the client's retry claims the next shard, and the first one sits
+        in this consumer's pending list, refreshed by nobody, for the whole visibility timeout
+        (10 minutes by default: a run's end waited that long after a Redis restart)."""
+        entries = await self.r.xpending_range(self.keys.tasks, GROUP, min="-", max="+",
+                                              count=10_000, consumername=self.consumer)
+        held = {_text(e["message_id"]) for e in entries}
+        # Past the visibility timeout any worker's XAUTOCLAIM takes a shard anyway (and those
+        # this process released are there already).
+        lost = [Task(_text(e["message_id"]), "", "", -1, 0, b"", int(e["times_delivered"]))
+                for e in entries if _text(e["message_id"]) not in known
+                and min_idle * 1000 <= int(e["time_since_delivered"]) < self.visibility_ms]
+        return lost, held
+
     async def still_mine(self, task: Task) -> bool:
         """Whether this consumer still holds the shard: False once another worker took it
         over (this one was cut off or stalled past the visibility timeout) or completed it."""

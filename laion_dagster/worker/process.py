@@ -60,6 +60,9 @@ CLAIM_PROBLEM = "cannot claim shards"
 MAX_OPEN_ROWS = 20_000
 TRIM_EVERY = 2.0  # seconds between malloc_trim calls
 LOOKAHEAD = 24  # rows queued ahead, in units of concurrency
+# Seconds between looks for shards claimed in Redis whose claim reply never arrived, and the
+# idle time after which such a shard is handed back: well past any reply still on its way.
+UNRECEIVED_EVERY = 10.0
 
 
 def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: images.Filters,
@@ -221,6 +224,9 @@ class WorkerProcess:
         self.consumer = f"{host}:{os.getpid()}"
         self.active: dict[str, ShardJob] = {}
         self.held: Task | None = None  # a suspect shard claimed, waiting to run alone
+        # Shards that failed here and are left to the visibility timeout on purpose (a shard
+        # that fails every worker must use up its deliveries): not handed back early.
+        self.left_to_timeout: set[str] = set()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-cpu")
         self.health = SuccessWatch()
         # The recipe of parts enqueued without one (see recipe.py).
@@ -244,6 +250,7 @@ class WorkerProcess:
         await self.queue.ensure_group()
         running: set[asyncio.Task] = set()
         keeper = asyncio.create_task(self._keep_claims())
+        finder = asyncio.create_task(self._hand_back_unreceived())
         tidier = asyncio.create_task(self._return_free_memory())
         watcher = asyncio.create_task(self._watch_stop())
         try:
@@ -257,6 +264,7 @@ class WorkerProcess:
                     dispatching.cancel()
         finally:
             keeper.cancel()
+            finder.cancel()
             tidier.cancel()
             watcher.cancel()
             self.pool.shutdown(wait=True)
@@ -387,6 +395,25 @@ class WorkerProcess:
             except Exception as error:
                 log.warning("could not refresh claims: %s", error)
 
+    async def _hand_back_unreceived(self) -> None:
+        """Hand back at once the shards Redis gave this process whose claim reply was lost
+        (see AsyncQueue.unreceived), instead of leaving them to the visibility timeout."""
+        while True:
+            await asyncio.sleep(UNRECEIVED_EVERY)
+            known = set(self.active) | set(self.arriving) | self.left_to_timeout
+            if self.held is not None:
+                known.add(self.held.entry_id)
+            try:
+                lost, held = await self.queue.unreceived(known, UNRECEIVED_EVERY)
+                self.left_to_timeout &= held
+                if lost:
+                    await self.queue.release(lost)
+                    log.warning("handed back %d shard(s) that Redis gave this process but whose "
+                                "claim reply never arrived (a Redis restart or a dropped "
+                                "connection): %s", len(lost), ", ".join(t.entry_id for t in lost))
+            except Exception as error:
+                log.warning("could not look for unreceived shards: %s", error)
+
     async def _return_free_memory(self) -> None:
         """Give the heap's free pages back to the system every few seconds.
 
@@ -430,6 +457,7 @@ class WorkerProcess:
                 with contextlib.suppress(Exception):
                     await self.queue.release([task])
             else:
+                self.left_to_timeout.add(task.entry_id)
                 log.exception("shard %s/%s failed; it will be retried after the visibility "
                               "timeout", task.partition, task.shard)
                 self.shared.set_problem(f"shard {task.partition}/{task.shard:05d} failed: "
