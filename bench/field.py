@@ -997,9 +997,7 @@ def report(args: argparse.Namespace, sim: Sim, runs: list[Run], loopback: list[d
                               if seconds * 1000 / run.rows >= 0.005))
     for index, result in enumerate(loopback):
         print(f"loopback benchmark, run {index + 1} (bench/compare.py, https with a new TLS "
-              "connection per image, `run` with its defaults): "
-              + (f"ERROR {result['error']}" if result.get("error") else
-                 f"{result['rate']:,.0f} images/s, CPU {result['cpu']:.2f} ms/image"))
+              "connection per image, `run` with its defaults): " + loopback_line(result))
     print("rows/s: rows / wall time (launch to exit); steady: rows/s while 10%..90% of the rows "
           "the servers see were finished (scaled to all rows); tail: 99% of those rows -> "
           "exit; cpu: user+sys of the tool's process tree; srv: the DNS and web servers; "
@@ -1150,6 +1148,12 @@ def run_loopback(owned: Owned, root: Path, images: int, index: int) -> dict:
     if result["errors"] or not result["complete"] or result["cpu"] is None:
         return {"error": f"the loopback run did not complete: {result['errors']}"}
     return result
+
+
+def loopback_line(result: dict) -> str:
+    if result.get("error"):
+        return f"ERROR {result['error']}"
+    return f"{result['rate']:,.0f} images/s, CPU {result['cpu']:.2f} ms/image"
 
 
 # ---------------------------------------------------------------- self-check
@@ -1369,10 +1373,7 @@ def main() -> int:
                 log(f"round {round_ + 1}: {tool} ...")
                 if tool == "loopback":
                     loopback.append(run_loopback(owned, root, len(sim.urls), len(loopback)))
-                    log(f"round {round_ + 1}: loopback    "
-                        + (f"ERROR {loopback[-1]['error']}" if loopback[-1].get("error") else
-                           f"{loopback[-1]['rate']:7,.0f} images/s, CPU "
-                           f"{loopback[-1]['cpu']:.2f} ms/image"))
+                    log(f"round {round_ + 1}: loopback    {loopback_line(loopback[-1])}")
                     continue
                 run = bench.run(tool, round_)
                 runs.append(run)
