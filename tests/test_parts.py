@@ -107,7 +107,8 @@ def test_fingerprint_follows_the_content_not_the_file_times(tmp_path):
 
 
 def test_discover_ignores_spark_side_files_hidden_files_and_top_level_files(tmp_path):
-    """_SUCCESS, .crc, hidden files, `_temporary` folders and loose top-level files are skipped."""
+    """_SUCCESS, .crc, hidden files and `_temporary` folders are skipped without a word; a
+    loose file beside subset folders is skipped with one."""
     subset = tmp_path / "laion2B-en"
     write(subset / SPARK_NAME, laion_rows(3))
     (subset / "_SUCCESS").write_bytes(b"")
@@ -120,9 +121,11 @@ def test_discover_ignores_spark_side_files_hidden_files_and_top_level_files(tmp_
     write(tmp_path / ".cache" / "part-00011.parquet", laion_rows(3))
     write(tmp_path / "loose.parquet", laion_rows(3))
 
-    found = parts.discover(tmp_path)
+    found = parts.survey(tmp_path)
 
-    assert [(p.subset, p.path.name) for p in found] == [("laion2B-en", SPARK_NAME)]
+    assert [(p.subset, p.path.name) for p in found.parts] == [("laion2B-en", SPARK_NAME)]
+    assert found.problems == [f"{tmp_path / 'loose.parquet'}: skipped; a file beside subset "
+                              "folders (move it into one)"]
 
 
 def test_discover_of_a_missing_folder_finds_nothing(tmp_path):
@@ -137,8 +140,8 @@ def test_find_by_key_and_missing_part_names_the_folder(tmp_path):
     assert parts.find(tmp_path, "laion2B-en/00007").path == tmp_path / "laion2B-en" / SPARK_NAME
     with pytest.raises(PartError) as error:
         parts.find(tmp_path, "laion2B-en/00099")
-    assert "part-00099-<uuid>-c000.snappy.parquet" in str(error.value)
-    assert str(tmp_path / "laion2B-en") in str(error.value)
+    assert str(error.value) == (f"part 'laion2B-en/00099' not found at {tmp_path}; it has 1: "
+                                "laion2B-en/00007")
 
 
 # ---------------------------------------------------------------- columns

@@ -1,18 +1,20 @@
-"""Parquet parts: finding them, naming them, and cutting them into shards with bounded memory.
+"""Parts: finding them, naming them, and cutting them into shards with bounded memory.
 
-A part is one parquet file under `parquet_dir/<subset>/`. Its partition key is
-`<subset>/<number>` for Spark's `part-<number>-<uuid>-c000` names (`laion2B-en/00042`), else
-`<subset>/<stem>`: short, and readable even where the Dagster UI cuts long keys in the
-middle; the full file name is in the metadata. Reading goes through record batches, so a part
-of any size costs about one shard of memory. Rows without a usable URL are not fetched but are
-kept, with the reason, so every input row still reaches a shard parquet and the error file.
+A part is one input file (parquet, csv, tsv, txt, json or jsonl, see formats.py). Where they
+are, `parquet_dir` names one of three layouts: a single file (one part), a flat folder of
+files (its name is the subset), or a folder of subset folders (LAION's releases). Its
+partition key is `<subset>/<number>` for Spark's `part-<number>-<uuid>-c000` names
+(`laion2B-en/00042`), else `<subset>/<stem>` (`cc3m/train-0`): short, and readable even where
+the Dagster UI cuts long keys in the middle; the full file name is in the metadata. Reading
+goes through record batches, so a part of any size costs about one shard of memory. Rows
+without a usable URL are not fetched but are kept, with the reason, so every input row still
+reaches a shard parquet and the error file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections import defaultdict
 from collections.abc import Iterator
@@ -21,7 +23,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from laion_dagster.core.formats import (
+    READ_ERRORS,
+    PartError,
+    accepted,
+    format_of,
+    open_part_file,
+    stem_of,
+)
 
 SEPARATOR = "/"
 URL_CANDIDATES = ("URL", "url")
@@ -41,10 +51,6 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _SPARK_PART = re.compile(r"part-(\d+)-")
 # A tar member name has room for 100 bytes: prefix, "_", 10 digits, ".json".
 _MAX_PREFIX = 80
-
-
-class PartError(ValueError):
-    """A part cannot be enqueued; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -67,15 +73,6 @@ class Part:
     def relative_dir(self) -> Path:
         """Where the part's shards go, relative to the store: `<subset>/<name>`."""
         return relative_dir(self.key)
-
-
-def stem_of(name: str) -> str:
-    """`part-00000-<uuid>-c000.snappy.parquet` → `part-00000-<uuid>-c000`."""
-    stem = name[: -len(".parquet")] if name.endswith(".parquet") else name
-    for codec in (".snappy", ".zstd", ".gz", ".lz4", ".brotli"):
-        if stem.endswith(codec):
-            return stem[: -len(codec)]
-    return stem
 
 
 def split_key(partition: str) -> tuple[str, str]:
@@ -103,41 +100,77 @@ def sample_prefix(partition: str) -> str:
     return prefix
 
 
+LAYOUTS = ("a file (one part); a folder of files (its name is the subset); or a folder of "
+           "subset folders of files (LAION's releases)")
+
+
 @dataclass
 class Survey:
-    """What a parquet folder holds: its parts, and the files that are not parts, with why."""
+    """What an input path holds: its parts, and the files that are not parts, with why."""
 
     parts: list[Part] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
-def survey(root: Path) -> Survey:
-    """Every part under `root/<subset>/`, skipping Spark's _SUCCESS, .crc and hidden files.
+def _ignored(path: Path) -> bool:
+    """Spark's _SUCCESS and .crc files, and hidden ones: never parts, never worth a word."""
+    return path.name.startswith((".", "_"))
 
-    A file that cannot be a part (a name our keys and folders cannot hold, or two files that
-    would share a key or a sample-key prefix) is listed in `problems`, never silently dropped.
+
+def _files(folder: Path, subset: str, found: Survey) -> list[Part]:
+    """The parts among `folder`'s files; the others are listed in `found.problems`."""
+    candidates = []
+    for path in sorted(folder.iterdir()):
+        if _ignored(path) or path.is_dir():
+            continue
+        if format_of(path.name) is None:
+            found.problems.append(f"{path}: skipped; not a format we read (accepted: "
+                                  f"{accepted()})")
+            continue
+        candidates.append(Part(path=path, subset=subset, stem=stem_of(path.name)))
+    return candidates
+
+
+def survey(root: Path) -> Survey:
+    """Every part at `root`, in any of the LAYOUTS.
+
+    A file that cannot be a part (a format we do not read, a name our keys and folders cannot
+    hold, two files that would share a key or a sample-key prefix) is listed in `problems`,
+    never silently dropped; so is a folder below the subset folders, which is not read.
     """
     found = Survey()
-    if not root.is_dir():
-        return found
     candidates: list[Part] = []
-    for subset_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        if subset_dir.name.startswith((".", "_")):
-            continue
-        for path in sorted(subset_dir.glob("*.parquet")):
-            if path.name.startswith((".", "_")) or not path.is_file():
-                continue
-            part = Part(path=path, subset=subset_dir.name, stem=stem_of(path.name))
-            if not (_NAME.fullmatch(part.subset) and _NAME.fullmatch(part.name)
-                    and "..." not in part.key):
-                found.problems.append(
-                    f"{path}: skipped; subset and file names may hold only letters, digits, "
-                    "'_', '-' and '.'")
-                continue
-            candidates.append(part)
+    if root.is_file():
+        if format_of(root.name) is None:
+            found.problems.append(f"{root}: not a format we read (accepted: {accepted()})")
+        else:
+            candidates.append(Part(path=root, subset=root.parent.name, stem=stem_of(root.name)))
+    elif root.is_dir():
+        nested: list[Part] = []
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _ignored(p)):
+            nested += _files(folder, folder.name, found)
+            deeper = [p for p in folder.iterdir() if p.is_dir() and not _ignored(p)]
+            if deeper:
+                found.problems.append(f"{deeper[0]}{' and others' if len(deeper) > 1 else ''}:"
+                                      f" not read; parts are files in {root} or in its "
+                                      "subset folders, one level down")
+        flat = _files(root, root.name, found)
+        if nested and flat:  # subset folders: files beside them are strays, not a subset
+            found.problems += [f"{p.path}: skipped; a file beside subset folders (move it into "
+                               "one)" for p in flat]
+            flat = []
+        candidates = flat + nested
+    named = []
+    for part in candidates:
+        if _NAME.fullmatch(part.subset) and _NAME.fullmatch(part.name) and "..." not in part.key:
+            named.append(part)
+        else:
+            found.problems.append(
+                f"{part.path}: skipped; subset ({part.subset!r}) and file names may hold only "
+                "letters, digits, '_', '-' and '.'")
     by_key: dict[str, list[Part]] = defaultdict(list)
     by_prefix: dict[str, list[Part]] = defaultdict(list)
-    for part in candidates:
+    for part in named:
         by_key[part.key].append(part)
         by_prefix[sample_prefix(part.key)].append(part)
     clashes = [(f"the part key {key}", group) for key, group in by_key.items() if len(group) > 1]
@@ -147,23 +180,56 @@ def survey(root: Path) -> Survey:
         found.problems.append(f"{', '.join(str(p.path) for p in group)}: skipped; these files "
                               f"would share {what}; keep one of them in the folder")
     clashing = {id(p) for _, group in clashes for p in group}
-    found.parts = [p for p in candidates if id(p) not in clashing]
+    found.parts = [p for p in named if id(p) not in clashing]
     return found
 
 
+def nothing_found(root: Path, found: Survey) -> str:
+    """One sentence: what is at `root`, and what would have been read."""
+    if not root.exists():
+        seen = "it does not exist"
+    elif root.is_file():
+        seen = "it is a file of a format we do not read"
+    else:
+        entries = [p for p in root.iterdir() if not _ignored(p)]
+        folders = sum(p.is_dir() for p in entries)
+        seen = ("it is an empty folder" if not entries else
+                f"it holds {len(entries) - folders} files and {folders} folders, none of them "
+                "a part")
+        if found.problems:
+            seen += f" (e.g. {found.problems[0]})"
+    return (f"no parts at {root}: {seen}. Accepted: {LAYOUTS}; formats {accepted()}; give "
+            "the path with --parquet-dir (LAION_PARQUET_DIR)")
+
+
 def discover(root: Path) -> list[Part]:
-    """The parts under `root` (see `survey` for the files that are not parts)."""
+    """The parts at `root` (see `survey` for the files that are not parts)."""
     return survey(root).parts
 
 
 def find(root: Path, partition: str) -> Part:
-    for part in discover(root):
+    found = survey(root)
+    for part in found.parts:
         if part.key == partition:
             return part
-    subset, name = split_key(partition)
-    raise PartError(f"part {partition!r} not found under {root} (expected a file "
-                    f"{root}/{subset}/part-{name}-<uuid>-c000.snappy.parquet or "
-                    f"{root}/{subset}/{name}.parquet)")
+    split_key(partition)  # a malformed key gets its own message
+    keys = [p.key for p in found.parts]
+    listed = (f"it has {len(keys)}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
+              if keys else nothing_found(root, found))
+    raise PartError(f"part {partition!r} not found at {root}; {listed}")
+
+
+def locate(root: Path, partition: str, recorded: str | None) -> Part:
+    """The part at `root`, else the file its queue state recorded (`PartState.path`) if it is
+    still there with this key: a command that names only the store still finds it."""
+    try:
+        return find(root, partition)
+    except PartError:
+        if recorded:
+            for part in survey(Path(recorded)).parts:
+                if part.key == partition:
+                    return part
+        raise
 
 
 @dataclass(frozen=True)
@@ -227,43 +293,14 @@ def resolve_columns(path: Path, schema: pa.Schema, url_column: str | None,
 
 
 def fingerprint(path: Path) -> str:
-    """What identifies a part's content: its size and a digest of its parquet footer.
-
-    The footer holds the schema, the row count and every column chunk's offset, size and
-    statistics, so a regenerated file with other rows gets another fingerprint, while a copy
-    (or a touch) keeps it. Reading it costs one small read, not a scan of the data.
-    """
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size < 12:
-                raise PartError(f"{path}: not a readable parquet file ({size} bytes)")
-            handle.seek(size - 8)
-            tail = handle.read(8)
-            length = int.from_bytes(tail[:4], "little")
-            if tail[4:] != b"PAR1" or length > size - 12:
-                raise PartError(f"{path}: not a readable parquet file (no parquet footer)")
-            handle.seek(size - 8 - length)
-            footer = handle.read(length)
-    except OSError as error:
-        raise PartError(f"{path}: cannot read ({error})") from error
-    return f"{size}:{hashlib.sha256(footer).hexdigest()[:16]}"
-
-
-def open_part(path: Path) -> pq.ParquetFile:
-    if not path.is_file():
-        raise PartError(f"{path}: file not found")
-    try:
-        # pre_buffer=False: the default reads the whole compressed file up front, which would
-        # make enqueue memory grow with the part instead of with the shard.
-        return pq.ParquetFile(path, pre_buffer=False)
-    except (pa.ArrowException, OSError) as error:
-        raise PartError(f"{path}: not a readable parquet file ({error})") from error
+    """What identifies a part's content (formats.PartFile.fingerprint): a regenerated file
+    with other rows gets another fingerprint, while a copy (or a touch) keeps it."""
+    return open_part_file(path).fingerprint()
 
 
 def count_rows(path: Path) -> int:
-    """Rows in a part, from its footer alone (no data read)."""
-    return open_part(path).metadata.num_rows
+    """Rows in a part: a parquet file's footer, any other file read through."""
+    return open_part_file(path).count_rows()
 
 
 def rows_if_readable(part: Part) -> int:
@@ -365,20 +402,19 @@ def iter_shards(path: Path, shard_size: int, url_column: str | None = None,
     Shard boundaries depend only on the file and the shard size, so re-reading a part yields
     the same shard ids: that is what makes re-enqueuing a part idempotent.
     """
-    parquet = open_part(path)
-    if parquet.metadata.num_rows == 0:
-        raise PartError(f"{path}: empty part (0 rows)")
-    columns = resolve_columns(path, parquet.schema_arrow, url_column, caption_column, required,
-                              keep, key_columns)
+    source = open_part_file(path)
+    schema = source.schema()
+    columns = resolve_columns(path, schema, url_column, caption_column, required, keep,
+                              key_columns)
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     index = 0
     first = 0
     # Only the columns that travel are read: a dropped column costs no I/O and no memory.
-    wanted = [c for c in parquet.schema_arrow.names
+    wanted = [c for c in schema.names
               if c in (columns.url, columns.caption) or c in columns.extra]
     try:
-        for batch in parquet.iter_batches(batch_size=shard_size, columns=wanted):
+        for batch in source.batches(wanted, shard_size):
             pending.append(batch)
             pending_rows += batch.num_rows
             while pending_rows >= shard_size:
@@ -392,7 +428,9 @@ def iter_shards(path: Path, shard_size: int, url_column: str | None = None,
         if pending_rows:
             table = pa.Table.from_batches(pending).combine_chunks()
             yield _shard(index, first, table.to_batches()[0], columns)
-    except (pa.ArrowException, OSError) as error:
+        elif not index:
+            raise PartError(f"{path}: empty part (0 rows)")
+    except READ_ERRORS as error:
         raise PartError(f"{path}: cannot read rows after row {first} ({error})") from error
 
 
