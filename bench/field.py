@@ -39,6 +39,12 @@ What is simulated (bench/field_net.py builds the network, bench/field_serve.py t
   certificate for another name, a self-signed certificate, connection refused (TCP reset),
   no route to host (ICMP), and blackholed addresses (nftables drops their packets, so
   connects time out).
+- Two hosts that are only half dead, whose rows must each get what their own server does: a
+  CDN-like host (the `--flap-rank`-th largest) that resets every connection for
+  `--flap-seconds` (8) from `--flap-at` (10 s) after each tool's launch, as during a deploy
+  (its rows are served correctly: a later try gets them); and a host whose port 80 resets
+  while 443 serves, with a third of its URLs http (those fail as connection, the https ones
+  are served).
 - Clients trust the test CA through a copy of the machine's whole CA bundle with the CA
   appended (SSL_CERT_FILE, REQUESTS_CA_BUNDLE), so an SSL context costs what it costs on the
   real web.
@@ -61,6 +67,8 @@ The tools, on the same rows, one at a time, their order rotated each round:
 - bare: 2 processes x 256 fetches in flight, aiohttp with AsyncResolver (aiodns) and its DNS
   cache, one SSL context per process, connect timeout 10 s, 30 s per URL; writes each body to
   a file and classifies each URL itself.
+- ours-once: ours with its later tries off (`--retry-rounds 0`): the same run as before
+  they existed, so their cost (the wall time) and gain (successes) show side by side.
 - ours-lab: ours again, with the servers switched to the lab (SIGUSR1): no round trips, no
   DNS delays, no transfer rates; the same names, TLS, failures and blackholes: the field's
   twin at zero latency, on the same rows.
@@ -124,7 +132,7 @@ SERVE = HERE / "field_serve.py"
 OURS_BIN = REPO / ".venv" / "bin" / "laion-dagster"
 I2D_VENV = Path("/work/i2d-venv")
 I2D_VERSION = "1.47.0"
-TOOLS = ("ours", "img2dataset", "bare", "ours-lab", "loopback")
+TOOLS = ("ours", "ours-once", "img2dataset", "bare", "ours-lab", "loopback")
 SUBSET = "laion2B-field"
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 
@@ -181,8 +189,9 @@ class Address:
     ip: str
     rtt: float
     rate: float
-    net: str = "ok"  # ok, blackhole, refused, unreachable
+    net: str = "ok"  # ok, blackhole, refused, unreachable, closed_http
     cdn: bool = False
+    flap: bool = False  # resets every connection for a few seconds of each run
 
 
 @dataclass
@@ -196,6 +205,13 @@ class Sim:
     served: list[str]  # what the row meets, host failures first
     pool: list[tuple[str, str, int, int, int]]  # file, content type, bytes, width, height
     parts: list[Path] = field(default_factory=list)
+    flap_rows: list[int] = field(default_factory=list)  # rows of the flapping host
+    split_rows: dict[str, list[int]] = field(default_factory=dict)  # http/https rows of the
+    # host whose port 80 refuses
+
+    @property
+    def flap_ip(self) -> str | None:
+        return next((a.ip for a in self.addresses if a.flap), None)
 
     @property
     def expected(self) -> list[str]:
@@ -278,6 +294,10 @@ def build_sim(args: argparse.Namespace, pool) -> Sim:
         return len(addresses) - 1
 
     shared = [new_address(False) for _ in range(max(1, (n - args.cdn_hosts) // 24))]
+    # A host whose port 80 refuses while 443 serves: the largest https host below the CDNs
+    # that fails no other way (its own address).
+    split = next((h for h in range(args.cdn_hosts, n) if h not in kind_of
+                  and hosts[h].scheme == "https" and hosts[h].rows >= 20), None)
     for rank, host in enumerate(hosts):
         kind = kind_of.get(rank, "")
         if rank < args.cdn_hosts:
@@ -286,6 +306,8 @@ def build_sim(args: argparse.Namespace, pool) -> Sim:
             continue
         if kind in ("blackhole", "refused", "unreachable"):
             host.address = new_address(False, kind)
+        elif rank == split:
+            host.address = new_address(False, "closed_http")
         elif rnd.random() < 0.5:
             host.address = rnd.choice(shared)
         else:
@@ -299,6 +321,9 @@ def build_sim(args: argparse.Namespace, pool) -> Sim:
             host.dns_delay = round(lognormal(rnd, 0.02, 0.8, 0.002, 0.3), 4)
         host.dns = {"nxdomain": "nx", "dns_unanswered": "drop"}.get(kind, "ok")
         host.tls = kind[4:] if kind.startswith("tls_") else ""
+    if args.cdn_hosts > args.flap_rank >= 0:
+        addresses[hosts[args.flap_rank].address].flap = True
+    mix = random.Random(f"field-mix:{args.seed}")  # the rest of the plan stays as it was
     # Rows: what the server does, which image, which URL.
     cumulative = list(itertools.accumulate(ROW_KINDS.values()))
     kinds = list(ROW_KINDS)
@@ -311,15 +336,26 @@ def build_sim(args: argparse.Namespace, pool) -> Sim:
         host = hosts[row_host[row]]
         ext = Path(pool[image][0]).suffix if rnd.random() >= 0.1 else ""
         slug = "-".join(rnd.choice(WORDS) for _ in range(rnd.randint(1, 3)))
-        urls.append(f"{host.scheme}://{host.name}{rnd.choice(DIRS)}{row}-{slug}{ext}")
+        scheme = host.scheme
+        if row_host[row] == split and mix.random() < 1 / 3:
+            scheme = "http"  # its port 80 refuses
+        urls.append(f"{scheme}://{host.name}{rnd.choice(DIRS)}{row}-{slug}{ext}")
         row_kind.append(kind)
         row_pool.append(image)
         meets = kind_of.get(row_host[row], "")
         if meets.startswith("tls_") and host.scheme != "https":
             meets = ""
+        if row_host[row] == split and scheme == "http":
+            meets = "refused"
         served.append(meets or kind)
     assert len(set(urls)) == len(urls)
-    return Sim(hosts, addresses, row_host, row_kind, row_pool, urls, served, pool)
+    sim = Sim(hosts, addresses, row_host, row_kind, row_pool, urls, served, pool)
+    sim.flap_rows = [r for r in range(args.rows)
+                     if addresses[hosts[row_host[r]].address].flap]
+    sim.split_rows = {scheme: [r for r in range(args.rows) if row_host[r] == split
+                               and urls[r].startswith(scheme + "://")]
+                      for scheme in ("http", "https")}
+    return sim
 
 
 def write_inputs(sim: Sim, root: Path, args: argparse.Namespace) -> None:
@@ -394,6 +430,13 @@ def describe(sim: Sim, args: argparse.Namespace) -> None:
     ok = served.pop("ok", 0)
     log(f"  rows: {rows:,}, served correctly {ok:,} ({ok / rows:.1%}); "
         + ", ".join(f"{k} {v}" for k, v in served.most_common()))
+    if sim.flap_ip:
+        log(f"  {len(sim.flap_rows):,} rows on {sim.flap_ip}, which resets every connection "
+            f"{args.flap_at:g}-{args.flap_at + args.flap_seconds:g}s after each launch")
+    if sim.split_rows.get("https"):
+        host = sim.hosts[sim.row_host[sim.split_rows["https"][0]]]
+        log(f"  {host.name}: port 80 resets, 443 serves; {len(sim.split_rows['http'])} http "
+            f"rows, {len(sim.split_rows['https'])} https rows")
 
 
 # ---------------------------------------------------------------- the bare loop (a child)
@@ -741,6 +784,7 @@ class Bench:
         t0 = time.time()
         result.launched = t0
         sampler = None
+        flaps = self._schedule_flap()
         try:
             procs = getattr(self, f"_launch_{method_name(tool)}")(run_dir)
             roots = [p.pid for p in procs]
@@ -762,6 +806,10 @@ class Bench:
             t1 = time.time()
             result.error = f"{type(error).__name__}: {error}"
         finally:
+            for timer in flaps:
+                timer.cancel()
+            if self.sim.flap_ip:
+                net.flap(self.sim.flap_ip, False)
             if sampler is not None:
                 sampler.stop()
             for proc in list(self.owned.procs):
@@ -815,6 +863,19 @@ class Bench:
             shutil.rmtree(run_dir, ignore_errors=True)
         return result
 
+    def _schedule_flap(self) -> list[threading.Timer]:
+        """The flapping host resets every connection from flap_at for flap_seconds."""
+        ip = self.sim.flap_ip
+        if ip is None or self.args.flap_seconds <= 0:
+            return []
+        timers = [threading.Timer(self.args.flap_at, net.flap, (ip, True)),
+                  threading.Timer(self.args.flap_at + self.args.flap_seconds, net.flap,
+                                  (ip, False))]
+        for timer in timers:
+            timer.daemon = True
+            timer.start()
+        return timers
+
     def _progress(self, result: Run, t0: float, t1: float) -> None:
         visible = [r for r, kind in enumerate(self.sim.served) if kind in SERVER_VISIBLE]
         times = sorted(result.done_at[r] for r in visible if r in result.done_at)
@@ -828,12 +889,13 @@ class Bench:
             result.tail = max(0.0, t1 - times[math.ceil(0.99 * n) - 1])
 
     # -- ours
-    def _launch_ours(self, run_dir: Path) -> list[subprocess.Popen]:
+    def _launch_ours(self, run_dir: Path, *extra: str) -> list[subprocess.Popen]:
         env = client_env(self.bundle)
         env["LAION_ALLOWED_NETWORKS"] = json.dumps([net.BENCH_NET])
         command = [str(OURS_BIN), "run", "--data-dir", str(run_dir / "data"),
                    "--parquet-dir", str(self.root / "parquet"),
-                   "--store-dir", str(run_dir / "store"), *shlex.split(self.args.ours_args)]
+                   "--store-dir", str(run_dir / "store"), *shlex.split(self.args.ours_args),
+                   *extra]
         out = open(run_dir / "ours.log", "ab")  # noqa: SIM115 - closed with the process
         return [self.owned.popen(net.in_ns(net.CLIENT_NS, command), cwd=run_dir, env=env,
                                  stdout=out, stderr=subprocess.STDOUT,
@@ -860,6 +922,11 @@ class Bench:
 
     _launch_ours_lab = _launch_ours
     _collect_ours_lab = _collect_ours
+
+    def _launch_ours_once(self, run_dir: Path) -> list[subprocess.Popen]:
+        return self._launch_ours(run_dir, "--retry-rounds", "0")
+
+    _collect_ours_once = _collect_ours
 
     # -- img2dataset
     def _launch_img_to_dataset(self, run_dir: Path) -> list[subprocess.Popen]:
@@ -1076,6 +1143,7 @@ def report(args: argparse.Namespace, sim: Sim, runs: list[Run], loopback: list[d
         if mismatch.get(tool):
             print(f"  {tool}: failed with another class than served (served->got): "
                   + ", ".join(f"{k} {v}" for k, v in mismatch[tool].most_common(8)))
+    halves = half_dead(sim, runs)
     # ratios and targets
     ours, bare, i2d = summary.get("ours", {}), summary.get("bare", {}), \
         summary.get("img2dataset", {})
@@ -1118,10 +1186,73 @@ def report(args: argparse.Namespace, sim: Sim, runs: list[Run], loopback: list[d
         targets.add("successes on rows served correctly: ours >= bare", "n/a", None)
     target("peak RSS per worker process (MB)", ours.get("rss_worker") and
            ours["rss_worker"] / mb, 250, False, " MB", ",.0f")
+    for label, got in halves.get("ours", {}).items():
+        targets.add(f"ours: {label}", f"{got[0]:,} of {got[1]:,}", got[0] == got[1])
+    once = summary.get("ours-once")
+    if once and ours:
+        later_tries(targets, sim, runs, ours, once)
     for tool, s in summary.items():
         if s["errors"]:
             targets.add(f"{tool}: every run completed", "; ".join(s["errors"])[:200], False)
     return targets.report()
+
+
+def half_dead(sim: Sim, runs: list[Run]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per tool, the rows of the half-dead hosts that got what their own server did (the
+    fewest over its rounds); printed per run."""
+    groups = [("rows of the host that reset connections for a while", sim.flap_rows),
+              ("https rows of the host whose port 80 refuses", sim.split_rows.get("https", [])),
+              ("http rows of that host (connection)", sim.split_rows.get("http", []))]
+    groups = [g for g in groups if g[1]]
+    if not groups:
+        return {}
+    expected = sim.expected
+    print()
+    print("hosts half dead: rows that got what their own server does (served outside the "
+          "window)")
+    worst: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)
+    for run in runs:
+        if run.error:
+            continue
+        shown = []
+        for label, rows in groups:
+            got = sum(run.outcome[i] == expected[i] for i in rows)
+            shown.append(f"{got:,}/{len(rows):,}")
+            if label not in worst[run.tool] or got < worst[run.tool][label][0]:
+                worst[run.tool][label] = (got, len(rows))
+        print(f"  round {run.round + 1} {run.tool:<12} " + ", ".join(
+            f"{label}: {text}" for (label, _), text in zip(groups, shown, strict=True)))
+    return worst
+
+
+def later_tries(targets: Targets, sim: Sim, runs: list[Run], ours: dict, once: dict) -> None:
+    """What the later tries (ours) cost and gave against the same run without them
+    (ours-once): the wall time, the successes, and the class of every row whose servers
+    answered both alike (every row but the flapping host's)."""
+    from laion_dagster.core.settings import Settings
+
+    delay = Settings.model_fields["retry_delay"].default
+    extra = ours["seconds"] - once["seconds"] if ours.get("seconds") and once.get("seconds") \
+        else None
+    targets.check(f"later tries: wall time ours - ours-once (s; the delay is {delay:g})",
+                  extra, delay, False, " s", ".1f")
+    if ours.get("ok") is not None and once.get("ok") is not None:
+        targets.add("later tries: successes ours >= ours-once",
+                    f"{ours['ok']:,.0f} vs {once['ok']:,.0f}", ours["ok"] >= once["ok"])
+    alike = set(range(len(sim.urls))) - set(sim.flap_rows)
+    differ: Counter = Counter()
+    compared = 0
+    for round_ in sorted({r.round for r in runs}):
+        these = {r.tool: r for r in runs if r.round == round_ and r.error is None}
+        if "ours" in these and "ours-once" in these:
+            compared += 1
+            a, b = these["ours"].outcome, these["ours-once"].outcome
+            differ.update(f"{b[i]}->{a[i]}" for i in alike if a[i] != b[i])
+    if compared:
+        targets.add("later tries: rows answered alike have one class in ours and ours-once",
+                    f"{sum(differ.values()):,} differ over {compared} round(s)"
+                    + (f" ({', '.join(f'{k} {v}' for k, v in differ.most_common(5))})"
+                       if differ else ""), not differ)
 
 
 # ---------------------------------------------------------------- the loopback benchmark
@@ -1257,6 +1388,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate-median", type=float, default=2e6, help="bytes/s per answer")
     parser.add_argument("--hold", type=float, default=60.0,
                         help="seconds a hanging or trickling row holds its connection")
+    parser.add_argument("--flap-rank", type=int, default=4, help=(
+        "the host (by rows, 0 the largest; a CDN-like one) that resets every connection for "
+        "a few seconds of each run; -1: none"))
+    parser.add_argument("--flap-at", type=float, default=10.0,
+                        help="seconds after a tool's launch when its connections reset")
+    parser.add_argument("--flap-seconds", type=float, default=8.0,
+                        help="how long they do; 0: never")
     parser.add_argument("--pool", type=int, default=300, help="distinct images")
     parser.add_argument("--web-procs", type=int, default=2, help="web server processes")
     parser.add_argument("--bare-procs", type=int, default=2)
@@ -1352,7 +1490,8 @@ def main() -> int:
         by_net = defaultdict(list)
         for address in sim.addresses:
             by_net[address.net].append(address.ip)
-        net.setup(by_net["blackhole"], by_net["refused"], by_net["unreachable"])
+        net.setup(by_net["blackhole"], by_net["refused"], by_net["unreachable"],
+                  by_net["closed_http"])
         servers = Servers(owned, root, root / "certs", args.web_procs)
         servers.start()
         log(f"namespaces {net.WEB_NS} and {net.CLIENT_NS} up; DNS on {net.DNS_IP}, "

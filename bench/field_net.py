@@ -13,9 +13,11 @@ the machine's interfaces, so no packet can leave them whatever a tool does.
 
 Only 198.18.0.0/15 (RFC 2544, reserved for benchmarks) is used. An nftables table in each
 namespace accepts only loopback and 198.18.0.0/15 on output (a guard on top of the missing
-routes), and in fieldweb three address sets make hosts fail below HTTP: `blackhole` (dropped:
-the client's connect times out), `refused` (a TCP reset) and `unreachable` (ICMP host
-unreachable, "no route to host").
+routes), and in fieldweb address sets make hosts fail below HTTP: `blackhole` (dropped: the
+client's connect times out), `refused` (a TCP reset), `unreachable` (ICMP host unreachable,
+"no route to host"), `closed_http` (port 80 resets, 443 serves) and `flapping` (empty until
+bench/field.py puts a host in it for a few seconds of a run: every packet to it resets, as a
+CDN dropping connections during a deploy).
 
 Certificates: a test CA and three server certificates, all ECDSA P-256 (cheap handshakes for
 the servers): `*.sim.test` signed by the CA, `*.elsewhere.test` signed by the CA (a wrong
@@ -121,7 +123,8 @@ def teardown() -> None:
         NETNS_ETC.rmdir()  # only when empty: someone else's namespaces may live there
 
 
-def setup(blackhole: list[str], refused: list[str], unreachable: list[str]) -> None:
+def setup(blackhole: list[str], refused: list[str], unreachable: list[str],
+          closed_http: list[str] = ()) -> None:
     teardown()
     for ns in (WEB_NS, CLIENT_NS):
         run("ip", "netns", "add", ns)
@@ -138,7 +141,7 @@ def setup(blackhole: list[str], refused: list[str], unreachable: list[str]) -> N
     run(*client, "link", "set", CLIENT_IF, "up")
     run(*client, "route", "add", HOST_NET, "via", WEB_LINK_IP)
     for ns, extra in ((CLIENT_NS, ""), (WEB_NS, _failure_rules(blackhole, refused,
-                                                               unreachable))):
+                                                               unreachable, closed_http))):
         run(*in_ns(ns, ["nft", "-f", "-"]), input_=_ruleset(extra))
     # The kernel rate-limits the ICMP errors it sends (per peer: a burst, then one a second),
     # and every "unreachable" host answers the one client: without this, most of their
@@ -156,17 +159,29 @@ def _elements(addresses: list[str]) -> str:
     return f"elements = {{ {', '.join(addresses)} }}" if addresses else ""
 
 
-def _failure_rules(blackhole: list[str], refused: list[str], unreachable: list[str]) -> str:
+def _failure_rules(blackhole: list[str], refused: list[str], unreachable: list[str],
+                   closed_http: list[str]) -> str:
     return f"""
     set blackhole {{ type ipv4_addr; {_elements(blackhole)} }}
     set refused {{ type ipv4_addr; {_elements(refused)} }}
     set unreachable {{ type ipv4_addr; {_elements(unreachable)} }}
+    set closed_http {{ type ipv4_addr; {_elements(closed_http)} }}
+    set flapping {{ type ipv4_addr; }}
     chain input {{
         type filter hook input priority 0; policy accept;
         ip daddr @blackhole drop
         ip daddr @refused meta l4proto tcp reject with tcp reset
         ip daddr @unreachable reject with icmp type host-unreachable
+        ip daddr @closed_http tcp dport 80 reject with tcp reset
+        ip daddr @flapping meta l4proto tcp reject with tcp reset
     }}"""
+
+
+def flap(address: str, down: bool) -> None:
+    """Put `address` in the `flapping` set (every connection to it resets) or take it out."""
+    verb = "add" if down else "delete"
+    run(*in_ns(WEB_NS, ["nft", verb, "element", "inet", "field", "flapping",
+                        f"{{ {address} }}"]), check=down)
 
 
 def _ruleset(extra: str) -> str:
