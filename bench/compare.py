@@ -796,7 +796,7 @@ class Bench:
                        LAION_ENCODE_FORMAT="jpg")
         sampler = self._launch(command, run_dir, env, run_dir / "run.log", result,
                                "laion-dagster run")
-        first = re.search(r"first image fetched ([\d.]+)s", (run_dir / "run.log").read_text())
+        first = re.search(r"first image stored ([\d.]+)s", (run_dir / "run.log").read_text())
         result.startup = float(first.group(1)) if first else None
         result.peak_proc = sampler.peak_of("child")
         result.peak_tree = sampler.peak_tree

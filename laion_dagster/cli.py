@@ -12,8 +12,8 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
+import textwrap
 import time
 import typing
 from collections.abc import Iterable, Iterator
@@ -31,7 +31,7 @@ DEMO_HOSTS = ("img-a.test", "img-b.test", "img-c.test")
 # The demo's own folder (<data_dir>/demo) holds this marker and only these names: it clears
 # them on its next run, and refuses to clear a folder holding anything else.
 DEMO_MARKER = ".laion-dagster-demo"
-DEMO_ENTRIES = ("parquet", "store", "redis", "dagster", "logs")
+DEMO_ENTRIES = ("parquet", "store", "redis", "dagster", "logs", "inputs.json")
 
 
 def _explain(error: ValidationError, from_flags: bool) -> str:
@@ -53,7 +53,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise UsageError(_explain(error, from_flags=False)) from None
     overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
     try:
-        return base.with_overrides(**overrides)
+        return base.with_overrides(**overrides).with_remembered_inputs()
     except ValidationError as error:
         raise UsageError(_explain(error, from_flags=True)) from None
 
@@ -167,7 +167,11 @@ def _clear_demo_folder(folder: Path) -> None:
                              f"({', '.join(foreign[:5])}); move them away first")
     embedded.stop(folder / "redis")
     for name in DEMO_ENTRIES:
-        shutil.rmtree(folder / name, ignore_errors=True)
+        entry = folder / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / DEMO_MARKER).write_text("Made by `laion-dagster demo`, which clears this folder "
                                       "(only the names it makes) on its next run.\n")
@@ -200,6 +204,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "concurrency": args.concurrency or 32, "allow_private_addresses": True,
         "host_map": {host: "127.0.0.1" for host in DEMO_HOSTS}, "timeout": 10.0,
         "heartbeat_interval": 2.0,
+        # Its server drops some first requests on purpose (/flaky/): a short wait shows the
+        # later tries at work without making the demo wait 20 s for them.
+        "retry_delay": args.retry_delay if args.retry_delay is not None else 3.0,
     })
     with exclusive.hold(demo_dir, "laion-dagster demo"):
         _clear_demo_folder(demo_dir)
@@ -309,8 +316,9 @@ def cmd_errors_retry(args: argparse.Namespace) -> int:
     settings = _settings(args)
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     with _queue(settings, "laion-dagster-errors") as queue:
+        _known_part(queue, args.part)
         try:
-            part = parts.find(settings.parts_root, args.part)
+            part = parts.locate(settings.parts_root, args.part, queue.part(args.part).path)
             report = retry_failed(queue, part, settings, classes)
         except (parts.PartError, RetryRefused, FileNotFoundError) as error:
             raise UsageError(str(error)) from None
@@ -363,7 +371,9 @@ def cmd_discover(args: argparse.Namespace) -> int:
         print(("added  " if part.key in new else "known  ") + f"{part.key:<24} {part.path.name}")
     for problem in found.problems:
         print(f"skipped {problem}")
-    print(f"{len(new)} new, {len(keys)} parts under {settings.parts_root}")
+    if not keys:
+        print(parts.nothing_found(settings.parts_root, found))
+    print(f"{len(new)} new, {len(keys)} parts at {settings.parts_root}")
     stale = sorted(known - set(keys))
     if stale and args.prune:
         for key in stale:
@@ -377,53 +387,67 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _stop_children(children: list[subprocess.Popen], grace: float) -> None:
-    """Ctrl-C first (graceful for dagster dev and workers), then SIGTERM, then SIGKILL."""
-    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        alive = [child for child in children if child.poll() is None]
-        if not alive:
-            return
-        for child in alive:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(c.poll() is None for c in alive):
-            time.sleep(0.2)
-
-
 def cmd_up(args: argparse.Namespace) -> int:
+    from laion_dagster.core import children
     from laion_dagster.instance import ensure_dagster_home
 
     settings = _settings(args)
     with exclusive.hold(settings.state_dir, "laion-dagster up"):
         home = ensure_dagster_home(settings)
         os.environ.update(settings.to_env())
+        if settings.parts_root.exists():
+            settings.remember_inputs()
         started_redis = not settings.redis_url and not embedded.running(settings.redis_dir)
-        connect(settings).close()  # starts the embedded server if needed, fails early if not
+        if started_redis:  # started here, it dies with this command, even by SIGKILL
+            embedded.ensure_running(settings.redis_dir, tied=True)
+        connect(settings).close()  # fails early if Redis cannot be reached
+        # Ctrl-C, `kill` and systemd's SIGTERM all stop everything in order, whatever this
+        # process inherited (a script's background job starts with SIGINT ignored).
+        stopped: list[int] = []
+        previous = {sig: signal.signal(sig, lambda signum, _: stopped.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         dagster = Path(sys.executable).with_name("dagster")
-        children = [
-            subprocess.Popen([sys.executable, "-m", "laion_dagster.cli", "worker"]),
-            subprocess.Popen([str(dagster) if dagster.exists() else "dagster", "dev", "-m",
-                              "laion_dagster.definitions", "-p", str(args.port)]),
+        running = [
+            children.Child(children.start([sys.executable, "-m", "laion_dagster.cli",
+                                           "worker"]),
+                           signal.SIGTERM, settings.shutdown_grace + 30),
+            # dagster dev stops its webserver, daemon and code servers on a Ctrl-C to its
+            # group, as at a terminal.
+            children.Child(children.start([str(dagster) if dagster.exists() else "dagster",
+                                           "dev", "-m", "laion_dagster.definitions", "-p",
+                                           str(args.port)]),
+                           signal.SIGINT, 30.0, whole_group=True),
         ]
         print(f"Dagster UI on http://127.0.0.1:{args.port} (DAGSTER_HOME={home}); "
               f"workers writing to {settings.store_root}. Ctrl-C stops everything.", flush=True)
-        # SIGTERM (systemd, kill) means the same as Ctrl-C.
-        signal.signal(signal.SIGTERM, _interrupt)
         try:
-            while all(child.poll() is None for child in children):
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            print("stopping: workers finish their shards, dagster dev shuts down ...", flush=True)
+            while not stopped and all(c.process.poll() is None for c in running):
+                time.sleep(0.2)
+            if stopped:
+                print(f"{signal.Signals(stopped[0]).name}: stopping; workers finish their "
+                      "shards, dagster dev shuts down ...", flush=True)
+            else:
+                gone = next(c for c in running if c.process.poll() is not None)
+                print(f"{' '.join(gone.process.args[1:3])} exited with code "
+                      f"{gone.process.returncode}; stopping the rest", flush=True)
         finally:
-            _stop_children(children, settings.shutdown_grace + 30)
+            children.stop_all(running)
             if started_redis:
                 embedded.stop(settings.redis_dir)
-    return 0
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return 128 + stopped[0] if stopped else 1
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, but never breaking a line inside a flag (`--allow-` / `private-addresses`)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
 
 
 PART_HELP = "the part's key, <subset>/<part> (e.g. laion2B-en/00042; `status` lists them)"
@@ -433,35 +457,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="laion-dagster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=summary, description=description)
+    def command(name: str, summary: str, description: str,
+                usage: str | None = None) -> argparse.ArgumentParser:
+        # Commands that take every setting get a short usage line: the settings are listed
+        # below the description, not in a wall of flags above it.
+        return sub.add_parser(name, help=summary, description=description, usage=usage,
+                              formatter_class=_HelpFormatter)
 
     run = command("run", "download every part of a folder, then exit",
-                  "Download every part under --parquet-dir into --store-dir on this machine, "
-                  "through Dagster, with a local worker pool; exit when every part is final "
-                  "(0), when a part fails or nothing can move for stall_timeout (1), or on "
-                  "Ctrl-C/SIGTERM (130/143) after stopping everything it started. Running it "
-                  "again resumes. Its queue and Dagster instance live in --data-dir, else "
-                  "beside the store (<store_dir>/.laion-dagster).")
+                  "Download every part at --parquet-dir into --store-dir on this machine, "
+                  "through Dagster, with a local worker pool. Give both (or --data-dir, "
+                  "which holds parquet/ and store/). --parquet-dir is one file, a folder of "
+                  "files (its name is the subset) or a folder of subset folders (LAION's "
+                  "releases); each file is a part: parquet, csv, tsv, txt (one URL a line), "
+                  "json or jsonl, those but parquet also gzipped (.csv.gz). URLs are read "
+                  "from the URL/url column (--url-column), captions from TEXT/caption "
+                  "(--caption-column). Private, loopback and link-local addresses are refused "
+                  "(class blocked_address) unless --allow-private-addresses (or "
+                  "--allowed-networks CIDR,...) is given. Exit 0 when every part is final, 1 "
+                  "when a part fails or nothing can move for stall_timeout, 2 for a mistake "
+                  "before anything starts, 130/143 on Ctrl-C/SIGTERM after stopping "
+                  "everything it started. Running it again resumes. Its queue and Dagster "
+                  "instance live in --data-dir, else beside the store "
+                  "(<store_dir>/.laion-dagster).",
+                  "laion-dagster run --parquet-dir PATH --store-dir PATH [settings ...]")
     _common(run)
     run.set_defaults(func=cmd_run)
     demo = command("demo", "run on a generated dataset served from loopback",
                    "Generate a small LAION-like dataset in <data_dir>/demo, serve its images "
                    "from a loopback server, and download it with `run`. The demo clears only "
-                   "the folder it made (it holds a .laion-dagster-demo marker).")
+                   "the folder it made (it holds a .laion-dagster-demo marker).",
+                   "laion-dagster demo [--rows-per-part N] [settings ...]")
     _common(demo)
     demo.add_argument("--rows-per-part", dest="rows_per_part", type=int, default=1000,
                       help="rows in each of the four generated parts (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
     up = command("up", "embedded Redis + dagster dev + a local worker pool",
                  "Start the embedded Redis, `dagster dev` (UI and daemon, sensors on) and a "
-                 "local worker pool; one Ctrl-C stops all three.")
+                 "local worker pool; one Ctrl-C stops all three.",
+                 "laion-dagster up [--port PORT] [settings ...]")
     _common(up)
     up.add_argument("--port", type=int, default=3000, help="the UI's port (default: 3000)")
     up.set_defaults(func=cmd_up)
     worker = command("worker", "a worker pool on this host (downloader.py)",
                      "Run P worker processes × C fetches against the queue until stopped "
-                     "(SIGTERM/Ctrl-C finish or hand back their shards).")
+                     "(SIGTERM/Ctrl-C finish or hand back their shards).",
+                     "laion-dagster worker [settings ...]")
     _common(worker)
     worker.set_defaults(func=cmd_worker)
     status = command("status", "queue, rates, ETA, parts and hosts (speed.py)",

@@ -28,14 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from laion_dagster.core import embedded, exclusive, parts, provenance
+from laion_dagster.core import children, embedded, exclusive, parts, provenance
 from laion_dagster.core.accounting import PartSummary, summarize
 from laion_dagster.core.admission import hold_reasons
-from laion_dagster.core.children import die_with_parent
 from laion_dagster.core.connection import connect
 from laion_dagster.core.enqueue import EnqueueReport, enqueue_part
 from laion_dagster.core.hosts import is_stale, store_problem
+from laion_dagster.core.outcomes import fix_sentence
 from laion_dagster.core.queue import PartState, Queue
+from laion_dagster.core.retry import RetryRefused, retry_failed
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.status import bar, plural
 from laion_dagster.usage import UsageError
@@ -52,6 +53,25 @@ LINE_EVERY = 5.0
 # ones in `dagster asset materialize` processes, at most ENQUEUE_PROCESSES at once.
 IN_PROCESS_ROWS = 1_000_000
 ENQUEUE_PROCESSES = 4
+ENQUEUE_GRACE = 10.0  # an enqueue process stops at once: it resumes where it stopped
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Counts of rows with an outcome in the run's parts, at one moment."""
+
+    rows: int = 0  # ok + failed
+    ok: int = 0
+    bytes: int = 0
+
+    @classmethod
+    def of(cls, states: dict[str, PartState]) -> Progress:
+        return cls(rows=sum(st.ok + st.failed for st in states.values()),
+                   ok=sum(st.ok for st in states.values()),
+                   bytes=sum(st.bytes for st in states.values()))
+
+    def since(self, start: Progress) -> Progress:
+        return Progress(self.rows - start.rows, self.ok - start.ok, self.bytes - start.bytes)
 
 
 @dataclass
@@ -61,7 +81,10 @@ class RunResult:
     duration: float = 0.0
     stopped_by: int | None = None  # the signal that stopped the run early
     gave_up: str | None = None  # why the run ended without finishing (stalled, pool broken)
-    first_fetch: float | None = None  # seconds from start to the first image fetched
+    first_image: float | None = None  # seconds from start to the first image stored
+    # What this invocation did, not what the parts hold (a rerun may have nothing to do).
+    downloaded: Progress | None = None
+    already_final: int = 0  # parts final before this invocation (skipped)
 
     @property
     def ok(self) -> bool:
@@ -138,7 +161,9 @@ class OneShot:
         # time to the first image and the run's duration count from one moment (the process's
         # own start would add, for `demo`, the making of its dataset).
         self.started_at = time.time()
-        self.first_fetch: float | None = None
+        self.first_image: float | None = None
+        self.at_start = Progress()  # the parts' counts once their states were checked
+        self.already_final = 0
         self.rate = Rate()
         self.stored_at_start: int | None = None  # rows in finished shards at the first line
 
@@ -159,20 +184,18 @@ class OneShot:
     def _start_workers(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.worker_log, "ab") as handle:
-            self.workers = subprocess.Popen(
-                [sys.executable, "-m", "laion_dagster.cli", "worker"], stdout=handle,
-                stderr=subprocess.STDOUT, env=self._child_env(), start_new_session=True,
-                preexec_fn=die_with_parent)
+            self.workers = children.start([sys.executable, "-m", "laion_dagster.cli", "worker"],
+                                          stdout=handle, stderr=subprocess.STDOUT,
+                                          env=self._child_env())
         self.workers_started = time.monotonic()
 
     def _launch_enqueue(self, key: str) -> None:
         name = key.replace(parts.SEPARATOR, "_")
         with open(self.log_dir / f"enqueue-{name}.log", "ab") as log:
-            self.enqueuing[key] = subprocess.Popen(
+            self.enqueuing[key] = children.start(
                 _dagster_command() + ["asset", "materialize", "-m", "laion_dagster.definitions",
                                       "--select", "part_tasks", "--partition", key],
-                stdout=log, stderr=subprocess.STDOUT, env=self._child_env(),
-                start_new_session=True, preexec_fn=die_with_parent)
+                stdout=log, stderr=subprocess.STDOUT, env=self._child_env())
 
     def _finalize(self, instance: DagsterInstance, key: str) -> None:
         # A run of finalize_job, not reported events: Dagster cannot store a second runless
@@ -200,7 +223,8 @@ class OneShot:
             for note in found.problems:
                 self.say(f"warning: {note}")
             if not found.parts:
-                raise UsageError(f"no parquet parts under {s.parts_root}/<subset>/*.parquet")
+                raise UsageError(parts.nothing_found(s.parts_root, found))
+            s.remember_inputs()
             previous = {sig: signal.signal(sig, self._on_signal)
                         for sig in (signal.SIGINT, signal.SIGTERM)}
             started_redis = not s.redis_url and not embedded.running(s.redis_dir)
@@ -231,11 +255,13 @@ class OneShot:
         keys = [p.key for p in found]
         self.rows = {p.key: parts.rows_if_readable(p) for p in found}
         self.total_rows = sum(self.rows.values())
-        final = self._check_states(queue, found)
+        final = self.already_final = self._check_states(queue, found)
         if final:
             self.say(f"{final} of {plural(len(keys), 'part')} already final in {s.store_root}; "
                      "skipping them")
+        self.at_start = Progress.of(queue.parts_states(keys))
         summaries: list[PartSummary] = []
+        downloaded = None
         try:
             if len(self.finished) < len(keys):
                 # First of all: the pool's processes import their libraries (about a second)
@@ -262,15 +288,19 @@ class OneShot:
             with contextlib.suppress(Exception):
                 states = queue.parts_states(keys)
                 summaries = [summarize(st, queue.classes(k), s) for k, st in states.items()]
+                downloaded = Progress.of(states).since(self.at_start)
             client.close()
         return RunResult(summaries=summaries, failures=self.failures,
                          duration=time.monotonic() - self.started, stopped_by=self.signal,
-                         gave_up=self.gave_up, first_fetch=self.first_fetch)
+                         gave_up=self.gave_up, first_image=self.first_image,
+                         downloaded=downloaded, already_final=self.already_final)
 
     def _check_states(self, queue: Queue, found: list[parts.Part]) -> int:
         """Decide, per part, whether its queue state is this run's (provenance.py): final
         parts are skipped, parts made for another store or with shards gone from it start
-        again, parts whose file changed are refused. Returns how many are final."""
+        again, parts whose file changed are refused, and final parts whose fixable failures
+        this run's settings decide otherwise have those rows fetched again. Returns how many
+        parts are final."""
         s = self.settings
         states = queue.parts_states([p.key for p in found])
         final = 0
@@ -289,6 +319,8 @@ class OneShot:
             if not verdict.restart and state.finalized_at is not None:
                 missing = provenance.missing_shards(queue, state, s)
                 if not missing:
+                    if self._refetch(queue, part, state):
+                        continue
                     self.finished.add(part.key)
                     final += 1
                     continue
@@ -299,6 +331,21 @@ class OneShot:
                 self.say(reason)
                 queue.reset(part.key)
         return final
+
+    def _refetch(self, queue: Queue, part: parts.Part, state: PartState) -> bool:
+        """Queue again the failed rows of a final part that this run's settings decide
+        otherwise (provenance.decided_otherwise); True if it did."""
+        redo = provenance.decided_otherwise(state, queue.classes(part.key), self.settings)
+        if redo is None:
+            return False
+        try:
+            report = retry_failed(queue, part, self.settings, tuple(redo.classes))
+        except (RetryRefused, parts.PartError, FileNotFoundError) as error:
+            self.say(f"{redo.reason}; could not fetch them again: {error}")
+            return False
+        queue.set_fetch_policy(part.key, provenance.fetch_policy(self.settings))
+        self.say(f"{redo.reason}: fetching those {plural(report.rows, 'row')} again")
+        return report.rows > 0
 
     def _loop(self, queue: Queue, instance: DagsterInstance, keys: list[str]) -> None:
         s = self.settings
@@ -318,11 +365,11 @@ class OneShot:
             now = time.monotonic()
             fetched = sum(int(h.get("fetched", 0)) for h in hosts.values())
             self.rate.add(now, fetched)
-            firsts = [h["first_fetch_at"] for h in hosts.values()
-                      if (h.get("first_fetch_at") or 0) >= self.started_at]
-            if firsts and self.first_fetch is None:
-                self.first_fetch = min(firsts) - self.started_at
-                self.say(f"first image fetched {self.first_fetch:.1f}s after start")
+            firsts = [h["first_image_at"] for h in hosts.values()
+                      if (h.get("first_image_at") or 0) >= self.started_at]
+            if firsts and self.first_image is None:
+                self.first_image = min(firsts) - self.started_at
+                self.say(f"first image stored {self.first_image:.1f}s after start")
             mark = (sum(st.rows for st in states.values()),
                     sum(st.ok + st.failed + st.invalid for st in states.values()),
                     self.rate.total, len(self.finished))
@@ -378,6 +425,11 @@ class OneShot:
                 reasons.append(f"host {host} paused: {report.get('pause_reason') or 'paused'}")
             for problem in report.get("problems") or []:
                 reasons.append(f"shards failing on {host}: {problem}")
+        later = sum(int(report.get("waiting") or 0) for report in live.values())
+        if later:
+            reasons.append(f"{plural(later, 'row')} wait for their later try, "
+                           f"{self.settings.retry_delay:g}s after their first began "
+                           "(retry_delay)")
         if self.workers is not None and not live and \
                 time.monotonic() - self.workers_started > 30:
             reasons.append(f"no worker is reporting; see {self.worker_log}")
@@ -394,20 +446,11 @@ class OneShot:
             name = signal.Signals(self.signal).name
             self.say(f"{name}: stopping; workers finish their shards within "
                      f"{self.settings.shutdown_grace:.0f}s or hand them back")
-        for proc in self.enqueuing.values():
-            proc.terminate()
-        for proc in self.enqueuing.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if self.workers is not None and self.workers.poll() is None:
-            self.workers.send_signal(signal.SIGTERM)
-            try:
-                self.workers.wait(self.settings.shutdown_grace + 30)
-            except subprocess.TimeoutExpired:
-                self.workers.kill()
-                self.workers.wait(5)
+        children.stop_all([children.Child(proc, signal.SIGTERM, ENQUEUE_GRACE)
+                           for proc in self.enqueuing.values()])
+        if self.workers is not None:
+            children.stop_all([children.Child(self.workers, signal.SIGTERM,
+                                              self.settings.shutdown_grace + 30)])
 
     def _reap_enqueues(self, instance: DagsterInstance) -> None:
         for key, proc in list(self.enqueuing.items()):
@@ -554,11 +597,15 @@ def _run_here(instance: DagsterInstance, job_name: str, key: str) -> str | None:
 
 
 def format_summary(result: RunResult, settings: Settings) -> str:
+    """The run's end, in lines: the parts' totals (what they hold, this run or earlier), what to
+    do about a failure that dominates them, and what this invocation itself downloaded."""
     rows = sum(s.rows for s in result.summaries)
     ok = sum(s.ok for s in result.summaries)
     failed = sum(s.failed for s in result.summaries)
     invalid = sum(s.invalid for s in result.summaries)
     nbytes = sum(s.bytes for s in result.summaries)
+    retried = sum(s.retried for s in result.summaries)
+    recovered = sum(s.recovered for s in result.summaries)
     classes: dict[str, int] = {}
     for s in result.summaries:
         for name, count in s.classes.items():
@@ -574,17 +621,38 @@ def format_summary(result: RunResult, settings: Settings) -> str:
     lines += [
         f"parts: {len(result.summaries)} ({len(result.failures)} failed)",
         f"rows: {rows:,}  ok: {ok:,}  failed: {failed:,}  invalid (no usable URL): {invalid:,}"
-        f"  success rate: {ok / attempted if attempted else 0:.1%}",
-        f"bytes: {nbytes / 1e6:,.1f} MB  in {result.duration:,.1f}s"
-        f"  ({attempted / result.duration if result.duration else 0:,.0f} images/s overall"
-        + (f"; first image after {result.first_fetch:.1f}s" if result.first_fetch is not None
-           else "") + ")",
+        f"  success rate: {ok / attempted if attempted else 0:.1%}  size: {nbytes / 1e6:,.1f} MB",
     ]
+    if retried:
+        lines.append(f"tried again later: {plural(retried, 'row')} whose first try failed in a "
+                     f"way that may pass; {recovered:,} of them then succeeded")
     if classes:
         lines.append("failed by class: " + ", ".join(
             f"{name} {count:,}" for name, count in sorted(classes.items(), key=lambda kv: -kv[1])))
+    fix = fix_sentence(classes)
+    if fix:
+        lines.append(f"to fix: {fix}")
+    lines.append(_this_run(result))
     lines.append(f"images: {settings.store_root}")
     lines.append(f"error files: {settings.errors_root}")
     for key, message in result.failures.items():
         lines.append(f"FAILED {key}: {message}")
     return "\n".join(lines)
+
+
+def _this_run(result: RunResult) -> str:
+    """What this invocation downloaded, and how fast: never figures of earlier runs."""
+    done = result.downloaded or Progress()
+    if done.rows <= 0:
+        if result.already_final and result.already_final == len(result.summaries):
+            which = ("its part was" if result.already_final == 1
+                     else f"all {result.already_final:,} parts were")
+            return (f"this run: nothing to download; {which} final already (`laion-dagster "
+                    "reset PART` downloads one again)")
+        return f"this run: no rows downloaded in {result.duration:,.1f}s"
+    seconds = max(result.duration, 1e-9)
+    first = (f"; first image after {result.first_image:.1f}s" if result.first_image is not None
+             else "; no image stored")
+    return (f"this run: {plural(done.rows, 'row')} downloaded ({done.ok:,} images, "
+            f"{done.bytes / 1e6:,.1f} MB) in {result.duration:,.1f}s: "
+            f"{done.rows / seconds:,.0f} rows/s, {done.ok / seconds:,.0f} images/s{first}")

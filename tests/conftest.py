@@ -65,8 +65,10 @@ def images() -> list[DemoImage]:
     return make_images(60, seed=1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def image_server(images) -> Iterator[ImageServer]:
+    """A test's own: what it has served (its request counts, the /flaky/ route's drops) is
+    this test's alone. Starting one takes milliseconds."""
     with ImageServer({image.path: image for image in images}) as server:
         yield server
 
@@ -90,6 +92,7 @@ def settings(tmp_path: Path, redis_server, prefix: str) -> Settings:
         heartbeat_interval=0.5,
         shutdown_grace=10.0,
         retries=0,
+        retry_delay=1.5,  # later tries on, as by default; past the /flaky/ route's drops
     )
 
 
@@ -129,6 +132,7 @@ def shell_env(**settings: str) -> dict[str, str]:
         "LAION_TIMEOUT": "5",
         "LAION_HEARTBEAT_INTERVAL": "0.5",
         "LAION_RETRIES": "0",
+        "LAION_RETRY_DELAY": "1.5",
     })
     env.update({f"LAION_{name.upper()}": value for name, value in settings.items()})
     return env

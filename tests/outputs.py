@@ -5,7 +5,6 @@ import json
 import tarfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,7 +12,7 @@ import pyarrow.parquet as pq
 from laion_dagster.core import parts
 from laion_dagster.core.queue import Queue
 from laion_dagster.core.writers import leftovers
-from laion_dagster.demo.dataset import DemoDataset
+from laion_dagster.demo.dataset import DemoDataset, served_path
 
 
 def shard_rows(part_dir: Path) -> pa.Table:
@@ -66,7 +65,7 @@ def check_part(settings, part: parts.Part, dataset: DemoDataset) -> pa.Table:
         if actual == "success":
             key = record["key"]
             body = members[f"{key}.{record['format']}"]
-            assert body == by_path[urlsplit(record["url"]).path].body
+            assert body == by_path[served_path(record["url"])].body
             assert members[f"{key}.txt"].decode() == (record["caption"] or "")
             assert json.loads(members[f"{key}.json"])["url"] == record["url"]
         else:

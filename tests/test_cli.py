@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -106,7 +107,15 @@ def test_unreachable_redis_is_one_clear_line(settings, user_env):
     assert "Traceback" not in result.stderr
 
 
-def test_up_starts_everything_and_one_ctrl_c_stops_it_all(settings, dataset, user_env):
+@pytest.mark.parametrize("parent,sig,code", [
+    ("terminal", "SIGINT", 130), ("script", "SIGINT", 130), ("script", "SIGTERM", 143)])
+def test_up_starts_everything_and_one_signal_stops_it_all(settings, dataset, user_env, parent,
+                                                          sig, code):
+    """`up` from a terminal (Ctrl-C reaches its whole group) or from a script (a background
+    job: SIGINT ignored from the start; `kill -INT` or `kill -TERM` reaches its pid only):
+    every child stops within the grace period, the UI's port is free, nothing it started
+    (webserver, daemon, code servers, pool, embedded Redis) is left, and the exit code says
+    which signal (130, 143), as `run`'s."""
     import signal
     import time
     import urllib.request
@@ -116,11 +125,12 @@ def test_up_starts_everything_and_one_ctrl_c_stops_it_all(settings, dataset, use
     port = embedded.free_port()
     env = dict(user_env, LAION_PARQUET_DIR=str(settings.parts_root),
                LAION_STORE_DIR=str(settings.store_root), LAION_PROCESSES="1")
+    disposition = signal.SIG_DFL if parent == "terminal" else signal.SIG_IGN
     up = subprocess.Popen(
         [sys.executable, "-m", "laion_dagster.cli", "up", "--port", str(port)], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        # A terminal's Ctrl-C reaches a foreground group whose SIGINT is not ignored.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
+    started: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -133,31 +143,42 @@ def test_up_starts_everything_and_one_ctrl_c_stops_it_all(settings, dataset, use
                 assert up.poll() is None, up.stdout.read().decode()
                 assert time.monotonic() < deadline, "the UI did not come up"
                 time.sleep(1)
-        group = [p for p in psutil.process_iter(["pid"]) if _in_group(p, up.pid)]
-        names = " ".join(" ".join(p.cmdline()) for p in group if p.is_running())
-        assert "laion_dagster.cli worker" in names and "dagster" in names
+        started = psutil.Process(up.pid).children(recursive=True)
+        names = " ".join(cmdline(p) for p in started)
+        assert "laion_dagster.cli worker" in names and "dagster" in names, names
+        assert "dagster-webserver" in names or "dagster_webserver" in names, names
         server = embedded.read_state(settings.data_dir / "redis")
         assert server is not None and embedded.is_alive(server)
-        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C
+        stopping = time.monotonic()
+        if parent == "terminal":
+            os.killpg(up.pid, signal.SIGINT)  # Ctrl-C
+        else:
+            os.kill(up.pid, getattr(signal, sig))  # kill -INT / kill -TERM PID
         up.wait(120)
+        took = time.monotonic() - stopping
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
     out = up.stdout.read().decode()
-    assert up.returncode == 0, out
-    time.sleep(1)
-    assert not [p for p in psutil.process_iter(["pid"]) if _in_group(p, up.pid)]
+    assert up.returncode == code, out
+    assert took < 5 + 30, out  # shutdown_grace (5 s) for the pool; dagster dev's own stop
+    assert f"{sig}: stopping" in out
+    left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [cmdline(p) for p in left]
+    with socket.socket() as probe:  # nothing listens on the UI's port (a server can take it)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+        probe.listen()
     assert not embedded.is_alive(server)  # `up` started the embedded Redis, so it stops it
 
 
-def _in_group(process, group: int) -> bool:
-    """A live process of the group (an exited one waiting to be reaped does not count)."""
+def cmdline(process) -> str:
     import psutil
 
     try:
-        return os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE
-    except (ProcessLookupError, PermissionError, psutil.Error):
-        return False
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def test_errors_export_reports_progress_on_a_big_part(settings, tmp_path):
@@ -210,7 +231,16 @@ def test_a_bad_setting_is_one_sentence_naming_it_and_what_is_allowed(user_env, a
 
 def test_help_says_what_each_command_does_and_lists_only_its_flags():
     run = cli(os.environ, "run", "--help", timeout=60).stdout
-    assert "Download every part under --parquet-dir into --store-dir" in run
+    assert run.startswith("usage: laion-dagster run --parquet-dir PATH --store-dir PATH "
+                          "[settings ...]\n")
+    words = " ".join(run.split())
+    # What is required, the layouts and formats taken, and the address guard with its setting.
+    assert "Download every part at --parquet-dir into --store-dir" in words
+    assert ("--parquet-dir is one file, a folder of files (its name is the subset) or a folder "
+            "of subset folders") in words
+    assert "parquet, csv, tsv, txt (one URL a line), json or jsonl" in words
+    assert ("Private, loopback and link-local addresses are refused (class blocked_address) "
+            "unless --allow-private-addresses") in words
     overwrite = run.split("--overwrite, --no-overwrite", 1)[1].split("\n  --", 1)[0]
     assert overwrite.count("default") == 1 and "(default: keep them)" in " ".join(
         overwrite.split())

@@ -20,7 +20,7 @@ from dagster import (
 )
 
 from laion_dagster.core import parts
-from laion_dagster.core.accounting import ERROR_CLASSES
+from laion_dagster.core.outcomes import ERROR_CLASSES
 from laion_dagster.definitions import defs
 from laion_dagster.defs.assets import part_images, part_tasks
 from laion_dagster.defs.partitions import PARTS
@@ -236,6 +236,14 @@ def test_finalize_fires_only_when_complete_and_records_everything(instance, laio
     assert meta["success_rate"] == pytest.approx(meta["ok"] / (meta["ok"] + meta["failed"]),
                                                  abs=1e-4)
     assert "| http_4xx |" in meta["error_classes"]
+    # Rows whose first try failed in a way that may pass were tried again later; the rows
+    # the server dropped at first (/flaky/) recovered, the others failed as served.
+    transient = {i for i, cls in expected.items() if cls in ("connection", "dns", "http_5xx")}
+    flaky = {i for i, url in enumerate(pq.read_table(parts.find(settings.parts_root, key).path)
+                                       .column("URL").to_pylist()) if url and "/flaky/" in url}
+    assert meta["retried_rows"] == len(transient | flaky) and transient and flaky
+    assert meta["recovered_rows"] == len(flaky)
+    assert meta["to_fix"] == ""  # http_4xx dominates: nothing a setting can fix
     assert meta["output_dir"].endswith(str(parts.relative_dir(key)))
     assert meta["part_file"] == str(part.path)  # the key is short; the file name is here
     # Sizes in units people read (and a number for the plots), not a raw byte count.

@@ -47,6 +47,33 @@ def test_a_finished_fetch_hands_its_slot_to_the_same_hosts_next_row_first():
     assert dispatcher.take() == ("a.example", 3)
 
 
+def test_rows_due_for_their_later_try_go_first_each_on_a_connection_of_its_own():
+    """Rows whose later try is due have waited their delay already: they go at the head of
+    their host's queue, their host ahead of the others in turn, and each opens a connection
+    of its own up to per_host_limit, instead of one per few rows (queued behind each other,
+    a host's hanging rows started seconds late on bench/field.py, one per SLOW_FETCH, and the
+    run's end moved by more than the delay)."""
+    dispatcher = Dispatcher(concurrency=1, per_host_limit=8)
+    dispatcher.add([("a.example", 1), ("b.example", 1), ("b.example", 2)])
+    assert dispatcher.take() == ("a.example", 1)
+    dispatcher.add([("b.example", "later")], due=True)
+    dispatcher.finish("a.example")
+    assert dispatcher.take() == ("b.example", "later")
+    dispatcher.finish("b.example")
+    assert take_all(dispatcher) == [("b.example", 1)]
+
+    wide = Dispatcher(concurrency=100, per_host_limit=8)
+    wide.add([("h.example", "first")])
+    assert take_all(wide) == [("h.example", "first")]
+    wide.add(("h.example", f"first {i}") for i in range(3))
+    assert take_all(wide) == []  # rows on their first try wait for the warm connection
+    wide.drop(lambda row: True)
+    wide.add((("h.example", f"later {i}") for i in range(3)), due=True)
+    assert len(take_all(wide)) == 3  # each on a connection of its own at once
+    wide.add((("h.example", f"later {i}") for i in range(3, 13)), due=True)
+    assert len(take_all(wide)) == 4  # within per_host_limit (8)
+
+
 def test_a_slow_fetch_lets_its_host_open_another_connection_within_its_limit():
     """Rows queued behind a fetch that hangs go out once it is reported slow, one more
     connection per slow fetch, never past per_host_limit; when the slow fetch ends, the

@@ -307,6 +307,7 @@ def test_a_host_cut_off_mid_shard_loses_and_doubles_nothing(lab, tmp_path, conne
         visibility_timeout=VISIBILITY, heartbeat_interval=0.5, shutdown_grace=2.0,
         allowed_networks=[NETWORK], host_map={h: address("img") for h in IMAGE_HOSTS},
         connect_timeout=20.0, timeout=40.0, retries=0, disk_min_free_gb=0.05,
+        retry_delay=1.5,  # later tries on, as by default, but quick (as tests/conftest.py's)
     )
     here = base.with_overrides(redis_url=local_url)  # this process: the Unix socket
     dataset = write_dataset(here.parts_root, [f"http://{h}:{IMAGE_PORT}" for h in IMAGE_HOSTS],

@@ -146,6 +146,26 @@ def test_an_unanswered_name_fails_at_its_deadline_once_for_everyone(dns):
     assert cached < 0.1  # remembered, not asked for another 2 s
 
 
+def test_an_unanswered_name_is_asked_again_once_its_failure_is_forgotten(dns):
+    """A look-up that timed out is remembered for `failed_ttl` only: a row tried again later
+    (retry_rounds, whose delay is longer) asks the name server again, not the memory."""
+    async def main():
+        resolver = CachingResolver(deadline=0.5, nameservers=[dns.address], failed_ttl=0.3)
+        for _ in range(2):  # asked once, then answered from memory
+            with pytest.raises(LookupFailed):
+                await resolver.resolve("silent.test", 80)
+        asked_before = resolver.lookups
+        forgotten = asyncio.get_running_loop().time() + 0.3
+        await asyncio.sleep(max(0.0, forgotten - asyncio.get_running_loop().time()) + 0.05)
+        with pytest.raises(LookupFailed):
+            await resolver.resolve("silent.test", 80)
+        await resolver.close()
+        return asked_before, resolver.lookups
+
+    asked_before, asked_after = run(main())
+    assert asked_after > asked_before
+
+
 def test_the_fetcher_resolves_through_dns_and_keeps_the_address_guard(dns, settings,
                                                                      image_server, images):
     """Without a host_map the fetcher asks DNS; an address the guard refuses stays refused

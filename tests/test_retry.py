@@ -115,5 +115,8 @@ def test_retry_replaces_old_failures_with_new_outcomes(settings, own_server, ima
     third = download(queue, settings, part.key)
     assert (third.ok, third.failed, third.invalid) == (30, 5, 2)
     assert third.classes == {"http_5xx": 5, "invalid_url": 2}
-    assert own_server.requests["/status/503/0.jpg"] == 2 * (1 + settings.retries)
+    # Two downloads of the row, each a try and its later try (retry_rounds), each asking
+    # 1 + retries times.
+    assert own_server.requests["/status/503/0.jpg"] == \
+        2 * (1 + settings.retry_rounds) * (1 + settings.retries)
     client.close()

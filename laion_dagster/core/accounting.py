@@ -17,15 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_dagster.core import parts
+from laion_dagster.core.outcomes import fix_sentence
 from laion_dagster.core.queue import PartState, Queue
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.writers import ERROR_SCHEMA
-
-# Every class a row can fail with (fetch.classify, images, the queue's dead letters, parts'
-# invalid rows): the error table and the asset metadata list them in this order.
-ERROR_CLASSES = ("timeout", "dns", "connection", "tls", "http_4xx", "http_5xx", "too_large",
-                 "redirect", "not_image", "decode_error", "opted_out", "hash_mismatch",
-                 "filtered", "blocked_address", "invalid_url", "dead_letter")
 
 
 class PartNotDone(RuntimeError):
@@ -46,6 +41,14 @@ class PartSummary:
     error_file: str | None = None
     error_rows: int = 0
     output_dir: str = ""
+    retried: int = 0  # rows tried again later in their shard (Settings.retry_rounds)
+    recovered: int = 0  # of those, rows that then succeeded
+    part_file: str | None = None  # the file it was enqueued from
+
+    @property
+    def fix(self) -> str | None:
+        """What the user can do about the class that dominates its failures, if anything."""
+        return fix_sentence(self.classes)
 
     @property
     def success_rate(self) -> float:
@@ -68,6 +71,7 @@ def summarize(state: PartState, classes: dict[str, int], settings: Settings) -> 
         invalid=state.invalid, bytes=state.bytes, shards=state.shards_total or state.shards,
         duration=max(0.0, end - (state.started_at or end)), classes=classes,
         output_dir=str(settings.store_root / parts.relative_dir(state.partition)),
+        retried=state.retried, recovered=state.recovered, part_file=state.path,
     )
 
 

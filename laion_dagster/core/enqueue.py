@@ -116,7 +116,8 @@ def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
     first = next(shards)
     wanted = Recipe.from_settings(settings)
     state = queue.begin(part.key, wanted.to_json(), enqueuer, source,
-                        str(settings.store_root), shard_size)
+                        str(settings.store_root), shard_size, str(part.path),
+                        provenance.fetch_policy(settings))
     generation = state.generation
     recipe = Recipe.from_json(state.recipe) if state.recipe else wanted
     if changed := recipe.differences(wanted):

@@ -60,6 +60,13 @@ class FetchResult:
     error_message: str | None = None
     http_status: int | None = None
     content_type: str | None = None
+    # False when no request was made: the URL's endpoint had just failed to connect for
+    # other URLs (DownEndpoints). Such a row says nothing about its own server yet.
+    tried: bool = True
+    # When the work that decided a failure began, where the fetch did not do it all itself
+    # (the event loop's clock): the try that found its endpoint down, or a look-up of its
+    # name it shared or found in the cache. A row's later try is timed from it.
+    since: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -73,6 +80,14 @@ class FetchFailed(Exception):
         self.error_class = error_class
         self.http_status = http_status
         self.retry_after = retry_after
+
+
+class NotTried(FetchFailed):
+    """Not asked: the endpoint failed to connect for other URLs moments ago."""
+
+    def __init__(self, error_class: str, message: str, since: float):
+        super().__init__(error_class, message)
+        self.since = since
 
 
 def hopeless_pace(received: int, length: int, elapsed: float, left: float) -> str | None:
@@ -279,40 +294,124 @@ def _could_not_connect(error: BaseException) -> bool:
     return False
 
 
-class DownHosts:
-    """Hosts that just failed to connect, remembered for a while.
+Endpoint = tuple[str, str, int]  # scheme, host, port: what one connect failure speaks for
+
+
+def endpoint_of(url: URL) -> Endpoint:
+    return url.scheme, (url.host or "").lower().rstrip("."), url.port or 0
+
+
+def endpoint_text(endpoint: Endpoint) -> str:
+    scheme, host, port = endpoint
+    return f"{scheme}://{host}:{port}"
+
+
+@dataclass
+class _Down:
+    failures: int  # in a row
+    at: float  # when the last one was (or the last probe began)
+    began: float  # when the last failed try began
+    error_class: str
+    message: str
+    probe: asyncio.Future | None = None  # settled when the probe under way tells
+
+
+class DownEndpoints:
+    """Endpoints (scheme, host and port) that just failed to connect, remembered for a while.
 
     A dead host (its packets dropped, connects timing out) would otherwise cost every one of
     its URLs a whole `connect_timeout`, holding a fetch slot each. After DOWN_AFTER failures in
-    a row, its other URLs fail at once, with the same class, for DOWN_SECONDS; a success clears
-    it, so a host that failed once by chance costs nothing.
+    a row, the endpoint's other URLs are turned away at once (NotTried) for `seconds`; then one
+    URL probes it while the others of that moment wait for what it finds, and a success (any
+    answer, even an error, once connected) clears it. A host that failed once by chance costs
+    nothing; one that comes back is not held against the URLs that asked during its probe.
+
+    The memory speaks only for what failed: a host name's port 80 refusing says nothing of its
+    port 443, and neither says anything of another name on the same address. (A name's
+    connect fails only once every address it resolves to has failed: aiohttp tries them all.)
+    Rows it turns away were never asked; the worker tries them again later (retry_rounds).
     """
 
     DOWN_AFTER = 2
-    DOWN_SECONDS = 60.0
+    SECONDS = 60.0
+    KEPT = 10_000  # endpoints remembered at most; past it, those whose time is up are dropped
 
-    def __init__(self) -> None:
-        self._failures: dict[str, tuple[int, float, str, str]] = {}
+    def __init__(self, seconds: float = SECONDS) -> None:
+        self.seconds = seconds
+        self._entries: dict[Endpoint, _Down] = {}
 
-    def failed(self, host: str, error_class: str, message: str, now: float) -> None:
-        count = self._failures.get(host, (0,))[0] + 1
-        self._failures[host] = (count, now, error_class, message)
+    async def admit(self, endpoint: Endpoint) -> bool:
+        """Whether a URL of `endpoint` may be asked: False to ask it as usual, True to ask it
+        as the endpoint's probe (the caller then reports what it found); raises NotTried for
+        a URL turned away."""
+        loop = asyncio.get_running_loop()
+        while True:
+            entry = self._entries.get(endpoint)
+            if entry is None:
+                return False
+            now = loop.time()
+            if entry.failures < self.DOWN_AFTER:
+                if now - entry.at > self.seconds:
+                    del self._entries[endpoint]
+                return False
+            if entry.probe is not None:
+                await asyncio.shield(entry.probe)  # a verdict is coming: wait for it
+                continue
+            if now - entry.at >= self.seconds:
+                entry.at = now
+                entry.probe = loop.create_future()
+                return True
+            raise NotTried(entry.error_class,
+                           f"not tried: {endpoint_text(endpoint)} failed to connect "
+                           f"{entry.failures} times in a row, the last {now - entry.at:.0f}s ago "
+                           f"({entry.message})", entry.began)
 
-    def succeeded(self, host: str) -> None:
-        self._failures.pop(host, None)
-
-    def known_down(self, host: str, now: float) -> tuple[str, str] | None:
-        entry = self._failures.get(host)
+    def failed(self, endpoint: Endpoint, error_class: str, message: str, began: float,
+               now: float) -> None:
+        entry = self._entries.get(endpoint)
         if entry is None:
-            return None
-        count, when, error_class, message = entry
-        if now - when > self.DOWN_SECONDS:
-            del self._failures[host]
-            return None
-        if count < self.DOWN_AFTER:
-            return None
-        return error_class, (f"not tried: {host} failed to connect {count} times in a row, "
-                             f"the last {now - when:.0f}s ago ({message})")
+            if len(self._entries) >= self.KEPT:
+                self._forget_old(now)
+            self._entries[endpoint] = _Down(1, now, began, error_class, message)
+            return
+        entry.failures += 1
+        entry.at, entry.began, entry.error_class, entry.message = now, began, error_class, message
+        _settle(entry)
+
+    def succeeded(self, endpoint: Endpoint) -> None:
+        entry = self._entries.pop(endpoint, None)
+        if entry is not None:
+            _settle(entry)
+
+    def probe_ended(self, endpoint: Endpoint) -> None:
+        """A probe that ended without a verdict (cancelled): the next URL probes instead."""
+        entry = self._entries.get(endpoint)
+        if entry is not None and entry.probe is not None:
+            entry.at -= self.seconds
+            _settle(entry)
+
+    def _forget_old(self, now: float) -> None:
+        for endpoint, entry in list(self._entries.items()):
+            if now - entry.at >= self.seconds and entry.probe is None:
+                del self._entries[endpoint]
+
+
+def _settle(entry: _Down) -> None:
+    if entry.probe is not None:
+        if not entry.probe.done():
+            entry.probe.set_result(None)
+        entry.probe = None
+
+
+def down_seconds(settings: Settings) -> float:
+    """How long an endpoint that failed to connect (or a name whose look-up timed out) is left
+    alone. With later tries on, a quarter of their delay: a row's later try comes `retry_delay`
+    after its first began, which may have taken up to `connect_timeout` (half the delay by
+    default) to fail, and must find the memory of that failure gone, so that it asks (or
+    probes) rather than being turned away by what it met itself."""
+    if settings.retry_rounds and settings.retry_delay > 0:
+        return min(DownEndpoints.SECONDS, settings.retry_delay / 4)
+    return DownEndpoints.SECONDS
 
 
 class BoundedPoolConnector(aiohttp.TCPConnector):
@@ -358,9 +457,10 @@ class BoundedPoolConnector(aiohttp.TCPConnector):
         return connection
 
 
-def shared_ssl_context() -> ssl.SSLContext:
-    """One context per process: creating one loads the CA bundle (~22 ms)."""
-    return ssl.create_default_context()
+def shared_ssl_context(cafile: str | None = None) -> ssl.SSLContext:
+    """One context per process: creating one loads the CA bundle (~22 ms). `cafile`: the CAs
+    to trust instead of the system's (Settings.ca_bundle)."""
+    return ssl.create_default_context(cafile=cafile)
 
 
 class Fetcher:
@@ -371,14 +471,15 @@ class Fetcher:
         self.session: aiohttp.ClientSession | None = None
         self._busy: Counter[str] = Counter()  # host -> its fetches under way
         self._gates: dict[str, asyncio.Semaphore] = {}  # host -> its per_host_limit
-        self.down = DownHosts()
+        self.down = DownEndpoints(down_seconds(settings))
         # Parsed once here; the same networks open both guards (resolver and IP literals).
         self.allowed = tuple(ipaddress.ip_network(n) for n in settings.allowed_networks)
 
     async def __aenter__(self) -> Fetcher:
         s = self.settings
-        inner: AbstractResolver = (StaticResolver(s.host_map) if s.host_map
-                                   else CachingResolver(s.connect_timeout, s.dns_servers))
+        inner: AbstractResolver = (
+            StaticResolver(s.host_map) if s.host_map
+            else CachingResolver(s.connect_timeout, s.dns_servers, down_seconds(s)))
         connector = BoundedPoolConnector(
             max_idle=s.idle_connections,
             limit=s.concurrency,
@@ -387,7 +488,7 @@ class Fetcher:
             # aiohttp's would keep every name of a weeks-long run a second time, unbounded.
             use_dns_cache=bool(s.host_map),
             ttl_dns_cache=300,
-            ssl=shared_ssl_context(),
+            ssl=shared_ssl_context(str(s.ca_bundle) if s.ca_bundle else None),
             resolver=GuardedResolver(inner, s.allow_private_addresses, self.allowed),
             # Not enable_cleanup_closed: it keeps every closed TLS transport referenced for a
             # while, which with a new connection per image grew a worker past 600 MB and cost
@@ -420,9 +521,9 @@ class Fetcher:
         try:
             gate = self._gate(host)
             if gate is None:
-                return await self._fetch(url, host)
+                return await self._fetch(url)
             async with gate:
-                return await self._fetch(url, host)
+                return await self._fetch(url)
         finally:
             self._busy[host] -= 1
             if not self._busy[host]:
@@ -444,7 +545,7 @@ class Fetcher:
             gate = self._gates[host] = asyncio.Semaphore(limit)
         return gate
 
-    async def _fetch(self, url: str, host: str) -> FetchResult:
+    async def _fetch(self, url: str) -> FetchResult:
         s = self.settings
         attempt = 0
         loop = asyncio.get_running_loop()
@@ -452,13 +553,13 @@ class Fetcher:
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    body, content_type = await self._follow(url, host, deadline)
-                self.down.succeeded(host)
+                    body, content_type = await self._follow(url, deadline)
                 return FetchResult(url=url, body=body, content_type=content_type)
             except Exception as error:  # every failure becomes a class, never a crash
                 error_class, message = classify(error)
-                if _could_not_connect(error):
-                    self.down.failed(host, error_class, message, loop.time())
+                if isinstance(error, NotTried):
+                    return FetchResult(url=url, error_class=error_class, error_message=message,
+                                       tried=False, since=error.since)
                 status = getattr(error, "http_status", None)
                 if isinstance(error, TimeoutError) and loop.time() >= deadline:
                     message = f"no complete response within {s.timeout:g}s"
@@ -476,14 +577,14 @@ class Fetcher:
                     await asyncio.sleep(pause)
                     continue
                 return FetchResult(url=url, error_class=error_class, error_message=message,
-                                   http_status=status)
+                                   http_status=status,
+                                   since=getattr(getattr(error, "os_error", None), "began",
+                                                 None))
 
-    async def _follow(self, url: str, host: str, deadline: float) -> tuple[bytes, str | None]:
+    async def _follow(self, url: str, deadline: float) -> tuple[bytes, str | None]:
         assert self.session is not None
         s = self.settings
-        known = self.down.known_down(host, asyncio.get_running_loop().time())
-        if known is not None:
-            raise FetchFailed(*known)
+        loop = asyncio.get_running_loop()
         for hop in range(s.max_redirects + 1):
             # A bad URL after a redirect is the server's doing, not the row's: class redirect.
             bad_url, led_to = ("redirect", "a redirect led to ") if hop else ("invalid_url", "")
@@ -500,7 +601,23 @@ class Fetcher:
                         raise FetchFailed("blocked_address", f"{target.host} is not public")
                 except ValueError:
                     pass  # a name, not an address literal: the resolver guards it
-            async with self.session.get(target, allow_redirects=False) as response:
+            endpoint = endpoint_of(target)
+            probing = await self.down.admit(endpoint)
+            began = loop.time()
+            try:
+                request = await self.session.get(target, allow_redirects=False)
+            except Exception as error:
+                if _could_not_connect(error):
+                    self.down.failed(endpoint, *classify(error), began, loop.time())
+                elif probing:  # connected, or not even that far: no verdict on the endpoint
+                    self.down.succeeded(endpoint)
+                raise
+            except BaseException:  # cancelled (the deadline, an abandoned shard)
+                if probing:
+                    self.down.probe_ended(endpoint)
+                raise
+            self.down.succeeded(endpoint)
+            async with request as response:
                 if response.status in REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:

@@ -94,7 +94,8 @@ class HostReport:
     seen_at: float
     fetched: int = 0  # rows fetched so far (any outcome): progress before a shard completes
     problems: list[str] = field(default_factory=list)  # why shards fail, if they do
-    first_fetch_at: float | None = None  # when the host's first fetch ended (epoch seconds)
+    first_image_at: float | None = None  # when the host stored its first image (epoch s)
+    waiting: int = 0  # rows waiting for their later try (retry_delay)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -11,14 +11,19 @@ store, or a changed part file, must not report them as its own (or skip the part
 - A final part whose shards are missing from its store (deleted since): downloaded again as a
   new generation; shards still on disk are kept (incremental mode), so only the missing ones
   cost requests.
+- A final part whose fixable failures (outcomes.DECIDED_BY) were decided by settings that now
+  differ (private addresses allowed since, another resolver, a CA bundle): those rows are not
+  final any more (`decided_otherwise`); `run` fetches them again.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from laion_dagster.core import parts
-from laion_dagster.core.queue import PartState, Queue
+from laion_dagster.core.outcomes import DECIDED_BY, FETCH_POLICY
+from laion_dagster.core.queue import PartState, Queue, original_shard
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.writers import shard_complete
 
@@ -57,8 +62,53 @@ def check(state: PartState, part: parts.Part, settings: Settings,
 
 
 def missing_shards(queue: Queue, state: PartState, settings: Settings) -> int:
-    """Shards of a finished part that its store no longer holds (deleted since)."""
+    """Shards of a finished part that its store no longer holds (deleted since). A retry
+    shard was merged into its part's shard (or, on a store spread over hosts, written as a
+    shard of its own): either is there."""
     if not state.done:
         return 0
     part_dir = settings.store_root / parts.relative_dir(state.partition)
-    return sum(not shard_complete(part_dir, shard) for shard in queue.done_shards(state.partition))
+    return sum(not (shard_complete(part_dir, shard)
+                    or shard_complete(part_dir, original_shard(shard)))
+               for shard in queue.done_shards(state.partition))
+
+
+def fetch_policy(settings: Settings) -> str:
+    """The settings that decide a part's fixable failures at fetch time, as JSON (kept with
+    the part's state)."""
+    values = settings.model_dump(mode="json", include=set(FETCH_POLICY))
+    return json.dumps(values, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Refetch:
+    classes: dict[str, int]  # error class -> failed rows to fetch again
+    reason: str  # in a sentence: what decided them then, and what would now
+
+
+def decided_otherwise(state: PartState, classes: dict[str, int],
+                      settings: Settings) -> Refetch | None:
+    """The failures of a part that this run's settings would decide otherwise, or None.
+
+    A part downloaded with private addresses refused has its rows failed as blocked_address;
+    run again with them allowed, those rows are not its outcome any more. Parts recorded
+    before their policy was kept are left as they are.
+    """
+    if state.fetch_policy is None:
+        return None
+    then = json.loads(state.fetch_policy)
+    now = json.loads(fetch_policy(settings))
+    redo: dict[str, int] = {}
+    changes: set[str] = set()
+    for error_class, names in DECIDED_BY.items():
+        changed = [n for n in names if then.get(n) != now.get(n)]
+        if changed and classes.get(error_class):
+            redo[error_class] = classes[error_class]
+            changes.update(changed)
+    if not redo:
+        return None
+    rows = ", ".join(f"{count:,} {name}" for name, count in sorted(redo.items()))
+    settings_then = ", ".join(f"{n}={then.get(n)!r}" for n in sorted(changes))
+    settings_now = ", ".join(f"{n}={now.get(n)!r}" for n in sorted(changes))
+    return Refetch(redo, f"{state.partition}: its failed rows ({rows}) were decided with "
+                         f"{settings_then}; this run has {settings_now}")

@@ -6,9 +6,12 @@ Keys (all under the prefix):
   parts                 set of partitions the queue has seen (status views never scan keys)
   queued_rows           rows enqueued and not complete: the backpressure signal
   part:<p>              hash: generation, rows, invalid, shards, shards_total, shards_done, ok,
-                        failed, bytes, pending, retry_round, started_at, enqueued_at, done_at,
-                        finalized_at, recipe (JSON, see recipe.py), source (the part file's
-                        fingerprint), store (where its shards go), shard_size
+                        failed, bytes, pending, retried, recovered (rows tried again later
+                        in their shard, and those that then succeeded), retry_round,
+                        started_at, enqueued_at, done_at, finalized_at, recipe (JSON, see
+                        recipe.py), source (the part file's fingerprint), path (the part
+                        file), store (where its shards go), shard_size, fetch_policy (JSON:
+                        the settings that decided its fixable failures, see outcomes.py)
   part:<p>:queued       shard ids enqueued in this generation (makes enqueue idempotent)
   part:<p>:done         shard ids completed in this generation (makes completion count once)
   part:<p>:classes      error class -> rows
@@ -33,6 +36,14 @@ if TYPE_CHECKING:  # pyarrow only where errors are read: a pool's supervisor nev
 
 GROUP = "workers"
 GENERATION_START = 1
+# Shards of a retry round (core/retry.py) have ids round × RETRY_ROUND + the id of the shard of
+# the part they belong to, so they never meet the part's own ids.
+RETRY_ROUND = 1_000_000
+
+
+def original_shard(shard: int) -> int:
+    """The part's shard a shard id belongs to (itself, for a shard of the part)."""
+    return shard % RETRY_ROUND
 
 # Every timestamp comes from the Redis server's clock: worker hosts' clocks may disagree.
 _NOW = "local function now() local t = redis.call('TIME') " \
@@ -78,6 +89,7 @@ local entry, group, gen, shard = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ok, failed, nbytes, rows = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
                                  tonumber(ARGV[8])
 local blob = ARGV[9]
+local retried, recovered = tonumber(ARGV[10]), tonumber(ARGV[11])
 redis.call('XACK', tasks, group, entry)
 redis.call('XDEL', tasks, entry)
 if redis.call('HGET', part, 'generation') ~= gen then return -1 end
@@ -86,10 +98,14 @@ redis.call('HINCRBY', part, 'ok', ok)
 redis.call('HINCRBY', part, 'failed', failed)
 redis.call('HINCRBY', part, 'bytes', nbytes)
 redis.call('HINCRBY', part, 'pending', -rows)
+if retried > 0 then
+  redis.call('HINCRBY', part, 'retried', retried)
+  redis.call('HINCRBY', part, 'recovered', recovered)
+end
 redis.call('DECRBY', queued_rows, rows)
 local shards_done = redis.call('HINCRBY', part, 'shards_done', 1)
 if blob ~= '' then redis.call('XADD', errors, '*', 'shard', shard, 'data', blob) end
-for i = 10, #ARGV, 2 do redis.call('HINCRBY', classes, ARGV[i], tonumber(ARGV[i + 1])) end
+for i = 12, #ARGV, 2 do redis.call('HINCRBY', classes, ARGV[i], tonumber(ARGV[i + 1])) end
 local now = now()
 local rate = rate_prefix .. math.floor(tonumber(now) / 60)
 redis.call('HINCRBY', rate, 'ok', ok)
@@ -167,6 +183,8 @@ class Outcome:
     bytes: int
     classes: dict[str, int]
     errors: bytes = b""  # Arrow IPC of the failed rows, b"" when none failed
+    retried: int = 0  # rows tried again later (Settings.retry_rounds)
+    recovered: int = 0  # of those, rows that then succeeded
 
 
 class Keys:
@@ -222,6 +240,8 @@ class PartState:
     failed: int = 0
     bytes: int = 0
     pending: int = 0
+    retried: int = 0
+    recovered: int = 0
     retry_round: int = 0
     started_at: float | None = None
     enqueued_at: float | None = None
@@ -232,6 +252,8 @@ class PartState:
     source: str | None = None  # fingerprint of the part file it was enqueued from
     store: str | None = None  # the store its shards are written to
     shard_size: int | None = None  # rows per shard it was cut with
+    path: str | None = None  # the part file it was enqueued from
+    fetch_policy: str | None = None  # JSON: the settings that decided its fixable failures
 
     @property
     def enqueued(self) -> bool:
@@ -250,7 +272,7 @@ class PartState:
         values = {_text(k): _text(v) for k, v in raw.items()}
         state = cls(partition=partition)
         for name in ("generation", "rows", "invalid", "shards", "shards_done", "ok", "failed",
-                     "bytes", "pending", "retry_round"):
+                     "bytes", "pending", "retried", "recovered", "retry_round"):
             setattr(state, name, int(values.get(name) or 0))
         for name in ("shards_total", "shard_size"):
             if values.get(name) is not None:
@@ -258,7 +280,7 @@ class PartState:
         for name in ("started_at", "enqueued_at", "done_at", "finalized_at"):
             if values.get(name) is not None:
                 setattr(state, name, float(values[name]))
-        for name in ("recipe", "enqueuer", "source", "store"):
+        for name in ("recipe", "enqueuer", "source", "store", "path", "fetch_policy"):
             setattr(state, name, values.get(name))
         return state
 
@@ -285,14 +307,16 @@ class Queue:
     # -- enqueue side
     def begin(self, partition: str, recipe: str | None = None, enqueuer: str | None = None,
               source: str | None = None, store: str | None = None,
-              shard_size: int | None = None) -> PartState:
+              shard_size: int | None = None, path: str | None = None,
+              fetch_policy: str | None = None) -> PartState:
         """Register a part; returns its state, generation and recipe included.
 
         Existing values are kept, so a re-run resumes the same generation with the recipe its
         first shards were made with, and the state keeps saying which file and store it is
         about (provenance.py compares them); a reset starts all of them afresh. `enqueuer`
         ("host:pid:run id") names the process enqueuing it, so a sensor can tell a run that
-        died without a word (a reboot, SIGKILL) from one still at work.
+        died without a word (a reboot, SIGKILL) from one still at work. `path` is where the
+        part file is now (a command that names only the store finds it there).
         """
         key = self.keys.part(partition)
         seconds, micros = self.r.time()
@@ -300,11 +324,12 @@ class Queue:
         pipe.hsetnx(key, "generation", GENERATION_START)
         pipe.hsetnx(key, "started_at", f"{seconds}.{micros:06d}")
         for name, value in (("recipe", recipe), ("source", source), ("store", store),
-                            ("shard_size", shard_size)):
+                            ("shard_size", shard_size), ("fetch_policy", fetch_policy)):
             if value is not None:
                 pipe.hsetnx(key, name, value)
-        if enqueuer is not None:
-            pipe.hset(key, "enqueuer", enqueuer)
+        for name, value in (("enqueuer", enqueuer), ("path", path)):
+            if value is not None:
+                pipe.hset(key, name, value)
         pipe.sadd(self.keys.parts, partition)
         pipe.hgetall(key)
         return PartState.from_hash(partition, pipe.execute()[-1])
@@ -344,6 +369,11 @@ class Queue:
         return int(self._retry(keys=[k.part(partition), k.queued(partition),
                                      k.errors(partition), k.classes(partition), k.queued_rows,
                                      k.tasks], args=args))
+
+    def set_fetch_policy(self, partition: str, policy: str) -> None:
+        """The settings its failures are decided with from now on (after a retry under new
+        ones)."""
+        self.r.hset(self.keys.part(partition), "fetch_policy", policy)
 
     def is_queued(self, partition: str, shard: int) -> bool:
         return bool(self.r.sismember(self.keys.queued(partition), shard))
@@ -489,7 +519,7 @@ def complete_keys(keys: Keys, partition: str) -> list[str]:
 
 def complete_args(task: Task, outcome: Outcome) -> list:
     args: list = [task.entry_id, GROUP, task.generation, task.shard, outcome.ok, outcome.failed,
-                  outcome.bytes, task.rows, outcome.errors]
+                  outcome.bytes, task.rows, outcome.errors, outcome.retried, outcome.recovered]
     for name, count in sorted(outcome.classes.items()):
         args += [name, count]
     return args

@@ -9,7 +9,8 @@ thread (LoopDNSResolver), and:
 
 - answers are cached for their TTL (clamped to MIN_TTL..MAX_TTL);
 - a name that does not exist, or has no address, fails at once for NEGATIVE_TTL afterwards;
-  one that could not be resolved in time (timeout, SERVFAIL) for FAILED_TTL;
+  one that could not be resolved in time (timeout, SERVFAIL) for FAILED_TTL, or less when
+  rows are tried again later (fetch.down_seconds), so that their later try asks again;
 - one look-up per name is in flight; other fetches of that name wait for its answer;
 - each look-up has a deadline (`connect_timeout`). c-ares (since 1.32) shortens its retry
   timeouts to a few times the latency it has seen, so after many fast answers it gives up on a
@@ -68,15 +69,29 @@ class LoopDNSResolver(aiodns.DNSResolver):
 
 
 class LookupFailed(socket.gaierror):
-    """A name that did not resolve: an OSError, so aiohttp reports it as a DNS error."""
+    """A name that did not resolve: an OSError, so aiohttp reports it as a DNS error.
+    `began`: when the look-up that found it began (the event loop's clock), for every fetch
+    that shared it or met it in the cache: a row's later try is timed from it."""
+
+    began: float | None = None
+
+    @classmethod
+    def at(cls, began: float, code: int, message: str) -> LookupFailed:
+        failure = cls(code, message)
+        failure.began = began
+        return failure
 
 
 class CachingResolver(AbstractResolver):
     """c-ares with a cache, negative caching, a deadline and one look-up per name."""
 
-    def __init__(self, deadline: float, nameservers: list[str] | None = None):
+    def __init__(self, deadline: float, nameservers: list[str] | None = None,
+                 failed_ttl: float = FAILED_TTL):
         self.deadline = deadline
         self.nameservers = nameservers
+        # How long a look-up that failed in a way that may pass (no answer in time, SERVFAIL)
+        # is not asked again: shorter than a row's later try waits, so that try asks again.
+        self.failed_ttl = failed_ttl
         self._resolver: aiodns.DNSResolver | None = None
         self._cache: dict[tuple[str, int], tuple[float, Any]] = {}
         self._pending: dict[tuple[str, int], asyncio.Future] = {}
@@ -108,7 +123,7 @@ class CachingResolver(AbstractResolver):
             # other fetches of the same name wait for.
             answer = await asyncio.shield(pending)
         if isinstance(answer, LookupFailed):
-            raise LookupFailed(answer.errno, answer.strerror)
+            raise LookupFailed.at(answer.began, answer.errno, answer.strerror)
         return [ResolveResult(hostname=host, host=address, port=port, family=fam, proto=0,
                               flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
                 for address, fam in answer]
@@ -117,7 +132,8 @@ class CachingResolver(AbstractResolver):
         """The answer, or the failure, and into the cache with it. Never raises."""
         name, family = key
         loop = asyncio.get_running_loop()
-        end = loop.time() + self.deadline
+        began = loop.time()
+        end = began + self.deadline
         reason = "no answer"
         while (left := end - loop.time()) > 0.05:
             self.lookups += 1
@@ -130,7 +146,7 @@ class CachingResolver(AbstractResolver):
                 code = error.args[0] if error.args else None
                 message = error.args[1] if len(error.args) > 1 else str(error)
                 if code in _NO_SUCH_NAME:
-                    failure = LookupFailed(socket.EAI_NONAME, f"{name}: {message}")
+                    failure = LookupFailed.at(began, socket.EAI_NONAME, f"{name}: {message}")
                     self._remember(key, loop.time() + NEGATIVE_TTL, failure)
                     return failure
                 reason = message  # timeout, SERVFAIL, refused: ask again while time is left
@@ -138,14 +154,15 @@ class CachingResolver(AbstractResolver):
                 continue
             addresses = [(node.addr[0].decode(), node.family) for node in result.nodes]
             if not addresses:
-                failure = LookupFailed(socket.EAI_NODATA, f"{name}: no address")
+                failure = LookupFailed.at(began, socket.EAI_NODATA, f"{name}: no address")
                 self._remember(key, loop.time() + NEGATIVE_TTL, failure)
                 return failure
             ttl = min((node.ttl for node in result.nodes), default=MIN_TTL)
             self._remember(key, loop.time() + min(max(ttl, MIN_TTL), MAX_TTL), addresses)
             return addresses
-        failure = LookupFailed(socket.EAI_AGAIN, f"{name}: {reason} (after {self.deadline:g}s)")
-        self._remember(key, loop.time() + FAILED_TTL, failure)
+        failure = LookupFailed.at(began, socket.EAI_AGAIN,
+                                  f"{name}: {reason} (after {self.deadline:g}s)")
+        self._remember(key, loop.time() + self.failed_ttl, failure)
         return failure
 
     def _remember(self, key: tuple[str, int], until: float, answer: Any) -> None:

@@ -18,14 +18,14 @@ import pyarrow.compute as pc
 from laion_dagster.core import parts
 from laion_dagster.core.accounting import part_errors
 from laion_dagster.core.enqueue import MAX_SHARD
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.queue import RETRY_ROUND, Queue
 from laion_dagster.core.recipe import Recipe
 from laion_dagster.core.settings import Settings
 
 # Worth another try by default: a transient network or server failure, or a DNS hiccup
 # (a flaky resolver is the commonest cause of poor LAION success rates).
 DEFAULT_CLASSES = ("timeout", "connection", "dns", "http_5xx")
-ROUND = 1_000_000
+ROUND = RETRY_ROUND
 
 
 class RetryRefused(RuntimeError):

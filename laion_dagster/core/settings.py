@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from laion_dagster.core.outcomes import RETRY_CLASS_NAMES, TRANSIENT
+
 OutputFormat = Literal["files", "webdataset", "parquet"]
 
 
@@ -46,7 +48,9 @@ class Settings(BaseSettings):
         "store/ when those are unset (default: <store_dir>/.laion-dagster when store_dir is "
         "set, else ~/.local/share/laion-dagster)"))
     parquet_dir: Path | None = Field(None, description=(
-        "folder of input parquet parts (<data_dir>/parquet); subfolders are subsets"))
+        "the input parts: one file, a folder of files (its name is the subset) or a folder "
+        "of subset folders; parquet, csv, tsv, txt (a URL a line), json or jsonl, those but "
+        "parquet also .gz (default: <data_dir>/parquet, or what the store's last run read)"))
     store_dir: Path | None = Field(None, description=(
         "where shards are written (<data_dir>/store)"))
     error_dir: Path | None = Field(None, description=(
@@ -122,7 +126,18 @@ class Settings(BaseSettings):
     max_redirects: int = Field(5, ge=0, description="redirects followed per URL")
     retries: int = Field(1, ge=0, description=(
         "retries of a connection error, 429 or 5xx, with backoff and jitter, within the "
-        "deadline; a timeout is not asked again at once (`errors retry` asks it later)"))
+        "deadline; a timeout is not asked again at once (retry_rounds asks it later)"))
+    retry_rounds: int = Field(1, ge=0, description=(
+        "later tries of a row whose fetch failed in a way that may pass (retry_classes), or "
+        "that was not tried because its host had just failed to connect: each comes "
+        "retry_delay seconds after the try before it began, before the row's shard is "
+        "written; 0 turns them off"))
+    retry_delay: float = Field(20.0, ge=0, description=(
+        "seconds from the start of a row's failed try to its next one: long enough for a "
+        "host that drops connections for a few seconds to come back"))
+    retry_classes: list[str] = Field(
+        default_factory=lambda: list(TRANSIENT), description=(
+            "error classes tried again later in the same run (http_429: a 429 answer)"))
     user_agent: str = Field(
         "laion-dagster/0.1 (+https://github.com/laion-dagster/laion-dagster)",
         description="User-Agent header; name your project and a contact URL")
@@ -134,12 +149,16 @@ class Settings(BaseSettings):
     max_retry_after: float = Field(10.0, ge=0, description=(
         "longest Retry-After honoured on a 429 or 503; longer ones fail the row"))
     allow_private_addresses: bool = Field(False, description=(
-        "fetch private, loopback and link-local addresses too (only for tests and demos)"))
+        "fetch private, loopback and link-local addresses too (your own test server, a NAS, "
+        "an intranet); refused by default, as the web's URLs are hostile"))
     allowed_networks: list[str] = Field(default_factory=list, description=(
         "non-public networks (CIDR) fetched anyway, e.g. 127.0.0.1/32 for a local test "
         "server; narrower than allow_private_addresses"))
     host_map: dict[str, str] = Field(default_factory=dict, description=(
         "host name -> IP address answered without DNS (tests and the demo)"))
+    ca_bundle: Path | None = Field(None, description=(
+        "PEM file of the certificate authorities to trust (a private CA); unset: the "
+        "system's (or SSL_CERT_FILE)"))
     dns_servers: list[str] | None = Field(None, description=(
         "name servers to ask (address or address:port), e.g. a local caching resolver; "
         "unset: the system's (/etc/resolv.conf)"))
@@ -171,7 +190,16 @@ class Settings(BaseSettings):
     min_success_rate: float = Field(0.5, ge=0, le=1, description=(
         "the part_images check warns below this success rate"))
 
-    @field_validator("data_dir", "parquet_dir", "store_dir", "error_dir")
+    @field_validator("retry_classes")
+    @classmethod
+    def _retry_classes(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(RETRY_CLASS_NAMES))
+        if unknown:
+            raise ValueError(f"unknown error class {', '.join(unknown)}; the classes are "
+                             f"{', '.join(RETRY_CLASS_NAMES)}")
+        return value
+
+    @field_validator("data_dir", "parquet_dir", "store_dir", "error_dir", "ca_bundle")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         # Dagster runs and workers start in other working directories; relative paths would
@@ -240,6 +268,26 @@ class Settings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def inputs_record(self) -> Path:
+        return self.state_dir / "inputs.json"
+
+    def remember_inputs(self) -> None:
+        """Keep the input path in the state folder: a later command that names only the store
+        (`status`, `errors retry`) reads the parts from where this download read them."""
+        self.inputs_record.parent.mkdir(parents=True, exist_ok=True)
+        self.inputs_record.write_text(json.dumps({"parquet_dir": str(self.parts_root)}) + "\n")
+
+    def with_remembered_inputs(self) -> Settings:
+        """A copy whose unset parquet_dir is the one this state folder's download used."""
+        if self.parquet_dir is not None:
+            return self
+        try:
+            remembered = json.loads(self.inputs_record.read_text())["parquet_dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return self
+        return self.model_copy(update={"parquet_dir": Path(remembered)})
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced; None means 'keep what the environment says'."""

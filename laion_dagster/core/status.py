@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from laion_dagster.core import parts
 from laion_dagster.core.hosts import is_stale
+from laion_dagster.core.outcomes import fix_sentence
 from laion_dagster.core.queue import Queue
 from laion_dagster.core.settings import Settings
 
@@ -35,6 +36,9 @@ class Status:
     failed: int  # rows that failed to download, every part
     invalid: int  # rows without a usable URL (class invalid_url), every part
     top_errors: list[tuple[str, int]]  # download failures by class (invalid rows apart)
+    retried: int  # rows tried again later in their shard, every part
+    recovered: int  # of those, rows that then succeeded
+    fix: str | None  # what to do about the class that dominates the failures, if anything
     parts: list[dict]
     hosts: list[dict]
 
@@ -77,16 +81,19 @@ def collect(queue: Queue, settings: Settings) -> Status:
     per_second_hour = (hour["ok"] + hour["failed"]) / hour_seconds
     parts_seen = []
     classes: dict[str, int] = {}
-    for counts in queue.classes_of(keys):
+    per_part = queue.classes_of(keys)
+    for counts in per_part:
         for name, count in counts.items():
             if name != "invalid_url":  # the invalid rows, counted on their own
                 classes[name] = classes.get(name, 0) + count
     remaining = 0
-    for state in states.values():
+    for state, counts in zip(states.values(), per_part, strict=True):
         remaining += max(state.rows - state.ok - state.failed - state.invalid, 0)
         parts_seen.append({
             "partition": state.partition, "rows": state.rows, "ok": state.ok,
             "failed": state.failed, "invalid": state.invalid,
+            "retried": state.retried, "recovered": state.recovered,
+            "fix": fix_sentence(counts),
             "shards_done": state.shards_done, "shards_total": state.shards_total,
             "state": ("final" if state.finalized_at else "done" if state.done
                       else "downloading" if state.enqueued else "enqueuing"),
@@ -119,7 +126,9 @@ def collect(queue: Queue, settings: Settings) -> Status:
         failed=sum(st.failed for st in states.values()),
         invalid=sum(st.invalid for st in states.values()),
         top_errors=sorted(classes.items(), key=lambda kv: -kv[1])[:6],
-        parts=parts_seen, hosts=hosts)
+        retried=sum(st.retried for st in states.values()),
+        recovered=sum(st.recovered for st in states.values()),
+        fix=fix_sentence(classes), parts=parts_seen, hosts=hosts)
 
 
 def plural(count: int, noun: str) -> str:
@@ -163,6 +172,13 @@ def render(status: Status) -> str:
         whole,
         f"failed: {status.failed:,} rows, top classes: {errors};  invalid (no usable URL): "
         f"{status.invalid:,}",
+    ]
+    if status.retried:
+        lines.append(f"tried again later: {status.retried:,} rows, {status.recovered:,} of them "
+                     "recovered")
+    if status.fix:
+        lines.append(f"to fix: {status.fix}")
+    lines += [
         "",
         f"parts ({len(status.parts):,}):",
     ]
@@ -171,7 +187,11 @@ def render(status: Status) -> str:
         lines.append(f"  {fit(p['partition'], width):<{width}} "
                      f"{bar(p['shards_done'], p['shards_total'])} "
                      f"{p['shards_done']}/{p['shards_total'] or '?'} shards  ok {p['ok']:,}  "
-                     f"failed {p['failed']:,}  invalid {p['invalid']:,}  {p['state']}")
+                     f"failed {p['failed']:,}  invalid {p['invalid']:,}  {p['state']}"
+                     + (f"  (retried {p['retried']:,}, recovered {p['recovered']:,})"
+                        if p["retried"] else ""))
+        if p["fix"] and p["fix"] != status.fix:
+            lines.append(f"    to fix: {p['fix']}")
     if not status.parts:
         lines.append("  (none enqueued yet)")
     lines += ["", "hosts:"]
@@ -183,6 +203,8 @@ def render(status: Status) -> str:
                      f"{h.get('processes', '?')} processes   seen {h['last_seen_s']}s ago")
         if h.get("paused") and h.get("pause_reason"):
             lines.append(f"    paused: {h['pause_reason']}")
+        if h.get("waiting"):
+            lines.append(f"    {h['waiting']:,} rows wait for their later try (retry_delay)")
         for problem in h.get("problems") or []:
             lines.append(f"    shards failing: {problem}")
     if not status.hosts:

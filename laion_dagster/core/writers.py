@@ -267,12 +267,13 @@ class ShardWriter:
                 writer.write_table(chunk.append_column("image", images))
 
     def close(self, records: list[SampleRecord], extra_columns: pa.Table | None,
-              merge: bool = False) -> dict:
+              merge: bool = False, notes: dict | None = None) -> dict:
         """Write the parquet and stats, publish everything; returns the stats.
 
         `merge`: the records are some rows of this shard done again (a retry of its failed
         rows); the shard's other rows, and their images, are kept from its current copy, so
-        the shard still holds each of its rows exactly once.
+        the shard still holds each of its rows exactly once. `notes`: more fields for the
+        stats (how many rows were tried again later).
         """
         table = records_table(records)
         if extra_columns is not None:
@@ -287,7 +288,7 @@ class ShardWriter:
             self._tar.close()
         end = time.time()
         stats = shard_stats(table, self.start_time, end)
-        stats.update({"shard": self.shard, "output_format": self.output_format})
+        stats.update({"shard": self.shard, "output_format": self.output_format, **(notes or {})})
         if self.made_with is not None:
             stats["recipe"] = self.made_with
         tmp_parquet = self.paths["parquet"].with_name(self.paths["parquet"].name + self.tag)

@@ -20,10 +20,11 @@ from dagster import (
 )
 
 from laion_dagster.core import parts
-from laion_dagster.core.accounting import ERROR_CLASSES, PartNotDone, PartSummary, finalize_part
+from laion_dagster.core.accounting import PartNotDone, PartSummary, finalize_part
 from laion_dagster.core.connection import RedisUnavailable
 from laion_dagster.core.embedded import EmbeddedServerError
 from laion_dagster.core.enqueue import EnqueueReport, enqueue_part
+from laion_dagster.core.outcomes import ERROR_CLASSES
 from laion_dagster.core.provenance import PartChanged
 from laion_dagster.core.retry import RetryRefused, retry_failed
 from laion_dagster.core.settings import Settings
@@ -100,8 +101,8 @@ def enqueue_metadata(report: EnqueueReport, settings: Settings) -> dict:
 
 def _retry(key: str, settings, laion: LaionResource, classes: tuple[str, ...]):
     try:
-        part = parts.find(settings.parts_root, key)
         with laion.queue() as queue:
+            part = parts.locate(settings.parts_root, key, queue.part(key).path)
             report = retry_failed(queue, part, settings, classes)
     except (parts.PartError, RetryRefused, FileNotFoundError, RedisUnavailable,
             EmbeddedServerError) as error:
@@ -126,12 +127,12 @@ def human_size(nbytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _part_file(settings, partition: str) -> str:
+def _part_file(settings, partition: str, recorded: str | None) -> str:
     """The part's file name, for the metadata (the key is short on purpose)."""
     try:
-        return str(parts.find(settings.parts_root, partition).path)
+        return str(parts.locate(settings.parts_root, partition, recorded).path)
     except parts.PartError:
-        return ""
+        return recorded or ""
 
 
 def classes_table(summary: PartSummary) -> str:
@@ -165,7 +166,7 @@ def part_images(context: AssetExecutionContext, laion: LaionResource) -> Materia
             summary = finalize_part(queue, context.partition_key, settings)
     except (PartNotDone, RedisUnavailable, EmbeddedServerError) as error:
         raise Failure(description=str(error)) from None
-    part_file = _part_file(settings, context.partition_key)
+    part_file = _part_file(settings, context.partition_key, summary.part_file)
     metadata = {
         "rows": summary.rows,
         "ok": summary.ok,
@@ -177,6 +178,9 @@ def part_images(context: AssetExecutionContext, laion: LaionResource) -> Materia
         "images_per_second": round(summary.images_per_second, 1),
         "duration_s": round(summary.duration, 1),
         "shards": summary.shards,
+        "retried_rows": summary.retried,
+        "recovered_rows": summary.recovered,
+        "to_fix": summary.fix or "",
         "error_rows": summary.error_rows,
         "error_classes": MetadataValue.md(classes_table(summary)),
         "output_dir": MetadataValue.path(summary.output_dir),

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,6 +37,9 @@ FAILURE_WEIGHTS: dict[str, int] = {
 SLOW_ROWS_PER_PART = 2
 DEAD_HOSTS = 8
 DUPLICATE_SHARE = 0.01
+# Success rows served through the server's /flaky/ route: their first try is dropped (its quick
+# retry too), their later try (Settings.retry_rounds, retry_delay above FLAKY_SECONDS) succeeds.
+FLAKY_SHARE = 0.02
 
 # One encoded body that Pillow rejects at Image.open: JPEG magic, then no valid marker.
 # A merely truncated JPEG would pass a header-only check, so it would not reliably fail.
@@ -148,6 +152,14 @@ def image_size(image: DemoImage) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- parquet parts
 
+def served_path(url: str) -> str:
+    """The path of the image a success row's URL serves (through /flaky/ or not)."""
+    path = urlsplit(url).path
+    if path.startswith("/flaky/"):
+        return "/" + path.split("/", 3)[3]
+    return path
+
+
 def spark_uuid(seed: int, subset: str) -> str:
     """One uuid per subset and seed, as Spark uses one per write job."""
     return str(uuid.UUID(int=random.Random(f"uuid:{seed}:{subset}").getrandbits(128), version=4))
@@ -255,6 +267,9 @@ class _PartPlan:
             image = self.rnd.choice(self.pool)
             width, height = self.sizes[image.path]
             query = f"?id={sample_id}" if self.rnd.random() < 0.75 else ""
+            if self.rnd.random() < FLAKY_SHARE:  # each URL its own path: dropped once
+                return _Row(sample_id, f"{self._base()}/flaky/{token}{image.path}", SUCCESS,
+                            width, height)
             return _Row(sample_id, self._base() + image.path + query, SUCCESS, width, height)
         if kind == "invalid_url":
             return _Row(sample_id, self._invalid_url(token), "invalid_url", width, height)

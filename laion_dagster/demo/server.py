@@ -7,6 +7,9 @@ It serves `DemoImage`s by path and fails on purpose on a few route prefixes, so 
 - `/html/...`           200 text/html: a page where an image was expected
 - `/corrupt/...`        200 image/jpeg whose body has JPEG magic then garbage
 - `/close/...`          the connection is closed without any response
+- `/flaky/<image path>` requests within FLAKY_SECONDS of the path's first one are closed
+                        without a response (the fetch's own quick retry among them), later
+                        ones get the image: a server that drops connections for a moment
 - `/slow/...`           an answer only after 60 s, for timeouts
 - anything else         404
 
@@ -26,6 +29,7 @@ from aiohttp import web
 from laion_dagster.demo.dataset import CORRUPT_JPEG, DemoImage
 
 SLOW_SECONDS = 60.0
+FLAKY_SECONDS = 1.0
 START_TIMEOUT = 10.0
 # How long stop() lets in-flight handlers finish; slow ones are cancelled after this.
 SHUTDOWN_GRACE = 0.2
@@ -41,6 +45,7 @@ class ImageServer:
         self.images = images
         self.host = host
         self.requests: Counter[str] = Counter()
+        self._first_seen: dict[str, float] = {}  # /flaky/ path -> when it was first asked
         self._wanted_port = port
         self._port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,6 +126,12 @@ class ImageServer:
             return web.Response(body=CORRUPT_JPEG, headers={"Content-Type": "image/jpeg"})
         if route == "close":
             return _close(request)
+        if route == "flaky":
+            image = self.images.get("/" + rest.partition("/")[2])
+            now = asyncio.get_running_loop().time()
+            if image is None or now - self._first_seen.setdefault(path, now) < FLAKY_SECONDS:
+                return _close(request)
+            return web.Response(body=image.body, headers={"Content-Type": image.content_type})
         if route == "slow":
             await asyncio.sleep(SLOW_SECONDS)
             return _html(200, "Too late")

@@ -43,6 +43,7 @@ class Dispatcher:
         self._in_ready: set[str] = set()
         self.busy: Counter[str] = Counter()  # host -> its fetches under way
         self.slow: Counter[str] = Counter()  # host -> those of them past SLOW_FETCH
+        self.due: Counter[str] = Counter()  # host -> rows due for their later try, at its head
         self.queued = 0
         self._listeners: list[asyncio.Event] = []
 
@@ -57,24 +58,33 @@ class Dispatcher:
         for event in self._listeners:
             event.set()
 
-    def add(self, rows: Iterable[tuple[str, Any]]) -> None:
-        """Queue (host, row) pairs; each row keeps its place in its host's queue."""
+    def add(self, rows: Iterable[tuple[str, Any]], due: bool = False) -> None:
+        """Queue (host, row) pairs; each row keeps its place in its host's queue. `due`: rows
+        whose later try is due, which have waited their delay already: at the head of their
+        host's queue, the host first in turn, and each may open a connection of its own
+        (within per_host_limit) rather than wait for one to come free."""
         for host, row in rows:
             queue = self.queues.get(host)
             if queue is None:
                 queue = self.queues[host] = deque()
-            queue.append(row)
+            if due:
+                queue.appendleft(row)
+                self.due[host] += 1
+            else:
+                queue.append(row)
             self.queued += 1
-            self._make_ready(host)
+            self._make_ready(host, due)
         self.notify()
 
     def _room(self, host: str, queue: deque | None) -> bool:
         """Whether `host` may have one more fetch under way: one connection serves its rows
         one after the other (reused, no new handshake); another opens only for every
         ROWS_PER_CONNECTION rows waiting, and another for each slow fetch, up to
-        per_host_limit."""
+        per_host_limit; a row due for its later try goes whenever the host is under it."""
         if not queue:
             return False
+        if self.due[host]:  # the row at its head has waited its delay: within the limit
+            return self.busy[host] < self.limit
         allowed = min(self.limit,
                       1 + (len(queue) - 1) // ROWS_PER_CONNECTION + self.slow[host])
         return self.busy[host] < allowed
@@ -101,6 +111,10 @@ class Dispatcher:
                 continue
             row = queue.popleft()
             self.queued -= 1
+            if self.due[host] > 0:
+                self.due[host] -= 1
+                if not self.due[host]:
+                    del self.due[host]
             if not queue:
                 del self.queues[host]
             self.busy[host] += 1
@@ -141,6 +155,8 @@ class Dispatcher:
                 self.queues[host] = kept
             else:
                 del self.queues[host]
+            if self.due.get(host, 0) > len(kept):  # (some of the dropped may have been due)
+                self.due[host] = len(kept)
         self.queued -= dropped
         if dropped:
             self.notify()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import functools
 import logging
@@ -32,9 +33,9 @@ import pyarrow.compute as pc
 from laion_dagster.core import images, parts
 from laion_dagster.core.connection import connect_async
 from laion_dagster.core.fetch import Fetcher, FetchResult, host_of
-from laion_dagster.core.queue import AsyncQueue, Outcome, Task
+from laion_dagster.core.outcomes import is_transient
+from laion_dagster.core.queue import RETRY_ROUND, AsyncQueue, Outcome, Task, original_shard
 from laion_dagster.core.recipe import Recipe
-from laion_dagster.core.retry import ROUND as RETRY_ROUND
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.writers import (
     SampleRecord,
@@ -56,8 +57,11 @@ OUR_COLUMNS = ("row", "url", "caption", parts.REJECT)
 INLINE_BYTES = 1_000_000
 _terminated = False  # set by SIGTERM sent to this process alone
 CLAIM_PROBLEM = "cannot claim shards"
-# Rows a process holds in open shards at most (their records and payloads: ~10 MB).
+# Rows without an outcome yet that a process takes on at most (their records and payloads).
 MAX_OPEN_ROWS = 20_000
+# Rows of open shards a process holds at most, outcomes included: a shard whose last rows wait
+# for their later try (retry_delay) keeps its other rows' records until it is written.
+MAX_HELD_ROWS = 2 * MAX_OPEN_ROWS
 TRIM_EVERY = 2.0  # seconds between malloc_trim calls
 LOOKAHEAD = 24  # rows queued ahead, in units of concurrency
 # Seconds between looks for shards claimed in Redis whose claim reply never arrived, and the
@@ -96,7 +100,7 @@ class ShardJob:
         part_dir = settings.store_root / parts.relative_dir(task.partition)
         # A retry shard's rows go back into the part's shard they came from, when this host
         # holds it: the new outcomes are merged into its files (see retry.py).
-        original = task.shard % RETRY_ROUND if task.shard >= RETRY_ROUND else None
+        original = original_shard(task.shard) if task.shard >= RETRY_ROUND else None
         self.merge = original is not None and shard_complete(part_dir, original)
         self.writer = ShardWriter(part_dir, original if self.merge else task.shard,
                                   recipe.output_format, made_with(recipe, source))
@@ -107,9 +111,15 @@ class ShardJob:
         self.failure: BaseException | None = None
         self.abandoned = False
         self.fetches: set[asyncio.Task] = set()
+        # Rows tried again later (retry_rounds): row -> what its earlier tries met; and the
+        # rows waiting for their later try: row -> (timer, record, host).
+        self.earlier: dict[int, list[str]] = {}
+        self.later: dict[int, tuple[asyncio.TimerHandle, SampleRecord, str]] = {}
+        self.recovered = 0  # rows that succeeded on a later try
 
     def close(self) -> None:
-        self.writer.close(self.records, self.extra_columns(), merge=self.merge)
+        self.writer.close(self.records, self.extra_columns(), merge=self.merge,
+                          notes={"retried": len(self.earlier), "recovered": self.recovered})
 
     def extra_columns(self) -> pa.Table:
         return self.table.drop_columns([c for c in OUR_COLUMNS if c in self.table.column_names])
@@ -137,7 +147,17 @@ class ShardJob:
         samples = records_table(self.records)
         for name in self.key_columns:
             samples = samples.append_column(name, self.table.column(name))
-        return outcome_of(samples, self.rejected, self.key_columns)
+        return dataclasses.replace(outcome_of(samples, self.rejected, self.key_columns),
+                                   retried=len(self.earlier), recovered=self.recovered)
+
+    def cancel_later(self) -> list[tuple[SampleRecord, str]]:
+        """Stop the timers of the rows waiting for a later try; returns those rows."""
+        waiting = []
+        for timer, record, host in self.later.values():
+            timer.cancel()
+            waiting.append((record, host))
+        self.later.clear()
+        return waiting
 
 
 def made_with(recipe: Recipe, source: str | None) -> dict:
@@ -145,6 +165,15 @@ def made_with(recipe: Recipe, source: str | None) -> dict:
     fingerprint of the file its rows came from, so incremental mode never takes a shard made
     from an older version of the part for this one."""
     return {**recipe.made_with, "source": source} if source else recipe.made_with
+
+
+def with_earlier_tries(message: str | None, earlier: list[str] | None) -> str | None:
+    """A row's last failure, followed by what its earlier tries met: a row that failed twice
+    keeps both messages."""
+    if not earlier:
+        return message
+    tries = "; ".join(f"try {n}: {text}" for n, text in enumerate(earlier, 1))
+    return f"{message} (earlier {tries})"
 
 
 def rejected_rows(table: pa.Table) -> dict[int, str]:
@@ -232,7 +261,10 @@ class WorkerProcess:
         # The recipe of parts enqueued without one (see recipe.py).
         self.own_recipe = Recipe.from_settings(settings)
         self.stopping = asyncio.Event()
-        self.open_rows = 0  # rows of the shards this process works on
+        # entry id -> rows of a claimed shard without an outcome yet; and the rows of every
+        # claimed shard, outcomes or not (see MAX_OPEN_ROWS, MAX_HELD_ROWS)
+        self.unfinished: dict[str, int] = {}
+        self.held_rows = 0
         # entry id -> rows of a shard claimed whose rows are not in the dispatcher yet (it
         # reads Redis and opens its files first): they count as waiting, or the claim loop
         # would take shards_in_flight shards at once before the first one's rows arrive.
@@ -299,7 +331,8 @@ class WorkerProcess:
                     with contextlib.suppress(Exception):
                         await self.queue.release([task])
                     break
-            self.open_rows += task.rows
+            self.unfinished[task.entry_id] = task.rows
+            self.held_rows += task.rows
             self.arriving[task.entry_id] = task.rows
             shard = asyncio.create_task(self._handle(task))
             running.add(shard)
@@ -384,6 +417,7 @@ class WorkerProcess:
                 break
             await asyncio.sleep(0.2)
         self.stopping.set()
+        self._try_waiting_rows_now()
 
     async def _keep_claims(self) -> None:
         period = max(0.5, self.settings.visibility_timeout / 4)
@@ -463,20 +497,24 @@ class WorkerProcess:
                 self.shared.set_problem(f"shard {task.partition}/{task.shard:05d} failed: "
                                         f"{type(error).__name__}: {error}")
         finally:
-            self.open_rows -= task.rows
+            self.unfinished.pop(task.entry_id, None)
+            self.held_rows -= task.rows
             self.arriving.pop(task.entry_id, None)
             self.dispatcher.notify()
 
     async def _room_for_a_shard(self, running: set[asyncio.Task]) -> None:
         """Wait until fewer than LOOKAHEAD × concurrency rows wait for a slot, within
-        shards_in_flight shards and MAX_OPEN_ROWS rows.
+        shards_in_flight shards, MAX_OPEN_ROWS rows without an outcome and MAX_HELD_ROWS in
+        all. (A shard whose last rows wait for their later try holds little but its records:
+        the process takes on others meanwhile.)
 
         Rows waiting here are what the dispatcher groups by host: with a few seconds of work
         queued, a host's rows from several shards go out back to back on one warm
         connection, which spares most TLS handshakes without keeping idle connections."""
         lookahead = LOOKAHEAD * self.settings.concurrency
         while not (self.dispatcher.queued + sum(self.arriving.values()) < lookahead
-                   and self.open_rows < MAX_OPEN_ROWS
+                   and sum(self.unfinished.values()) < MAX_OPEN_ROWS
+                   and self.held_rows < MAX_HELD_ROWS
                    and len(running) < self.settings.shards_in_flight):
             self.wants_a_shard.clear()
             await self.wants_a_shard.wait()
@@ -516,6 +554,7 @@ class WorkerProcess:
                 job.records.append(record)
             else:
                 rows.append((host_of(record.url), (job, record)))
+        self._finished(task, len(job.records))  # rejected rows have their outcome already
         job.pending = len(rows)
         if not rows:
             job.done.set()
@@ -528,6 +567,7 @@ class WorkerProcess:
                 # Stopped or failed half way: its other rows are not fetched here, and its
                 # fetches under way are cancelled (their slots come back as they end).
                 job.abandoned = True
+                self.shared.waiting.value -= len(job.cancel_later())
                 self.dispatcher.drop(lambda row: row[0] is job)
                 for fetch in list(job.fetches):
                     fetch.cancel()
@@ -558,11 +598,13 @@ class WorkerProcess:
         errors = ",".join(f"{k}:{v}" for k, v in
                           sorted(outcome.classes.items(), key=lambda kv: -kv[1]))
         # A sentence for people, then key=value fields for log tools.
-        log.info("shard %s/%05d: %d ok, %d failed, %.1f MB in %.1fs (%.0f rows/s) | part=%s "
-                 "shard=%d rows=%d ok=%d failed=%d bytes=%d seconds=%.3f errors=%s",
+        log.info("shard %s/%05d: %d ok, %d failed, %.1f MB in %.1fs (%.0f rows/s); %d rows "
+                 "tried again later, %d of them recovered | part=%s shard=%d rows=%d ok=%d "
+                 "failed=%d bytes=%d seconds=%.3f retried=%d recovered=%d errors=%s",
                  task.partition, task.shard, outcome.ok, outcome.failed, outcome.bytes / 1e6,
-                 elapsed, task.rows / max(elapsed, 1e-9), task.partition, task.shard,
-                 task.rows, outcome.ok, outcome.failed, outcome.bytes, elapsed, errors or "-")
+                 elapsed, task.rows / max(elapsed, 1e-9), outcome.retried, outcome.recovered,
+                 task.partition, task.shard, task.rows, outcome.ok, outcome.failed,
+                 outcome.bytes, elapsed, outcome.retried, outcome.recovered, errors or "-")
         self.health.add(outcome)
 
     def _outcome_on_disk(self, task: Task, recipe: Recipe, source: str | None
@@ -581,16 +623,18 @@ class WorkerProcess:
         # is slower than the network, bodies would otherwise pile up in the thread pool's
         # queue (a whole shard's worth, hundreds of MB); this way at most `concurrency` are
         # held in memory.
+        began = asyncio.get_running_loop().time()
         try:
             result: FetchResult = await self.fetcher.fetch(record.url, host)
-            self.shared.counters[3] += 1
-            if not self.shared.first_fetch.value:
-                self.shared.first_fetch.value = time.time()
             if job.abandoned:
                 return
+            if not result.ok and self._try_later(job, record, host, result, began):
+                return
+            self.shared.counters[3] += 1
             if not result.ok:
                 record.status, record.error_class = "failed", result.error_class
-                record.error_message = result.error_message
+                record.error_message = with_earlier_tries(result.error_message,
+                                                          job.earlier.get(record.row))
                 record.http_status = result.http_status
             else:
                 column = job.recipe.verify_hash_column
@@ -604,7 +648,12 @@ class WorkerProcess:
                 else:
                     loop = asyncio.get_running_loop()
                     record = await loop.run_in_executor(self.pool, _store, *arguments)
+                if record.status == "success":
+                    job.recovered += record.row in job.earlier
+                    if not self.shared.first_image.value:
+                        self.shared.first_image.value = time.time()
             job.records.append(record)
+            self._finished(job.task, 1)
             job.pending -= 1
             if job.pending == 0:
                 job.done.set()
@@ -614,6 +663,53 @@ class WorkerProcess:
             if job.failure is None:
                 job.failure = error
             job.done.set()
+
+    def _try_later(self, job: ShardJob, record: SampleRecord, host: str, result: FetchResult,
+                   began: float) -> bool:
+        """Give a row whose failure may pass (retry_classes), or that was not tried at all,
+        another try `retry_delay` seconds after this one began; False if it has had its tries.
+
+        The row stays in its shard, which is written once every row has its outcome: no
+        second pass over the part, and no shard written twice. Measured from the start of the
+        try, so a row whose try took long (a dead host's connect timeout) waits no longer
+        than one that failed at once; and where the failure was decided by work the try only
+        shared (the try that found its endpoint down, a look-up of its name under way or
+        cached), from the start of that work, so its later try, which may redo the work in
+        full, ends no later than the work did, plus the delay: the run's end moves by at most
+        the delay.
+        """
+        s = self.settings
+        earlier = job.earlier.get(record.row, [])
+        if len(earlier) >= s.retry_rounds or not is_transient(
+                result.error_class, result.http_status, result.tried, s.retry_classes):
+            return False
+        if result.since is not None:
+            began = min(began, result.since)
+        job.earlier[record.row] = [*earlier, f"{result.error_class}: {result.error_message}"]
+        loop = asyncio.get_running_loop()
+        # Stopping: now, so the shard can still finish within the grace period.
+        delay = 0.0 if self.stopping.is_set() else max(0.0, began + s.retry_delay - loop.time())
+        timer = loop.call_later(delay, self._try_again, job, record, host)
+        job.later[record.row] = (timer, record, host)
+        self.shared.waiting.value += 1
+        return True
+
+    def _try_again(self, job: ShardJob, record: SampleRecord, host: str) -> None:
+        job.later.pop(record.row, None)
+        self.shared.waiting.value -= 1
+        if not job.abandoned:  # due now: ahead of the rows still on their first try
+            self.dispatcher.add([(host, (job, record))], due=True)
+
+    def _try_waiting_rows_now(self) -> None:
+        """On a stop: the rows waiting for a later try get it now (see _try_later)."""
+        for job in list(self.active.values()):
+            for record, host in job.cancel_later():
+                self._try_again(job, record, host)
+
+    def _finished(self, task: Task, rows: int) -> None:
+        """`rows` of a shard have their outcome: room for the process to take on others."""
+        if task.entry_id in self.unfinished:
+            self.unfinished[task.entry_id] -= rows
 
     async def _dead_letter(self, task: Task, recipe: Recipe, source: str | None) -> None:
         """Give up on a shard that killed too many workers: its rows are failed (class

@@ -32,9 +32,12 @@ class Shared:
     # completes again; the supervisor puts it in the host report, so `run` and `status` can
     # say why nothing moves instead of leaving it in a log file.
     problem: Any
-    # RawValue('d'): when this process finished its first fetch (epoch seconds, 0 before):
+    # RawValue('d'): when this process stored its first image (epoch seconds, 0 before):
     # `run` reports the time from Enter to the first image.
-    first_fetch: Any
+    first_image: Any
+    # RawValue('q'): rows of this process waiting for their later try (retry_delay): what a
+    # run whose bar stands still near its end is waiting for.
+    waiting: Any
 
     def set_problem(self, text: str) -> None:
         self.problem.value = text.encode("utf-8", "replace")[:PROBLEM_BYTES - 1]

@@ -56,7 +56,8 @@ class Supervisor:
         shared = Shared(stop=self.stop, paused=self.paused, counters=self.ctx.RawArray("q", 4),
                         out_of_space=self.ctx.RawValue("b", 0),
                         problem=self.ctx.RawArray("c", PROBLEM_BYTES),
-                        first_fetch=self.ctx.RawValue("d", 0.0))
+                        first_image=self.ctx.RawValue("d", 0.0),
+                        waiting=self.ctx.RawValue("q", 0))
         child = self.ctx.Process(target=run_process, name=f"laion-worker-{index}",
                                  args=(self.settings.model_dump_json(), index, shared),
                                  daemon=False)
@@ -156,6 +157,10 @@ class Supervisor:
     def fetched(self) -> int:
         return sum(shared.counters[3] for _, shared in self.children)
 
+    def waiting(self) -> int:
+        """Rows waiting for their later try, in the processes alive now."""
+        return sum(shared.waiting.value for child, shared in self.children if child.is_alive())
+
     def problems(self) -> list[str]:
         return sorted({text for _, shared in self.children if (text := shared.read_problem())})
 
@@ -179,9 +184,9 @@ class Supervisor:
         return (f"no space left on device writing a shard ({free_gb * 1000:,.0f} MB free); "
                 "waiting for space to be freed")
 
-    def _first_fetch_at(self) -> float | None:
-        return min((shared.first_fetch.value for _, shared in self.children
-                    if shared.first_fetch.value), default=None)
+    def _first_image_at(self) -> float | None:
+        return min((shared.first_image.value for _, shared in self.children
+                    if shared.first_image.value), default=None)
 
     def heartbeat(self) -> HostReport:
         disk = disk_state(self.settings.store_root, self.settings)
@@ -207,8 +212,8 @@ class Supervisor:
             processes=len(self.children),
             alive_processes=sum(c.is_alive() for c, _ in self.children),
             rate=round(rate, 2), ok=ok, failed=failed, bytes=nbytes, seen_at=time.time(),
-            fetched=self.fetched(), problems=self.problems(),
-            first_fetch_at=self._first_fetch_at())
+            fetched=self.fetched(), problems=self.problems(), waiting=self.waiting(),
+            first_image_at=self._first_image_at())
         try:
             assert self._redis is not None
             self._redis.hset(self.keys.hosts, self.host, report.to_json())
@@ -251,11 +256,11 @@ class Supervisor:
             next_beat = 0.0
             first_reported = False
             while not self.stop.value:
-                # The first fetch is reported at once, not at the next beat: `run` prints the
+                # The first image is reported at once, not at the next beat: `run` prints the
                 # time to the first image, and a small job can be over within one interval.
-                first_due = not first_reported and self._first_fetch_at() is not None
+                first_due = not first_reported and self._first_image_at() is not None
                 if time.monotonic() >= next_beat or first_due:
-                    first_reported = self.heartbeat().first_fetch_at is not None
+                    first_reported = self.heartbeat().first_image_at is not None
                     next_beat = time.monotonic() + self.settings.heartbeat_interval
                     if until is not None and until():
                         break
