@@ -17,7 +17,7 @@ import textwrap
 import time
 import typing
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from pydantic import ValidationError
 
@@ -41,8 +41,9 @@ def _explain(error: ValidationError, from_flags: bool) -> str:
         name = str(item["loc"][0]) if item["loc"] else "settings"
         where = ("--" + name.replace("_", "-")) if from_flags else f"LAION_{name.upper()}"
         message = item["msg"].removeprefix("Value error, ")
-        sentences.append(f"{where} {item.get('input')!r} is not allowed: "
-                         f"{message[:1].lower()}{message[1:]}")
+        given = item.get("input")
+        shown = repr(str(given) if isinstance(given, PurePath) else given)
+        sentences.append(f"{where} {shown} is not allowed: {message[:1].lower()}{message[1:]}")
     return "; ".join(sentences)
 
 

@@ -946,5 +946,7 @@ def test_a_private_ca_is_trusted_with_the_ca_bundle_setting(settings, images, pr
 
     untrusted = asyncio.run(fetch_with(settings))
     assert untrusted.error_class == "tls", untrusted.error_message
+    with pytest.raises(ValueError, match=r"(?s)ca_bundle.*not a readable PEM file"):
+        settings.with_overrides(ca_bundle=private_ca / "missing.pem")
     trusted = asyncio.run(fetch_with(settings.with_overrides(ca_bundle=private_ca / "ca.pem")))
     assert trusted.ok and trusted.body == body, trusted.error_message

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import ssl
 import types
 import typing
 from pathlib import Path
@@ -205,6 +206,19 @@ class Settings(BaseSettings):
         # Dagster runs and workers start in other working directories; relative paths would
         # silently point somewhere else there.
         return None if value is None else value.expanduser().absolute()
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _readable_certificates(cls, value: Path | None) -> Path | None:
+        # Every worker process builds its SSL context from it: a wrong path would kill each
+        # one as it starts, and a run would sit still until its stall timeout.
+        if value is None:
+            return None
+        try:
+            ssl.create_default_context(cafile=str(value))
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"not a readable PEM file of certificates ({error})") from None
+        return value
 
     @field_validator("allowed_networks")
     @classmethod
