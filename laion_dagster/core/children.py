@@ -48,7 +48,7 @@ def start(argv: list[str], **popen: Any) -> subprocess.Popen:
 class Child:
     process: subprocess.Popen
     first: signal.Signals = signal.SIGTERM  # what asks it to stop in order
-    grace: float = 30.0  # how long it may take to
+    grace: float = 30.0  # how long it may take to stop after that signal
     whole_group: bool = False  # the first signal to its whole group (as a terminal's Ctrl-C)
 
 
