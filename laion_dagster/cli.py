@@ -390,11 +390,14 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from laion_dagster.core import children
-    from laion_dagster.instance import ensure_dagster_home
+    from laion_dagster.instance import get_instance
 
     settings = _settings(args)
     with exclusive.hold(settings.state_dir, "laion-dagster up"):
-        home = ensure_dagster_home(settings)
+        # Created and migrated now: dagster dev's webserver, daemon and code servers would
+        # otherwise all create a new instance at once.
+        get_instance(settings).dispose()
+        home = Path(os.environ["DAGSTER_HOME"])
         os.environ.update(settings.to_env())
         if settings.parts_root.exists():
             settings.remember_inputs()

@@ -4,12 +4,18 @@ from dagster import Definitions
 
 from laion_dagster.defs.assets import part_images, part_tasks
 from laion_dagster.defs.jobs import enqueue_job, finalize_job, local_workers
+from laion_dagster.defs.observations import QUEUE, WORKER_HOSTS
 from laion_dagster.defs.resources import LaionResource
-from laion_dagster.defs.sensors import discover_parts, finalize_parts, launch_or_hold
+from laion_dagster.defs.sensors import (
+    discover_parts,
+    finalize_parts,
+    launch_or_hold,
+    watch_downloads,
+)
 
 defs = Definitions(
-    assets=[part_tasks, part_images],
+    assets=[part_tasks, part_images, QUEUE, WORKER_HOSTS],
     jobs=[enqueue_job, finalize_job, local_workers],
-    sensors=[discover_parts, launch_or_hold, finalize_parts],
+    sensors=[discover_parts, launch_or_hold, finalize_parts, watch_downloads],
     resources={"laion": LaionResource()},
 )

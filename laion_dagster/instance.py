@@ -5,35 +5,28 @@ Kept out of the core because it is about Dagster; kept out of `defs/` because it
 definition. `run`, `up` and `discover` share it so they all see the same runs and partitions.
 """
 
-import os
-import shutil
-from importlib import resources
-from pathlib import Path
-
 from dagster import DagsterEventType, DagsterInstance
 
 from laion_dagster.core.settings import Settings
+from laion_dagster.dagster_home import (
+    ensure_dagster_home,
+    instance_lock,
+    repair_doubled_heads,
+    touch_storage,
+)
 
 
-def ensure_dagster_home(settings: Settings) -> Path:
-    """Point DAGSTER_HOME somewhere persistent with our dagster.yaml (telemetry off).
-
-    A DAGSTER_HOME that the user set keeps its own dagster.yaml; one without any gets ours.
-    """
-    home = os.environ.get("DAGSTER_HOME")
-    path = Path(home) if home else settings.state_dir / "dagster"
-    path.mkdir(parents=True, exist_ok=True)
-    config = path / "dagster.yaml"
-    if not config.exists():
-        with resources.as_file(resources.files("laion_dagster") / "dagster.yaml") as source:
-            shutil.copyfile(source, config)
-    os.environ["DAGSTER_HOME"] = str(path)
-    return path
-
-
-def get_instance(settings: Settings) -> DagsterInstance:
-    ensure_dagster_home(settings)
-    return DagsterInstance.get()
+def get_instance(settings: Settings, say=print) -> DagsterInstance:
+    """The instance, its home made whole first (ensure_dagster_home), opened under
+    instance_lock with a doubled schema head repaired (and said)."""
+    home = ensure_dagster_home(settings)
+    with instance_lock(home):
+        for path in repair_doubled_heads(home):
+            say(f"repaired {path}: its schema revision was stamped twice (two processes "
+                "created the instance at once)")
+        instance = DagsterInstance.get()
+        touch_storage(instance)  # a home of the user's may have none yet: now, under the lock
+    return instance
 
 
 def failure_message(instance: DagsterInstance, run_id: str) -> str:
@@ -49,3 +42,5 @@ def failure_message(instance: DagsterInstance, run_id: str) -> str:
         if data.error:
             return data.error.message.strip()
     return "the run failed (see the run's logs in the Dagster UI)"
+
+

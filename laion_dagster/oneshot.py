@@ -30,15 +30,17 @@ from typing import TYPE_CHECKING
 
 from laion_dagster.core import children, embedded, exclusive, parts, provenance
 from laion_dagster.core.accounting import PartSummary, summarize
-from laion_dagster.core.admission import hold_reasons
+from laion_dagster.core.admission import hold_reasons, worker_reasons
 from laion_dagster.core.connection import connect
 from laion_dagster.core.enqueue import EnqueueReport, enqueue_part
 from laion_dagster.core.hosts import is_stale, store_problem
 from laion_dagster.core.outcomes import fix_sentence
+from laion_dagster.core.progress import Watch
 from laion_dagster.core.queue import PartState, Queue
 from laion_dagster.core.retry import RetryRefused, retry_failed
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.status import bar, plural
+from laion_dagster.dagster_home import ensure_dagster_home
 from laion_dagster.usage import UsageError
 
 if TYPE_CHECKING:  # Dagster is imported once the pool is starting: a second saved
@@ -163,6 +165,8 @@ class OneShot:
         self.started_at = time.time()
         self.first_image: float | None = None
         self.at_start = Progress()  # the parts' counts once their states were checked
+        self.watch = Watch()  # what the UI was told last (defs/observations.py)
+        self.observed = 0.0
         self.already_final = 0
         self.rate = Rate()
         self.stored_at_start: int | None = None  # rows in finished shards at the first line
@@ -247,6 +251,9 @@ class OneShot:
     def _run_with_settings(self, found: list[parts.Part]) -> RunResult:
         s = self.settings
         self._use_settings_everywhere()
+        # The instance's home first, whole (dagster_home.ensure_dagster_home): a UI started a
+        # second after this command must not find no home, or one without our dagster.yaml.
+        ensure_dagster_home(s)
         if not s.redis_url:  # started here, it dies with this command, even by SIGKILL
             embedded.ensure_running(s.redis_dir, tied=True)
         client = connect(s, name="laion-dagster-run")
@@ -270,17 +277,22 @@ class OneShot:
                 self.say(f"{plural(len(keys), 'part')}, {s.processes} worker processes × "
                          f"{s.concurrency} fetches; store {s.store_root}; worker log "
                          f"{self.worker_log}")
-                # Small parts go on the queue now, without waiting for Dagster to start
-                # (seconds); their Dagster runs, which find them queued, follow.
-                self._enqueue_early(queue, found)
-                from laion_dagster.defs.partitions import PARTS
+                # The Dagster instance is opened beside that (its home was made whole at the
+                # start). Small parts go on the queue meanwhile, without waiting for Dagster to
+                # start (seconds); their Dagster runs, which find them queued, follow.
                 from laion_dagster.instance import get_instance
 
-                instance = get_instance(s)
+                with ThreadPoolExecutor(1, thread_name_prefix="dagster-instance") as pool:
+                    opening = pool.submit(get_instance, s, self.say)
+                    self._enqueue_early(queue, found)
+                    instance = opening.result()
+                from laion_dagster.defs.partitions import PARTS
+
                 known = set(instance.get_dynamic_partitions(PARTS))
                 if new := [k for k in keys if k not in known]:
                     instance.add_dynamic_partitions(PARTS, new)
                 self._loop(queue, instance, keys)
+                self._observe(queue, instance, keys)  # the parts' ends, in the UI
         except _GiveUp:
             self.say(f"giving up: {self.gave_up}")
         finally:
@@ -355,6 +367,8 @@ class OneShot:
         while len(self.finished) < len(keys) and self.signal is None:
             states = queue.parts_states(keys)
             hosts = queue.hosts()
+            if time.monotonic() - self.observed >= s.observe_interval:
+                self._observe(queue, instance, keys, states, hosts)
             self._reap_enqueues(instance)
             self._release_pool_when_idle(keys, states)
             for key, st in states.items():
@@ -388,6 +402,26 @@ class OneShot:
             if len(self.finished) < len(keys):  # (the last part final: no reason to wait)
                 time.sleep(0.5)
 
+    def _observe(self, queue: Queue, instance: DagsterInstance, keys: list[str],
+                 states: dict[str, PartState] | None = None,
+                 hosts: dict[str, dict] | None = None) -> None:
+        """What the watch_downloads sensor reports to the UI under the daemon, reported by
+        this run itself (it runs none): a user who opens the UI sees the same history."""
+        from laion_dagster.defs.assets import part_tasks
+        from laion_dagster.defs.observations import events
+
+        self.observed = time.monotonic()
+        states = queue.parts_states(keys) if states is None else states
+        snapshot = self.watch.look(states, dict(zip(keys, queue.classes_of(keys), strict=True)),
+                                   queue.hosts() if hosts is None else hosts,
+                                   queue.queued_rows(), queue.dead_letters(), self.settings,
+                                   set(self.failures))
+        try:
+            for event in events(snapshot, part_tasks.key):
+                instance.report_runless_asset_event(event)
+        except Exception as error:  # the UI's view must never stop the download
+            self.say(f"could not report progress to the Dagster instance: {error}")
+
     def _release_pool_when_idle(self, keys: list[str], states: dict[str, PartState]) -> None:
         """Once every part's shards are complete the pool has nothing left to do: it is told
         to exit now, and exits while the last parts are finalized (a Dagster run each, ~1 s)
@@ -418,18 +452,8 @@ class OneShot:
     def _waiting(self, queue: Queue, keys: list[str], states: dict[str, PartState],
                  hosts: dict[str, dict]) -> list[str]:
         """Why work may not be moving right now, in the words the progress line shows."""
-        reasons = []
-        live = {h: r for h, r in hosts.items() if not is_stale(r, self.settings)}
-        for host, report in sorted(live.items()):
-            if report.get("paused"):
-                reasons.append(f"host {host} paused: {report.get('pause_reason') or 'paused'}")
-            for problem in report.get("problems") or []:
-                reasons.append(f"shards failing on {host}: {problem}")
-        later = sum(int(report.get("waiting") or 0) for report in live.values())
-        if later:
-            reasons.append(f"{plural(later, 'row')} wait for their later try, "
-                           f"{self.settings.retry_delay:g}s after their first began "
-                           "(retry_delay)")
+        reasons = worker_reasons(hosts, self.settings)
+        live = [r for r in hosts.values() if not is_stale(r, self.settings)]
         if self.workers is not None and not live and \
                 time.monotonic() - self.workers_started > 30:
             reasons.append(f"no worker is reporting; see {self.worker_log}")

@@ -25,7 +25,12 @@ from laion_dagster.definitions import defs
 from laion_dagster.defs.assets import part_images, part_tasks
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
-from laion_dagster.defs.sensors import discover_parts, finalize_parts, launch_or_hold
+from laion_dagster.defs.sensors import (
+    discover_parts,
+    finalize_parts,
+    launch_or_hold,
+    watch_downloads,
+)
 from laion_dagster.instance import failure_message
 from tests.outputs import all_done, wait_until
 from tests.pool import start_worker, stop_worker
@@ -62,8 +67,11 @@ def add_parts(instance, settings) -> list[str]:
 
 def test_definitions_load_and_sensors_are_on_by_default():
     Definitions.validate_loadable(defs)
-    for sensor in (discover_parts, launch_or_hold, finalize_parts):
+    for sensor in (discover_parts, launch_or_hold, finalize_parts, watch_downloads):
         assert sensor.default_status.value == "RUNNING"
+    # What the launch sensor decides by is upstream of what it launches, in the lineage.
+    assert {d.asset_key.path[0] for d in part_tasks.specs_by_key[part_tasks.key].deps} == {
+        "queue", "worker_hosts"}
     assert {j.name for j in defs.jobs} >= {"enqueue_job", "finalize_job", "local_workers"}
 
 

@@ -518,6 +518,16 @@ def test_keys_are_unique_across_parts_and_every_row_is_in_a_shard_parquet(settin
             assert images["ok"] + images["failed"] + images["invalid_rows"] == 120
             assert images["shards"] == count
             assert Path(images["error_file"]).exists()
+        # What the watch_downloads sensor reports under the daemon, `run` reported itself:
+        # each part's counts (the last at its end), the worker hosts and the queue.
+        for key in shards:
+            seen = instance.fetch_observations(AssetRecordsFilter(
+                asset_key=AssetKey("part_tasks"), asset_partitions=[key]), limit=1).records
+            assert seen, f"no observation of part_tasks {key}"
+            last = {k: v.value for k, v in seen[0].asset_observation.metadata.items()}
+            assert (last["state"], last["rows_done"]) == ("final", 120)
+        for asset in ("worker_hosts", "queue"):
+            assert instance.fetch_observations(AssetKey(asset), limit=1).records, asset
         for check in (BALANCED, SUCCESS_RATE):
             history = instance.event_log_storage.get_asset_check_execution_history(
                 AssetCheckKey(AssetKey("part_images"), check), limit=100)

@@ -125,6 +125,34 @@ def _shown(value) -> str:
     return str(value)
 
 
+def start_webserver(env, cwd: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """dagster-webserver alone (no daemon needed) on a free loopback port, answering; returns
+    it (the caller stops it) and its base URL."""
+    port = free_port()
+    with log.open("wb") as out:
+        webserver = subprocess.Popen(
+            [str(BIN / "dagster-webserver"), "-m", "laion_dagster.definitions",
+             "-h", "127.0.0.1", "-p", str(port)],
+            env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if webserver.poll() is not None:
+            raise AssertionError(f"dagster-webserver exited:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/server_info", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, SLOW, interval=0.5, what="dagster-webserver's /server_info")
+    except BaseException:
+        _stop_group(webserver)
+        raise
+    return webserver, base
+
+
 @pytest.fixture
 def chromium_path() -> str:
     if not CHROMIUM.exists():
@@ -196,29 +224,13 @@ def test_a_finished_part_shows_its_totals_errors_paths_and_checks_in_the_ui(
     assert len(failures) >= 2
     # Both partitions carry the same metadata keys: what the plots across partitions need.
     assert set(_metadata(home, two[1].key)) == set(meta)
-    numeric = sorted(k for k, v in meta.items() if isinstance(v, int | float))
+    numeric = sorted(k for k, v in meta.items()
+                     if isinstance(v, int | float) and not isinstance(v, bool))
 
     # The UI: the webserver alone (no daemon needed), on a free loopback port.
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "webserver.log"
-    with log.open("wb") as out:
-        webserver = subprocess.Popen(
-            [str(BIN / "dagster-webserver"), "-m", "laion_dagster.definitions",
-             "-h", "127.0.0.1", "-p", str(port)],
-            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    webserver, base = start_webserver(env, tmp_path, tmp_path / "webserver.log")
     procs.append(webserver)
-
-    def up() -> bool:
-        if webserver.poll() is not None:
-            raise AssertionError(f"dagster-webserver exited:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/server_info", timeout=5) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    wait_until(up, SLOW, interval=0.5, what="dagster-webserver's /server_info")
+    port = int(base.rsplit(":", 1)[1])
 
     requests: list[str] = []
     screenshot = SCREENSHOT if _update_screenshot() else tmp_path / "ui-part-images.png"
@@ -299,3 +311,154 @@ def test_a_finished_part_shows_its_totals_errors_paths_and_checks_in_the_ui(
     strays = [url for url in requests if urlsplit(url).scheme not in ("data", "blob")
               and urlsplit(url).netloc != f"127.0.0.1:{port}"]
     assert not strays, f"the page asked for something other than the test's server: {strays}"
+
+
+LIVE_PART = ROOT / "docs" / "ui-live-part.png"
+LIVE_HOSTS = ROOT / "docs" / "ui-worker-hosts.png"
+LIVE_QUEUE = ROOT / "docs" / "ui-queue.png"
+
+
+def test_a_downloading_part_its_hosts_and_the_queue_are_live_in_the_ui(
+        chromium_path, settings, image_server, images, tmp_path, procs):
+    """`laion-dagster run` from a deliberately slow server (one second an image), its store on
+    a small disk of its own, the UI open beside it: the part's page shows its counts grow,
+    then, with the disk filled past the floor, the part paused and why; the worker host and the
+    queue assets show their numbers. The run then resumes and ends, its part final."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from laion_dagster.demo.dataset import write_dataset
+    from tests.conftest import TEST_HOSTS, mount_tmpfs, shell_env
+
+    image_server.delay = 1.0
+    write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
+                  subsets=("laion2B-en",), rows_per_part=120, images=images, seed=5)
+    keys = [p.key for p in parts.discover(settings.parts_root)]
+    key = keys[0]
+    store = tmp_path / "small-disk"
+    if not mount_tmpfs(store, 64):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    procs_before_umount: list[subprocess.Popen] = []
+    try:
+        home = tmp_path / "dagster_home"
+        home.mkdir()
+        shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+        (home / ".nux").mkdir()
+        (home / ".nux" / "nux.yaml").write_text("seen: 1\n")
+        DagsterInstance.from_config(str(home)).dispose()  # an instance already in use
+        env = shell_env(processes="1", concurrency="2", shard_size="10", observe_interval="5",
+                        disk_min_free_gb=str(20 / 1024)) | {"DAGSTER_HOME": str(home)}
+        webserver, base = start_webserver(env, tmp_path, tmp_path / "webserver.log")
+        procs.append(webserver)
+        run_log = tmp_path / "run.log"
+        with run_log.open("wb") as out:
+            run = subprocess.Popen(
+                [sys.executable, "-m", "laion_dagster.cli", "run", "--parquet-dir",
+                 str(settings.parts_root), "--store-dir", str(store), "--data-dir",
+                 str(tmp_path / "data")],
+                env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        procs_before_umount.append(run)
+
+        shots = {path: path if _update_screenshot() else tmp_path / path.name
+                 for path in (LIVE_PART, LIVE_HOSTS, LIVE_QUEUE)}
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium_path, headless=True,
+                                                 args=CHROMIUM_ARGS, timeout=SLOW * 1000)
+            try:
+                context = browser.new_context(viewport={"width": 1440, "height": 1500},
+                                              service_workers="block")
+                page = context.new_page()
+                page.set_default_timeout(SLOW * 1000)
+                expect.set_options(timeout=120_000)
+
+                def row(name: str):
+                    label = page.locator("td", has_text=re.compile(
+                        rf"^\s*{re.escape(name)}\s*$"))
+                    return page.locator("tr").filter(has=label).first.locator("td").nth(1)
+
+                def latest(name: str):
+                    """`name` in an asset's metadata (key, timestamp, value)."""
+                    label = page.locator("td", has_text=re.compile(
+                        rf"^\s*{re.escape(name)}\s*$"))
+                    return page.locator("tr").filter(has=label).first.locator("td").nth(2)
+
+                def figure(name: str) -> str:
+                    """`name` on the part's partition page, opened afresh (as a user does)."""
+                    assert run.poll() is None, run_log.read_text()[-4000:]
+                    page.goto(f"{base}/assets/part_tasks?view=partitions&partition="
+                              f"{quote(key)}", wait_until="domcontentloaded")
+                    expect(page.get_by_text(key, exact=True).filter(visible=True).first
+                           ).to_be_visible()
+                    try:
+                        expect(row("rows_done")).to_be_visible(timeout=15_000)
+                    except AssertionError:
+                        return ""  # not observed yet
+                    return row(name).inner_text().strip()
+
+                def done_rows() -> int:
+                    return int(figure("rows_done") or 0)
+
+                # The counts grow, read from the page twice.
+                first = wait_until(done_rows, SLOW, interval=1, what="rows done on the page")
+                assert 0 < first < 120, first
+                second = wait_until(lambda: (n := done_rows()) > first and n, SLOW, interval=1,
+                                    what=f"rows done beyond {first} on the page")
+                assert row("rows").inner_text().strip() == "120"
+                assert row("state").inner_text().strip() == "downloading"
+                for name in ("ok", "failed", "size_mb", "images_per_second", "eta_s",
+                             "shards", "shards_done"):
+                    expect(row(name)).to_have_text(re.compile(r"^\s*\d[\d.]*\s*$"))
+
+                # The disk filled past the floor: the host pauses, the part says so and why.
+                free = shutil.disk_usage(store).free
+                with open(store / "ballast", "wb") as handle:
+                    handle.truncate(0)
+                    handle.write(b"\0" * max(free - 10 * 2**20, 0))
+                wait_until(lambda: figure("state") == "paused", SLOW, interval=1,
+                           what="the part shown paused")
+                expect(row("why")).to_contain_text(" paused: ")
+                expect(row("why")).to_contain_text("MB free")
+                assert int(row("rows_done").inner_text()) >= second
+                page.wait_for_load_state("networkidle")
+                page.screenshot(path=str(shots[LIVE_PART]), full_page=True)
+
+                # The worker host and the queue, with their numbers.
+                page.goto(f"{base}/assets/worker_hosts", wait_until="domcontentloaded")
+                expect(latest("hosts")).to_have_text("1")
+                expect(latest("hosts_paused")).to_have_text("1")
+                expect(latest("processes")).to_have_text("1")
+                expect(latest("disk_free_gb_min")).to_have_text(re.compile(r"^\s*0\.0\d+\s*$"))
+                hosts = latest("table")
+                expect(hosts).to_contain_text("paused")
+                expect(hosts).to_contain_text("MB free")
+                page.wait_for_load_state("networkidle")
+                page.screenshot(path=str(shots[LIVE_HOSTS]), full_page=True)
+
+                page.goto(f"{base}/assets/queue", wait_until="domcontentloaded")
+                expect(latest("queue_threshold")).to_have_text(_shown(settings.queue_threshold))
+                expect(latest("queue_high_watermark")).to_have_text(
+                    _shown(settings.queue_high_watermark))
+                expect(latest("queued_rows")).to_have_text(re.compile(r"^\s*\d+\s*$"))
+                expect(latest("parts_paused")).to_have_text(re.compile(r"^\s*[12]\s*$"))
+                table = latest("parts")
+                for each in keys:
+                    expect(table).to_contain_text(each)
+                expect(table).to_contain_text("paused")
+                page.wait_for_load_state("networkidle")
+                page.screenshot(path=str(shots[LIVE_QUEUE]), full_page=True)
+
+                # Room again: the download resumes and ends; the part's last report is final.
+                (store / "ballast").unlink()
+                assert run.wait(SLOW) == 0, run_log.read_text()[-4000:]
+                page.goto(f"{base}/assets/part_tasks?view=partitions&partition={quote(key)}",
+                          wait_until="domcontentloaded")
+                expect(row("state")).to_have_text("final")
+                expect(row("rows_done")).to_have_text("120")
+            finally:
+                browser.close()
+    finally:
+        for proc in procs_before_umount:
+            _stop_group(proc)
+        subprocess.run(["umount", "-l", str(store)], capture_output=True)
+    for shot in shots.values():
+        assert shot.stat().st_size > 10_000

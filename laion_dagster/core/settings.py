@@ -110,6 +110,9 @@ class Settings(BaseSettings):
         "pause a host whose store disk has fewer GB free than this"))
     host_id: str | None = Field(None, description="this worker host's name (default: hostname)")
 
+    observe_interval: int = Field(30, ge=5, description=(
+        "seconds between the Dagster UI's reports of the downloading parts, the worker hosts "
+        "and the queue (the watch_downloads sensor's interval, and `run`'s)"))
     stall_timeout: float = Field(300.0, ge=0, description=(
         "`run` ends (exit 1, saying why) when nothing was downloaded, failed or queued for "
         "this many seconds while work remains; 0 waits forever"))

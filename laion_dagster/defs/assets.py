@@ -28,6 +28,7 @@ from laion_dagster.core.outcomes import ERROR_CLASSES
 from laion_dagster.core.provenance import PartChanged
 from laion_dagster.core.retry import RetryRefused, retry_failed
 from laion_dagster.core.settings import Settings
+from laion_dagster.defs.observations import QUEUE, WORKER_HOSTS
 from laion_dagster.defs.partitions import parts_partitions
 from laion_dagster.defs.resources import LaionResource
 
@@ -46,8 +47,10 @@ class PartTasksConfig(Config):
     start_over: bool = False
 
 
-@asset(partitions_def=parts_partitions, group_name=GROUP,
-       description="A parquet part's rows, cut into shards and queued on Redis for the workers.")
+@asset(partitions_def=parts_partitions, group_name=GROUP, deps=[QUEUE, WORKER_HOSTS],
+       description="A part's rows, cut into shards and queued on Redis for the workers. "
+                   "While they download, its partition page shows their counts as the "
+                   "watch_downloads sensor observes them.")
 def part_tasks(context: AssetExecutionContext, config: PartTasksConfig,
                laion: LaionResource) -> MaterializeResult:
     settings = laion.settings()
@@ -191,6 +194,10 @@ def part_images(context: AssetExecutionContext, laion: LaionResource) -> Materia
     # what the asset's plots across partitions are drawn from.
     for name in ERROR_CLASSES:
         metadata[f"failed_{name}"] = summary.classes.get(name, 0)
+    # And the keys of the part's observations while it downloaded (core/progress.py), at
+    # their final values: one plot covers its whole life.
+    metadata.update({"state": "final", "rows_done": summary.rows, "shards_done": summary.shards,
+                     "eta_s": 0, "paused": False, "why": ""})
     checks = [
         AssetCheckResult(
             check_name=BALANCED, passed=summary.balanced,

@@ -44,9 +44,12 @@ class LaionResource(_SettingsConfig):
         return Settings().with_overrides(**overrides)
 
     @contextmanager
-    def queue(self):
+    def queue(self, retries: int | None = None):
+        """The queue; `retries`: the connection's retry budget (default: the clients' own, ~25
+        s of backoff), fewer for a sensor that must answer within its tick."""
         settings = self.settings()
-        client = connect(settings, name="laion-dagster")
+        client = (connect(settings, name="laion-dagster") if retries is None
+                  else connect(settings, name="laion-dagster", retries=retries))
         try:
             yield Queue(client, settings.prefix, settings.visibility_timeout,
                         settings.max_deliveries)

@@ -4,6 +4,7 @@ All three are on by default, so `dagster dev` or the daemon runs a whole folder 
 Every skip says why in a sentence with the numbers in it.
 """
 
+import os
 import socket
 
 import psutil
@@ -23,7 +24,12 @@ from laion_dagster.core import parts
 from laion_dagster.core.admission import hold_reasons
 from laion_dagster.core.connection import RedisUnavailable
 from laion_dagster.core.embedded import EmbeddedServerError
+from laion_dagster.core.progress import Watch
+from laion_dagster.core.queue import PartState
+from laion_dagster.core.settings import Settings
+from laion_dagster.defs.assets import part_tasks
 from laion_dagster.defs.jobs import enqueue_job, finalize_job
+from laion_dagster.defs.observations import events
 from laion_dagster.defs.partitions import PARTS, parts_partitions
 from laion_dagster.defs.resources import LaionResource
 
@@ -177,3 +183,54 @@ def finalize_parts(context: SensorEvaluationContext, laion: LaionResource):
                          for s in running[:3])
     return SkipReason(f"{len(running)} parts downloading: {progress}"
                       f"{' …' if len(running) > 3 else ''}")
+
+
+def _observe_interval() -> int:
+    """The sensor's interval is fixed when the code location loads: from the environment, as
+    the settings model reads it, or its default."""
+    try:
+        return Settings.model_validate(
+            {"observe_interval": os.environ["LAION_OBSERVE_INTERVAL"]}).observe_interval
+    except (KeyError, ValueError):
+        return Settings.model_fields["observe_interval"].default
+
+
+def failed_parts(instance: DagsterInstance, states: dict[str, PartState]) -> set[str]:
+    """Parts whose latest enqueue run failed before they were queued, or whose finalize run
+    failed once they were complete: one query per job, not one per part."""
+    failed = set()
+    for job, waiting in ((enqueue_job.name, lambda st: not st.enqueued),
+                         (finalize_job.name, lambda st: st.done and st.finalized_at is None)):
+        latest: dict[str, DagsterRunStatus] = {}
+        for record in instance.get_run_records(RunsFilter(job_name=job), limit=2000):
+            key = record.dagster_run.tags.get("dagster/partition")
+            if key is not None and key not in latest:
+                latest[key] = record.dagster_run.status
+        failed |= {key for key, status in latest.items() if status == DagsterRunStatus.FAILURE
+                   and key in states and waiting(states[key])}
+    return failed
+
+
+@sensor(minimum_interval_seconds=_observe_interval(), default_status=DefaultSensorStatus.RUNNING,
+        description="Reports each downloading part's counts (on part_tasks), the worker hosts "
+                    "and the queue to the UI as runless observations; moves no work.")
+def watch_downloads(context: SensorEvaluationContext, laion: LaionResource) -> SensorResult:
+    settings = laion.settings()
+    keys = sorted(context.instance.get_dynamic_partitions(PARTS))
+    try:
+        # One try and a short backoff: a sensor that reports must not wait on Redis long.
+        with laion.queue(retries=1) as queue:
+            states = queue.parts_states(keys)
+            classes = dict(zip(keys, queue.classes_of(keys), strict=True))
+            reports = queue.hosts()
+            depth, dead = queue.queued_rows(), queue.dead_letters()
+    except (RedisUnavailable, EmbeddedServerError) as error:
+        return SensorResult(skip_reason=SkipReason(f"Redis unavailable: {error}"))
+    watch = Watch.from_json(context.cursor)
+    snapshot = watch.look(states, classes, reports, depth, dead, settings,
+                          failed_parts(context.instance, states))
+    said = [f"{len(snapshot.parts)} parts" if snapshot.parts else "no part (none moved)"]
+    said += [name for name, figures in (("the worker hosts", snapshot.hosts),
+                                        ("the queue", snapshot.queue)) if figures is not None]
+    return SensorResult(asset_events=events(snapshot, part_tasks.key), cursor=watch.to_json(),
+                        skip_reason=SkipReason("reported " + ", ".join(said)))

@@ -41,8 +41,9 @@ class ImageServer:
     """`with ImageServer(images) as server: server.url("img-a.test")` gives a base URL."""
 
     def __init__(self, images: dict[str, DemoImage], host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, delay: float = 0.0) -> None:
         self.images = images
+        self.delay = delay  # seconds before each image: a deliberately slow server
         self.host = host
         self.requests: Counter[str] = Counter()
         self._first_seen: dict[str, float] = {}  # /flaky/ path -> when it was first asked
@@ -116,6 +117,8 @@ class ImageServer:
         self.requests[path] += 1
         image = self.images.get(path)
         if image is not None:
+            if self.delay:
+                await asyncio.sleep(self.delay)
             return web.Response(body=image.body, headers={"Content-Type": image.content_type})
         route, _, rest = path.lstrip("/").partition("/")
         if route == "status":
