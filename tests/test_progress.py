@@ -94,11 +94,15 @@ def test_a_large_part_is_reported_by_its_steps_and_every_few_minutes_not_every_t
     big = {"generation": 1, "rows": rows, "shards": 1_800, "shards_total": 1_800}
 
     def tick(at: float, done: int, classes: dict) -> list:
+        """Rows always wait for their later try, fewer or more each tick: the part's why
+        says so, its numbers moving (not news each tick)."""
         states = {"a/0": part("a/0", ok=done, **big)}
-        return watch.look(states, {"a/0": classes}, {"h": host(seen=at)}, 0, 0, settings,
+        busy = host(seen=at, waiting=int(at) % 97 + 1)
+        return watch.look(states, {"a/0": classes}, {"h": busy}, 0, 0, settings,
                           now=at).parts
 
     [first] = tick(NOW, 10_000, {"dns": 5})
+    assert "wait for their later try" in first.why
     assert [k for k in first.figures() if k.startswith("failed_")] == ["failed_dns"]
     small_step = 10_000  # per 30 s tick: far less than STEP of the part
     reported = [t for t in range(1, 13)

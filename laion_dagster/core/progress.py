@@ -206,7 +206,8 @@ class Watch:
         memory = memory or {}
         # partition -> [rows_done, state, why, when reported (epoch s), classes reported]
         self.parts: dict[str, list] = memory.get("parts", {})
-        self.hosts: list = memory.get("hosts", [None, 0.0])  # [signature, when]
+        # [state, when, figures] as last reported (Watch._due)
+        self.hosts: list = memory.get("hosts", [None, 0.0])
         self.queue: list = memory.get("queue", [None, 0.0])
         self.table: list = memory.get("table", [None, 0.0])
 
@@ -243,7 +244,7 @@ class Watch:
         parts = [v for v in views.values() if self._report_part(v, now)]
         queue = self._queue(views, queued_rows, dead_letters, reports, settings, now)
         hosts = hosts_figures(view_hosts(reports, settings, now))
-        state = [[row[k] for k in ("host", "state", "reason", "problems")]
+        state = [[row["host"], row["state"], gist(row["reason"]), gist(row["problems"])]
                  for row in hosts["table"]]
         due = self._due(self.hosts, json.dumps(state), now, json.dumps(hosts, sort_keys=True))
         return Snapshot(parts, hosts if due else None, queue)
@@ -258,7 +259,7 @@ class Watch:
             due = last[1] != view.state
         else:
             moved = view.rows_done - last[0]
-            due = (view.state != last[1] or view.why != last[2]
+            due = (view.state != last[1] or gist(view.why) != gist(last[2])
                    or (moved and (moved >= STEP * view.rows or now - last[3] >= MOVING_EVERY))
                    or now - last[3] >= HEARTBEAT)
         if due:
@@ -290,7 +291,7 @@ class Watch:
         states_now = json.dumps(sorted([v.partition, v.state] for v in views.values()))
         table_due = self._due(self.table, states_now, now, heartbeat=TABLE_HEARTBEAT)
         # Its state: the figures but the depth, and the hold's reasons but their numbers.
-        state = json.dumps({k: re.sub(r"\d[\d,.]*", "#", v) if k == "hold" else v
+        state = json.dumps({k: gist(v) if k == "hold" else v
                             for k, v in figures.items() if k != "queued_rows"}, sort_keys=True)
         if not (self._due(self.queue, state, now, json.dumps(figures, sort_keys=True))
                 or table_due):
@@ -312,6 +313,13 @@ class Watch:
             return False
         memory[:] = [state, now, figures]
         return True
+
+
+def gist(text: str) -> str:
+    """A reason without its numbers ("host a paused: # MB free ≤ # MB"): a reason whose
+    numbers move (free space, rows waiting for their later try) is not news each tick; one
+    that changes is."""
+    return re.sub(r"\d[\d,.]*", "#", text)
 
 
 def parts_row(view: PartView) -> dict[str, Any]:
