@@ -119,8 +119,10 @@ def _settings_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None
             options.update(type=_comma_list, metavar="A,B,...")
         elif typing.get_origin(kind) is dict:
             options.update(type=_host_map, metavar="NAME=ADDRESS,...")
-        elif kind in (int, float, Path):
+        elif kind in (int, float):
             options["type"] = kind
+        # (A path stays a string until the settings read it: Path() would make s3://b/x the
+        # local folder s3:/b/x before they could refuse it.)
         group.add_argument(flag, **options)
 
 

@@ -30,9 +30,9 @@ from tests.conftest import TEST_HOSTS, mount_tmpfs, shell_env
 from tests.outputs import check_part, tar_members
 
 
-def command(env, *args, timeout=240) -> subprocess.CompletedProcess:
+def command(env, *args, timeout=240, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "laion_dagster.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 class Running:
@@ -405,6 +405,21 @@ def test_a_host_paused_on_a_full_disk_is_shown_and_ends_a_stuck_run(settings, la
     assert result.returncode == 1, out
     assert " MB free ≤ 20 MB" in out  # in the progress line, while it waits
     assert "gave up: no progress for 10s (stall_timeout): host " in out and " paused: " in out
+
+
+def test_a_store_given_as_a_bucket_url_is_refused_not_made_a_local_folder(settings, small,
+                                                                        user_env, tmp_path):
+    """`--store-dir s3://bucket/prefix` once wrote the whole download into a local folder
+    named `s3:` and exited 0. Refused before anything starts, for every folder setting."""
+    for flag in ("--store-dir", "--error-dir", "--parquet-dir", "--data-dir"):
+        args = {"--parquet-dir": str(settings.parts_root), "--store-dir": str(tmp_path / "s"),
+                "--data-dir": str(tmp_path / "d")} | {flag: "s3://bucket/laion"}
+        result = command(user_env, "run", *[x for pair in args.items() for x in pair],
+                         cwd=tmp_path, timeout=60)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "s3://bucket/laion is a URL; object storage is not written yet" in result.stderr
+        assert not (tmp_path / "s3:").exists()
+        assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()
 
 
 def test_a_run_without_parts_starts_nothing_and_says_where_it_looked(settings, user_env,

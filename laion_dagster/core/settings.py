@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import ssl
 import types
 import typing
@@ -201,6 +202,17 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown error class {', '.join(unknown)}; the classes are "
                              f"{', '.join(RETRY_CLASS_NAMES)}")
+        return value
+
+    @field_validator("data_dir", "parquet_dir", "store_dir", "error_dir", mode="before")
+    @classmethod
+    def _not_a_url(cls, value: object) -> object:
+        # Path("s3://bucket/x") is the local folder "s3:/bucket/x": a run would write the
+        # whole download onto the local disk, into a folder named s3:, and say it went well.
+        if isinstance(value, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+            raise ValueError(
+                f"{value} is a URL; object storage is not written yet: give a local folder, "
+                "or the bucket mounted as one (mountpoint-s3, s3fs, rclone mount)")
         return value
 
     @field_validator("data_dir", "parquet_dir", "store_dir", "error_dir", "ca_bundle")
