@@ -130,7 +130,8 @@ def run(args: argparse.Namespace, settings: Settings) -> None:
         queue.r.hset(queue.keys.hosts, host, HostReport(
             host=host, disk_used_gb=1200.0, disk_free_gb=3800.0 - tick, paused=False,
             pause_reason=None, processes=16, alive_processes=16, rate=1500.0 + tick, ok=0,
-            failed=0, bytes=0, seen_at=clock[0]).to_json())
+            failed=0, bytes=0, seen_at=clock[0],
+            waiting=40 + tick % 50).to_json())  # as on LAION: rows always wait for a later try
         context = build_sensor_context(instance=instance, cursor=cursor,
                                        resources={"laion": laion})
         began = time.perf_counter()
