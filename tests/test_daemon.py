@@ -8,7 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterInstance,
+    DagsterRunStatus,
+    RunsFilter,
+)
 
 from laion_dagster.core import parts
 from laion_dagster.core.connection import connect
@@ -79,14 +85,25 @@ def _dataset(settings, image_server, images, parts_per_subset=2):
                          rows_per_part=100, images=images, seed=5)
 
 
+def _observed_final(instance: DagsterInstance, keys: list[str]) -> bool:
+    for key in keys:
+        records = instance.fetch_observations(AssetRecordsFilter(
+            asset_key=AssetKey("part_tasks"), asset_partitions=[key]), limit=1).records
+        if not records or records[0].asset_observation.metadata["state"].value != "final":
+            return False
+    return True
+
+
 DAEMON = (str(Path(sys.executable).with_name("dagster-daemon")), "run", "-m",
           "laion_dagster.definitions")
 WORKER = (sys.executable, "-m", "laion_dagster.cli", "worker")
 
 
 def test_daemon_runs_a_folder_unattended(settings, image_server, images, tmp_path):
+    """...and its watch_downloads sensor tells the UI what `run` tells it: each part's end on
+    part_tasks, the worker hosts and the queue."""
     dataset = _dataset(settings, image_server, images)
-    env = _home(tmp_path, settings)
+    env = _home(tmp_path, settings) | {"LAION_OBSERVE_INTERVAL": "5"}
     home = Path(env["DAGSTER_HOME"])
     daemon = _start(env, tmp_path, *DAEMON)
     worker = _start(env, tmp_path, *WORKER)
@@ -96,6 +113,11 @@ def test_daemon_runs_a_folder_unattended(settings, image_server, images, tmp_pat
         keys = wait_until(lambda: queue.partitions() if len(queue.partitions()) == 2 else None,
                           180, interval=1, what="both parts enqueued by the sensors")
         _wait_final(queue, keys, home)
+        with _instance_at(home) as instance:
+            wait_until(lambda: _observed_final(instance, keys), 120, interval=1,
+                       what="each part's end observed by watch_downloads")
+            for asset in ("worker_hosts", "queue"):
+                assert instance.fetch_observations(AssetKey(asset), limit=1).records, asset
     finally:
         _stop(worker, daemon)
         client.close()
