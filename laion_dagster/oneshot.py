@@ -411,11 +411,8 @@ class OneShot:
         from laion_dagster.defs.observations import events
 
         self.observed = time.monotonic()
-        states = queue.parts_states(keys) if states is None else states
-        snapshot = self.watch.look(states, dict(zip(keys, queue.classes_of(keys), strict=True)),
-                                   queue.hosts() if hosts is None else hosts,
-                                   queue.queued_rows(), queue.dead_letters(), self.settings,
-                                   set(self.failures))
+        snapshot = self.watch.read(queue, keys, self.settings, set(self.failures), states,
+                                   hosts)
         try:
             for event in events(snapshot, part_tasks.key):
                 instance.report_runless_asset_event(event)

@@ -24,7 +24,7 @@ from typing import Any
 from laion_dagster.core.admission import hold_reasons, worker_reasons
 from laion_dagster.core.hosts import is_stale
 from laion_dagster.core.outcomes import ERROR_CLASSES, fix_sentence
-from laion_dagster.core.queue import PartState
+from laion_dagster.core.queue import PartState, Queue
 from laion_dagster.core.settings import Settings
 
 # A part's states, in the order it goes through them.
@@ -248,6 +248,17 @@ class Watch:
                  for row in hosts["table"]]
         due = self._due(self.hosts, json.dumps(state), now, json.dumps(hosts, sort_keys=True))
         return Snapshot(parts, hosts if due else None, queue)
+
+    def read(self, queue: Queue, keys: list[str], settings: Settings,
+             failed: set[str] = frozenset(), states: dict[str, PartState] | None = None,
+             reports: dict[str, dict] | None = None) -> Snapshot:
+        """look() at what the queue says now of `keys` (the states and host reports a caller
+        has just read are not read again)."""
+        states = queue.parts_states(keys) if states is None else states
+        classes = dict(zip(keys, queue.classes_of(keys), strict=True))
+        reports = queue.hosts() if reports is None else reports
+        return self.look(states, classes, reports, queue.queued_rows(), queue.dead_letters(),
+                         settings, failed)
 
     def _report_part(self, view: PartView, now: float) -> bool:
         last = self.parts.get(view.partition)

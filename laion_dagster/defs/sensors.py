@@ -221,14 +221,11 @@ def watch_downloads(context: SensorEvaluationContext, laion: LaionResource) -> S
         # One try and a short backoff: a sensor that reports must not wait on Redis long.
         with laion.queue(retries=1) as queue:
             states = queue.parts_states(keys)
-            classes = dict(zip(keys, queue.classes_of(keys), strict=True))
-            reports = queue.hosts()
-            depth, dead = queue.queued_rows(), queue.dead_letters()
+            failed = failed_parts(context.instance, states)
+            watch = Watch.from_json(context.cursor)
+            snapshot = watch.read(queue, keys, settings, failed, states=states)
     except (RedisUnavailable, EmbeddedServerError) as error:
         return SensorResult(skip_reason=SkipReason(f"Redis unavailable: {error}"))
-    watch = Watch.from_json(context.cursor)
-    snapshot = watch.look(states, classes, reports, depth, dead, settings,
-                          failed_parts(context.instance, states))
     said = [f"{len(snapshot.parts)} parts" if snapshot.parts else "no part (none moved)"]
     said += [name for name, figures in (("the worker hosts", snapshot.hosts),
                                         ("the queue", snapshot.queue)) if figures is not None]
