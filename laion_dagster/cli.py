@@ -200,8 +200,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo_dir = (base.home / "demo").absolute()
     # The demo is self-contained: its own Redis, store and Dagster instance, whatever the
     # environment says, and only loopback traffic to the image server it starts.
+    # A store named on the command line (a bucket, say) is used; the environment's is not.
+    store = base.store_dir if args.store_dir else demo_dir / "store"
     settings = base.model_copy(update={
-        "data_dir": demo_dir, "parquet_dir": demo_dir / "parquet", "store_dir": demo_dir / "store",
+        "data_dir": demo_dir, "parquet_dir": demo_dir / "parquet", "store_dir": store,
         "error_dir": None, "redis_url": None, "prefix": "laion-demo",
         "shard_size": args.shard_size or 250, "processes": args.processes or 2,
         "concurrency": args.concurrency or 32, "allow_private_addresses": True,

@@ -25,11 +25,15 @@ from laion_dagster.core.queue import Queue
 from laion_dagster.core.settings import Settings
 from laion_dagster.demo.dataset import DemoDataset, DemoImage, make_images, write_dataset
 from laion_dagster.demo.server import ImageServer
+from tests.s3 import S3Server, s3_env, serve
 
 TEST_HOSTS = ("img-a.test", "img-b.test", "img-c.test")
 
 # Nothing a test runs may phone home or read the developer's settings.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # no AWS SDK asks 169.254.169.254
+for _name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_name, None)
 for _name in [n for n in os.environ if n.startswith("LAION_")]:
     del os.environ[_name]
 
@@ -40,6 +44,19 @@ def redis_server(tmp_path_factory) -> Iterator[embedded.EmbeddedServer]:
     server = embedded.ensure_running(directory)
     yield server
     embedded.stop(directory)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    yield from serve(tmp_path_factory)
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch) -> S3Server:
+    """The S3 server, with this process's environment set as a user's shell would be."""
+    for name, value in s3_env(s3_server).items():
+        monkeypatch.setenv(name, value)
+    return s3_server
 
 
 @pytest.fixture

@@ -407,17 +407,19 @@ def test_a_host_paused_on_a_full_disk_is_shown_and_ends_a_stuck_run(settings, la
     assert "gave up: no progress for 10s (stall_timeout): host " in out and " paused: " in out
 
 
-def test_a_store_given_as_a_bucket_url_is_refused_not_made_a_local_folder(settings, small,
-                                                                        user_env, tmp_path):
+def test_a_url_where_a_local_folder_is_needed_is_refused_not_made_a_local_folder(
+        settings, small, user_env, tmp_path):
     """`--store-dir s3://bucket/prefix` once wrote the whole download into a local folder
-    named `s3:` and exited 0. Refused before anything starts, for every folder setting."""
-    for flag in ("--store-dir", "--error-dir", "--parquet-dir", "--data-dir"):
+    named `s3:` and exited 0. The store, inputs and error folder take buckets now
+    (tests/test_bucket.py); the state and spool folders must be local, and a URL given there
+    is refused before anything starts, never made a folder."""
+    for flag in ("--data-dir", "--spool-dir"):
         args = {"--parquet-dir": str(settings.parts_root), "--store-dir": str(tmp_path / "s"),
                 "--data-dir": str(tmp_path / "d")} | {flag: "s3://bucket/laion"}
         result = command(user_env, "run", *[x for pair in args.items() for x in pair],
                          cwd=tmp_path, timeout=60)
         assert result.returncode == 2, result.stdout + result.stderr
-        assert "s3://bucket/laion is a URL; object storage is not written yet" in result.stderr
+        assert "s3://bucket/laion is a URL; this must be a local folder" in result.stderr
         assert not (tmp_path / "s3:").exists()
         assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()
 

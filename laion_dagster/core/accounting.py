@@ -8,7 +8,6 @@ lets them leave Redis: a crash in between leaves them in Redis for the next atte
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from laion_dagster.core import parts
 from laion_dagster.core.outcomes import fix_sentence
 from laion_dagster.core.queue import PartState, Queue
 from laion_dagster.core.settings import Settings
+from laion_dagster.core.storage import Where, arrow_file, write_parquet
 from laion_dagster.core.writers import ERROR_SCHEMA
 
 
@@ -75,19 +75,16 @@ def summarize(state: PartState, classes: dict[str, int], settings: Settings) -> 
     )
 
 
-def error_file_path(settings: Settings, partition: str) -> Path:
+def error_file_path(settings: Settings, partition: str) -> Where:
     return settings.errors_root / f"{partition}.parquet"
 
 
-def write_error_file(path: Path, table: pa.Table | None) -> int:
+def write_error_file(path: Where, table: pa.Table | None) -> int:
     """Atomically write the part's error rows (an empty file when there are none)."""
     if table is None:
         table = ERROR_SCHEMA.empty_table()
     table = table.sort_by("row") if table.num_rows else table
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    write_parquet(table, path, compression="zstd")
     return table.num_rows
 
 
@@ -103,7 +100,7 @@ def finalize_part(queue: Queue, partition: str, settings: Settings) -> PartSumma
     errors = queue.read_errors(partition)
     if errors is None and state.finalized_at is not None and path.exists():
         # Finalized before: the records already left Redis for this file.
-        summary.error_rows = pq.ParquetFile(path).metadata.num_rows
+        summary.error_rows = pq.ParquetFile(arrow_file(path)).metadata.num_rows
     else:
         summary.error_rows = write_error_file(path, errors)
         queue.mark_finalized(partition)
@@ -118,7 +115,7 @@ def part_errors(queue: Queue, partition: str, settings: Settings) -> pa.Table:
     if live is not None:
         return live.sort_by("row")
     if path.exists():
-        return pq.read_table(path)
+        return pq.read_table(arrow_file(path))
     if queue.part(partition).finalized_at is not None:
         # Its records left Redis for a file we cannot see: the wrong store, most likely.
         raise FileNotFoundError(f"{partition} is final but its error file {path} is missing "

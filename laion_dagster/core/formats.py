@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from laion_dagster.core.storage import BucketPath, Where, arrow_file
+
 FORMATS = ("parquet", "csv", "tsv", "txt", "json", "jsonl")
 GZIP = ".gz"
 # Rows per batch of the readers that parse in Python (txt, json, jsonl); pyarrow's csv reader
@@ -85,7 +87,7 @@ def stem_of(name: str) -> str:
 class PartFile:
     """One input file: its columns, its rows in batches, its row count and its fingerprint."""
 
-    path: Path
+    path: Where  # on disk or in a bucket: read through the same file objects
     kind: str
 
     @property
@@ -144,8 +146,9 @@ class PartFile:
         keeps it; a file regenerated with other rows gets another one (without reading it
         all)."""
         try:
-            with open(self.path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
+            with self._raw() as handle:
+                size = (handle.size() if isinstance(handle, pa.NativeFile)
+                        else os.fstat(handle.fileno()).st_size)
                 if self.kind == "parquet":
                     return f"{size}:{_footer_digest(handle, size, self.path)}"
                 digest = hashlib.sha256(handle.read(FINGERPRINT_SPAN))
@@ -160,12 +163,18 @@ class PartFile:
         try:
             # pre_buffer=False: the default reads the whole compressed file up front, which
             # would make memory grow with the part instead of with the shard.
-            return pq.ParquetFile(self.path, pre_buffer=False)
+            return pq.ParquetFile(arrow_file(self.path), pre_buffer=False)
         except (pa.ArrowException, OSError) as error:
             raise PartError(f"{self.path}: not a readable parquet file ({error})") from error
 
+    def _raw(self) -> IO[bytes]:
+        """The file's bytes as stored (a bucket's object is read by ranges as needed)."""
+        if isinstance(self.path, BucketPath):
+            return self.path.open_input()
+        return open(self.path, "rb")  # noqa: SIM115
+
     def _binary(self) -> IO[bytes]:
-        return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")  # noqa: SIM115
+        return gzip.open(self._raw(), "rb") if self.compressed else self._raw()
 
     def _text(self) -> IO[str]:
         # Scraped text holds invalid UTF-8 now and then: one bad byte must not cost a part.
@@ -194,7 +203,8 @@ class PartFile:
 
     def _csv_reader(self) -> pacsv.CSVStreamingReader:
         names, header = self._csv_names()
-        stream = pa.input_stream(str(self.path), compression="gzip" if self.compressed else None)
+        stream = pa.input_stream(arrow_file(self.path),
+                                 compression="gzip" if self.compressed else None)
         return pacsv.open_csv(
             stream,
             read_options=pacsv.ReadOptions(block_size=CSV_BLOCK, column_names=names,
@@ -329,7 +339,7 @@ def _footer_digest(handle: IO[bytes], size: int, path: Path) -> str:
     return hashlib.sha256(handle.read(length)).hexdigest()[:16]
 
 
-def open_part_file(path: Path) -> PartFile:
+def open_part_file(path: Where) -> PartFile:
     """The file as a part: PartError when it is missing or of a format we do not read."""
     if not path.is_file():
         raise PartError(f"{path}: file not found")

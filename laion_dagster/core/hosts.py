@@ -46,6 +46,7 @@ def store_problem(settings: Settings, disk: bool = True) -> str | None:
     workers' log. A worker pool, which waits for space by itself, checks only the first.
     """
     store = settings.store_root
+    # In a bucket this also proves the credentials, the endpoint and the bucket's existence.
     probe = store / f".laion-dagster-write-check-{os.getpid()}"
     try:
         store.mkdir(parents=True, exist_ok=True)
@@ -53,9 +54,14 @@ def store_problem(settings: Settings, disk: bool = True) -> str | None:
         probe.unlink()
     except OSError as error:
         return f"store_dir {store} is not writable ({error.strerror or error})"
-    state = disk_state(store, settings) if disk else None
+    where = settings.disk_root
+    named = f"store_dir {store}" if where == store else f"spool_dir {where} (of store {store})"
+    try:
+        state = disk_state(where, settings) if disk else None
+    except OSError as error:
+        return f"{named} is not writable ({error.strerror or error})"
     if state is not None and state.full:
-        return (f"store_dir {store}: its disk is full for this run ({state.reason}); free some "
+        return (f"{named}: its disk is full for this run ({state.reason}); free some "
                 "space, or change --disk-min-free-gb / --disk-stop-used-gb")
     return None
 

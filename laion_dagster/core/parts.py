@@ -32,6 +32,7 @@ from laion_dagster.core.formats import (
     open_part_file,
     stem_of,
 )
+from laion_dagster.core.storage import StoreError, Where, location
 
 SEPARATOR = "/"
 URL_CANDIDATES = ("URL", "url")
@@ -131,13 +132,21 @@ def _files(folder: Path, subset: str, found: Survey) -> list[Part]:
     return candidates
 
 
-def survey(root: Path) -> Survey:
-    """Every part at `root`, in any of the LAYOUTS.
+def survey(root: Where) -> Survey:
+    """Every part at `root` (a folder or a bucket prefix), in any of the LAYOUTS.
 
     A file that cannot be a part (a format we do not read, a name our keys and folders cannot
     hold, two files that would share a key or a sample-key prefix) is listed in `problems`,
-    never silently dropped; so is a folder below the subset folders, which is not read.
+    never silently dropped; so is a folder below the subset folders, which is not read. A
+    bucket that cannot be listed (credentials, endpoint) is a PartError saying why.
     """
+    try:
+        return _survey(root)
+    except StoreError as error:
+        raise PartError(f"cannot read the parts at {root}: {error}") from error
+
+
+def _survey(root: Where) -> Survey:
     found = Survey()
     candidates: list[Part] = []
     if root.is_file():
@@ -226,7 +235,7 @@ def locate(root: Path, partition: str, recorded: str | None) -> Part:
         return find(root, partition)
     except PartError:
         if recorded:
-            for part in survey(Path(recorded)).parts:
+            for part in survey(location(recorded)).parts:
                 if part.key == partition:
                     return part
         raise

@@ -25,7 +25,7 @@ from laion_dagster.core import parts
 from laion_dagster.core.outcomes import DECIDED_BY, FETCH_POLICY
 from laion_dagster.core.queue import PartState, Queue, original_shard
 from laion_dagster.core.settings import Settings
-from laion_dagster.core.writers import shard_complete
+from laion_dagster.core.writers import complete_shards
 
 
 class PartChanged(RuntimeError):
@@ -67,9 +67,8 @@ def missing_shards(queue: Queue, state: PartState, settings: Settings) -> int:
     shard of its own): either is there."""
     if not state.done:
         return 0
-    part_dir = settings.store_root / parts.relative_dir(state.partition)
-    return sum(not (shard_complete(part_dir, shard)
-                    or shard_complete(part_dir, original_shard(shard)))
+    complete = complete_shards(settings.store_root / parts.relative_dir(state.partition))
+    return sum(not (shard in complete or original_shard(shard) in complete)
                for shard in queue.done_shards(state.partition))
 
 

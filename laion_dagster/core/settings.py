@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from laion_dagster.core import storage
 from laion_dagster.core.outcomes import RETRY_CLASS_NAMES, TRANSIENT
 
 OutputFormat = Literal["files", "webdataset", "parquet"]
@@ -49,14 +50,34 @@ class Settings(BaseSettings):
         "home of the embedded Redis, the Dagster instance and the logs, and of parquet/ and "
         "store/ when those are unset (default: <store_dir>/.laion-dagster when store_dir is "
         "set, else ~/.local/share/laion-dagster)"))
-    parquet_dir: Path | None = Field(None, description=(
+    # A folder, or a bucket URL (s3://bucket/prefix, gs://...), kept as a str (see storage.py).
+    parquet_dir: Path | str | None = Field(None, description=(
         "the input parts: one file, a folder of files (its name is the subset) or a folder "
-        "of subset folders; parquet, csv, tsv, txt (a URL a line), json or jsonl, those but "
-        "parquet also .gz (default: <data_dir>/parquet, or what the store's last run read)"))
-    store_dir: Path | None = Field(None, description=(
-        "where shards are written (<data_dir>/store)"))
-    error_dir: Path | None = Field(None, description=(
-        "where each part's error file goes (<store_dir>/_errors)"))
+        "of subset folders, on disk or in a bucket (s3://bucket/prefix); parquet, csv, tsv, "
+        "txt (a URL a line), json or jsonl, those but parquet also .gz (default: "
+        "<data_dir>/parquet, or what the store's last run read)"))
+    store_dir: Path | str | None = Field(None, description=(
+        "where shards are written: a folder, or a bucket (s3://bucket/prefix, gs://...) "
+        "(default: <data_dir>/store)"))
+    error_dir: Path | str | None = Field(None, description=(
+        "where each part's error file goes, a folder or a bucket (<store_dir>/_errors)"))
+    spool_dir: Path | None = Field(None, description=(
+        "local folder where a worker builds each shard before uploading it, when the store "
+        "is a bucket; its disk is the one the disk checks watch (<state>/spool)"))
+
+    # Object storage: unset, these come from where the AWS SDKs read them (AWS_ENDPOINT_URL,
+    # AWS_REGION, AWS_PROFILE; credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or
+    # the profile, never from a setting, so they stay out of Dagster's run config).
+    s3_endpoint_url: str | None = Field(None, description=(
+        "S3 API endpoint of a MinIO, Ceph, R2 or other server, e.g. http://10.0.0.5:9000 "
+        "(default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS)"))
+    s3_region: str | None = Field(None, description=(
+        "bucket region (default: AWS_REGION or AWS_DEFAULT_REGION, else us-east-1)"))
+    s3_profile: str | None = Field(None, description=(
+        "profile in ~/.aws/config and ~/.aws/credentials (default: AWS_PROFILE)"))
+    s3_virtual_addressing: bool = Field(False, description=(
+        "address buckets as <bucket>.<endpoint> even with s3_endpoint_url set (default: "
+        "path-style there, which MinIO and Ceph expect)"))
 
     # Redis: unset means the embedded server under <state>/redis
     redis_url: str | None = Field(None, description=(
@@ -204,23 +225,36 @@ class Settings(BaseSettings):
                              f"{', '.join(RETRY_CLASS_NAMES)}")
         return value
 
-    @field_validator("data_dir", "parquet_dir", "store_dir", "error_dir", mode="before")
+    @field_validator("data_dir", "spool_dir", mode="before")
     @classmethod
-    def _not_a_url(cls, value: object) -> object:
-        # Path("s3://bucket/x") is the local folder "s3:/bucket/x": a run would write the
-        # whole download onto the local disk, into a folder named s3:, and say it went well.
-        if isinstance(value, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
-            raise ValueError(
-                f"{value} is a URL; object storage is not written yet: give a local folder, "
-                "or the bucket mounted as one (mountpoint-s3, s3fs, rclone mount)")
+    def _local_only(cls, value: object) -> object:
+        # Path("s3://bucket/x") is the local folder "s3:/bucket/x": state and spool space
+        # must be on a local disk, and a URL must never quietly become a folder named s3:.
+        if storage.is_url(value):
+            raise ValueError(f"{value} is a URL; this must be a local folder (the embedded "
+                             "Redis, the Dagster instance and the spool live there)")
         return value
 
-    @field_validator("data_dir", "parquet_dir", "store_dir", "error_dir", "ca_bundle")
+    @field_validator("parquet_dir", "store_dir", "error_dir", mode="before")
     @classmethod
-    def _absolute(cls, value: Path | None) -> Path | None:
+    def _folder_or_bucket(cls, value: object) -> object:
+        # A bucket stays a normalized URL string (refused here if we cannot write its scheme,
+        # before anything starts); anything else is a local path.
+        if isinstance(value, storage.BucketPath):
+            value = str(value)
+        if storage.is_url(value):
+            return storage.check_url(value)
+        return None if value is None else Path(value)
+
+    @field_validator("data_dir", "parquet_dir", "store_dir", "error_dir", "spool_dir",
+                     "ca_bundle")
+    @classmethod
+    def _absolute(cls, value: Path | str | None) -> Path | str | None:
         # Dagster runs and workers start in other working directories; relative paths would
         # silently point somewhere else there.
-        return None if value is None else value.expanduser().absolute()
+        if value is None or isinstance(value, str):
+            return value
+        return value.expanduser().absolute()
 
     @field_validator("ca_bundle")
     @classmethod
@@ -269,25 +303,51 @@ class Settings(BaseSettings):
         return self.data_dir or _default_data_dir()
 
     @property
-    def parts_root(self) -> Path:
-        return self.parquet_dir or self.home / "parquet"
+    def object_store(self) -> storage.ObjectStore:
+        return storage.ObjectStore(self.s3_endpoint_url, self.s3_region, self.s3_profile,
+                                   self.s3_virtual_addressing)
 
     @property
-    def store_root(self) -> Path:
-        return self.store_dir or self.home / "store"
+    def parts_root(self) -> storage.Where:
+        return storage.location(self.parquet_dir or self.home / "parquet", self.object_store)
 
     @property
-    def errors_root(self) -> Path:
-        return self.error_dir or self.store_root / "_errors"
+    def store_root(self) -> storage.Where:
+        return storage.location(self.store_dir or self.home / "store", self.object_store)
+
+    @property
+    def errors_root(self) -> storage.Where:
+        if self.error_dir is not None:
+            return storage.location(self.error_dir, self.object_store)
+        return self.store_root / "_errors"
+
+    @property
+    def in_bucket(self) -> bool:
+        """Whether shards go to object storage (built in `spool_root`, then uploaded)."""
+        return storage.is_bucket(self.store_root)
+
+    @property
+    def spool_root(self) -> Path:
+        return self.spool_dir or self.state_dir / "spool"
+
+    @property
+    def disk_root(self) -> Path:
+        """The local disk a worker host fills, and so watches: the store's, or the spool's
+        when the store is a bucket (whose size is the provider's business)."""
+        return self.spool_root if self.in_bucket else self.store_root
 
     @property
     def state_dir(self) -> Path:
         """Where the embedded Redis, the Dagster instance and the logs of this download live:
-        the named data folder, else beside the store it describes."""
+        the named data folder, else beside the store it describes (for a bucket, a local
+        folder named after it)."""
         if self.data_dir is not None:
             return self.data_dir
-        if self.store_dir is not None:
+        if isinstance(self.store_dir, Path):
             return self.store_dir / STATE_FOLDER
+        if self.store_dir is not None:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", self.store_dir.split("://", 1)[1])
+            return self.home / "buckets" / f"{self.store_dir.split(':', 1)[0]}_{name}"
         return self.home
 
     @property
@@ -316,7 +376,7 @@ class Settings(BaseSettings):
             remembered = json.loads(self.inputs_record.read_text())["parquet_dir"]
         except (OSError, ValueError, KeyError, TypeError):
             return self
-        return self.model_copy(update={"parquet_dir": Path(remembered)})
+        return self.model_copy(update={"parquet_dir": self._folder_or_bucket(remembered)})
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced; None means 'keep what the environment says'."""
@@ -360,7 +420,7 @@ ORIGINAL_NAMES: dict[str, str] = {
     "parquet_dir": "parquet_dir",
     "addtask_threshold": "queue_threshold",
     "done_path": "part:<partition> hash in Redis + shard _stats.json files",
-    "monitor_disk": "store_dir (the disk each worker watches)",
+    "monitor_disk": "store_dir (the disk each worker watches; a bucket store's spool_dir)",
     "store_dir": "store_dir",
     "stop_threshold": "disk_stop_used_gb",
     "thread_num": "concurrency",

@@ -55,10 +55,14 @@ def _rows_not_enqueued(settings: Settings, enqueued: set[str]) -> tuple[int, int
     """(rows, parts) of the parts under parquet_dir that the queue has not seen; None where
     the folder is not readable from here (a status run on another machine)."""
     root = settings.parts_root
-    if not root.is_dir():
+    try:
+        if not root.is_dir():
+            return None
+        found = parts.discover(root)
+    except (OSError, parts.PartError):  # a bucket this machine cannot read
         return None
     rows = count = 0
-    for part in parts.discover(root):
+    for part in found:
         if part.key in enqueued:
             continue
         if part.key not in _footer_rows:

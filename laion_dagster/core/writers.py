@@ -2,8 +2,10 @@
 
 Images stream into a temporary tar (or folder) as they arrive, so a worker never holds a whole
 shard of images in memory. On close the per-shard parquet and `_stats.json` are written, and
-everything is renamed into place, the stats file last: a `_stats.json` means the shard is
-complete. Rewriting a shard (after a reclaim) replaces it whole.
+everything is put in place, the stats file last: a `_stats.json` means the shard is complete.
+On disk that is a rename of each temporary; in a bucket (storage.py), the temporaries are
+built in a local spool folder and each is uploaded as one object, which appears whole or not
+at all. Rewriting a shard (after a reclaim) replaces it whole.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import shutil
 import tarfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +27,8 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from laion_dagster.core.storage import BucketPath, Where, arrow_file
 
 # img2dataset's stats split failures into these two buckets; users' tools read them.
 RESIZE_CLASSES = {"not_image", "decode_error", "filtered"}
@@ -59,7 +65,7 @@ SPOOL_BATCH = 32
 ROW_GROUP = 256
 
 
-def shard_paths(part_dir: Path, shard: int, output_format: str) -> dict[str, Path]:
+def shard_paths(part_dir: Where, shard: int, output_format: str) -> dict[str, Where]:
     """A shard's files. With output_format "parquet" the images live in the shard parquet's
     `image` column, and "data" names only the spool used while downloading."""
     name = f"{shard:05d}"
@@ -93,14 +99,46 @@ def clear_stale_temporaries(part_dir: Path, shard: int) -> None:
             Path(entry.path).unlink(missing_ok=True)
 
 
-def is_shard_folder(path: Path) -> bool:
-    """Whether a folder holds only what output_format "files" writes (sample members): the
-    only kind of folder a writer may replace or remove."""
+_DEAD_TAG = re.compile(r".+\.tmp-(\d+)-[0-9a-f]{8}")
+
+
+def clear_dead_temporaries(spool: Path, alive: Callable[[int], bool]) -> int:
+    """Remove the temporaries of writers whose process is gone from a spool folder (a bucket
+    store's): a killed worker's shard is finished by another host, which never looks in this
+    one's spool. Only the exact names a writer makes match. Returns how many were removed."""
+    removed = 0
+    if not spool.is_dir():
+        return 0
+    for folder, dirs, files in os.walk(spool):
+        for name in [*files, *dirs]:
+            found = _DEAD_TAG.fullmatch(name)
+            if found and not alive(int(found.group(1))):
+                path = Path(folder) / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def is_shard_folder(path: Where) -> bool:
+    """Whether a folder (or a bucket prefix) holds only what output_format "files" writes
+    (sample members): the only kind of folder a writer may replace or remove."""
     try:
         return path.is_dir() and all(_MEMBER.fullmatch(entry.name) and entry.is_file()
-                                     for entry in os.scandir(path))
+                                     for entry in path.iterdir())
     except OSError:
         return False
+
+
+def _remove_shard_folder(path: Where) -> None:
+    """Remove a folder that is_shard_folder said holds only sample members."""
+    if isinstance(path, BucketPath):
+        for entry in path.iterdir():
+            entry.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class ForeignFiles(OSError):
@@ -113,8 +151,21 @@ def leftovers(store: Path) -> list[Path]:
     return [p for p in store.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
 
 
-def shard_complete(part_dir: Path, shard: int) -> bool:
+def shard_complete(part_dir: Where, shard: int) -> bool:
     return (part_dir / f"{shard:05d}_stats.json").exists()
+
+
+_STATS = re.compile(r"(\d{5,})_stats\.json")
+
+
+def complete_shards(part_dir: Where) -> set[int]:
+    """The shards of a part folder that are complete: one listing, however many shards (in a
+    bucket, one request per 1,000 objects instead of one per shard)."""
+    try:
+        names = [entry.name for entry in part_dir.iterdir()]
+    except FileNotFoundError:
+        return set()
+    return {int(found.group(1)) for found in map(_STATS.fullmatch, names) if found}
 
 
 @dataclass(slots=True)
@@ -185,6 +236,7 @@ def tar_member(name: str, data: bytes, mtime: int) -> tuple[bytes, bytes, bytes]
 
 
 TAR_BUFFER = 128 * 1024
+FILES_UPLOADS = 16  # member objects of a "files" shard uploaded at once to a bucket
 # Two zero blocks end an archive; tarfile pads the file to a multiple of 10 KiB, as we do.
 TAR_END = b"\0" * 1024
 TAR_RECORD = 10240
@@ -193,19 +245,27 @@ TAR_RECORD = 10240
 class ShardWriter:
     """Collects one shard's samples into temporary files and publishes them atomically."""
 
-    def __init__(self, part_dir: Path, shard: int, output_format: str,
-                 made_with: dict | None = None):
+    def __init__(self, part_dir: Where, shard: int, output_format: str,
+                 made_with: dict | None = None, spool: Path | None = None):
+        """`spool`: the local folder where a shard for a bucket is built (required then)."""
         self.part_dir = part_dir
         self.shard = shard
         self.output_format = output_format
         self.made_with = made_with  # the part's recipe, kept in _stats.json
         self.paths = shard_paths(part_dir, shard, output_format)
+        self.in_bucket = isinstance(part_dir, BucketPath)
+        if self.in_bucket and spool is None:
+            raise ValueError("a shard for a bucket needs a local spool folder")
+        # Where the temporaries are built: beside the shard on disk (a rename publishes
+        # them), in the spool for a bucket (an upload does).
+        self.work_dir: Path = spool if self.in_bucket else part_dir
         self.tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.start_time = time.time()
         self._lock = threading.Lock()
-        part_dir.mkdir(parents=True, exist_ok=True)
-        clear_stale_temporaries(part_dir, shard)
-        self._tmp_data = self.paths["data"].with_name(self.paths["data"].name + self.tag)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        clear_stale_temporaries(self.work_dir, shard)
+        data = shard_paths(self.work_dir, shard, output_format)["data"]
+        self._tmp_data = data.with_name(data.name + self.tag)
         self._tar: BinaryIO | None = None
         self._spool: pa.ipc.RecordBatchFileWriter | None = None
         self._spooled: list[tuple[int, bytes]] = []
@@ -291,38 +351,68 @@ class ShardWriter:
         stats.update({"shard": self.shard, "output_format": self.output_format, **(notes or {})})
         if self.made_with is not None:
             stats["recipe"] = self.made_with
-        tmp_parquet = self.paths["parquet"].with_name(self.paths["parquet"].name + self.tag)
-        tmp_stats = self.paths["stats"].with_name(self.paths["stats"].name + self.tag)
+        tmp_parquet = self.work_dir / (self.paths["parquet"].name + self.tag)
+        tmp_stats = self.work_dir / (self.paths["stats"].name + self.tag)
         if self._spool is not None:
             self._write_with_images(table, tmp_parquet)
         else:
             pq.write_table(table, tmp_parquet, compression="zstd")
         tmp_stats.write_text(json.dumps(stats, indent=2))
-        data = [] if self._spool is not None else [self._tmp_data]
-        for tmp in [*data, tmp_parquet, tmp_stats]:
-            _fsync(tmp)
+        if not self.in_bucket:
+            data = [] if self._spool is not None else [self._tmp_data]
+            for tmp in [*data, tmp_parquet, tmp_stats]:
+                _fsync(tmp)
         final = self.paths["data"]
         if self.output_format == "files" and final.exists() and not is_shard_folder(final):
             raise ForeignFiles(f"{final} exists and holds files this program did not write; "
                                "move it away to let the shard be written")
         previous = _stats_format(self.paths["stats"])
-        # An older copy of this shard stops counting as complete before any of it is replaced.
+        # An older copy of this shard stops counting as complete before any of it is replaced;
+        # then the images, the shard parquet, and `_stats.json` last. In a bucket each upload
+        # appears whole or not at all, as each rename does on disk.
         self.paths["stats"].unlink(missing_ok=True)
-        if self._spool is not None:
-            self._tmp_data.unlink()
-        else:
-            _publish(self._tmp_data, final)
-        os.replace(tmp_parquet, self.paths["parquet"])
+        self._put_data()
+        self._put(tmp_parquet, self.paths["parquet"])
         if previous not in (None, self.output_format):
             self._remove_old_format(previous)
-        os.replace(tmp_stats, self.paths["stats"])
-        _fsync_dir(self.part_dir)
+        self._put(tmp_stats, self.paths["stats"])
+        if self.in_bucket:
+            self.abort()  # the spool's copies
+        else:
+            _fsync_dir(self.part_dir)
         return stats
+
+    def _put(self, tmp: Path, final: Where) -> None:
+        if isinstance(final, BucketPath):
+            final.upload(tmp)
+        else:
+            os.replace(tmp, final)
+
+    def _put_data(self) -> None:
+        """The images: a tar or a folder of members (none apart for output_format parquet)."""
+        final = self.paths["data"]
+        if self._spool is not None:
+            self._tmp_data.unlink()
+        elif not isinstance(final, BucketPath):
+            _publish(self._tmp_data, final)
+        elif self.output_format == "webdataset":
+            final.upload(self._tmp_data)
+        else:
+            # Three small objects per image: sent many at a time, or one shard would take
+            # thousands of round trips in a row.
+            members = sorted(os.listdir(self._tmp_data))
+            with ThreadPoolExecutor(FILES_UPLOADS, thread_name_prefix="member-upload") as pool:
+                list(pool.map(lambda name: (final / name).upload(self._tmp_data / name),
+                              members))
+            # A rewrite leaves no member of the old copy behind (a row failed this time).
+            for entry in final.iterdir():
+                if entry.name not in members and _MEMBER.fullmatch(entry.name):
+                    entry.unlink(missing_ok=True)
 
     def _carry_over(self, redone_rows: set[int], redone_keys: set[str]) -> pa.Table:
         """Copy this shard's current samples, but for the rows done again, into the new copy;
         returns their sample rows (the shard parquet's, without any image column)."""
-        current = pq.read_table(self.paths["parquet"])
+        current = pq.read_table(arrow_file(self.paths["parquet"]))
         keep = pc.invert(pc.is_in(current.column("row"), pa.array(sorted(redone_rows),
                                                                   pa.int64())))
         current = current.filter(keep)
@@ -336,16 +426,22 @@ class ShardWriter:
                         if len(self._spooled) >= SPOOL_BATCH:
                             self._flush_spool()
         elif self._tar is not None and data.is_file():
-            with tarfile.open(data) as old, self._lock:
+            source = ({"fileobj": data.open_input()} if isinstance(data, BucketPath)
+                      else {"name": data})
+            with tarfile.open(**source) as old, self._lock:
                 for member in old:
                     if member.isfile() and member.name.split(".", 1)[0] not in redone_keys:
                         content = old.extractfile(member).read()
                         self._tar.write(b"".join(tar_member(member.name, content,
                                                             int(member.mtime))))
         elif self._tar is None and self._spool is None and is_shard_folder(data):
-            for entry in os.scandir(data):
-                if entry.name.split(".", 1)[0] not in redone_keys:
-                    os.link(entry.path, self._tmp_data / entry.name)
+            for entry in data.iterdir():
+                if entry.name.split(".", 1)[0] in redone_keys:
+                    continue
+                if isinstance(entry, BucketPath):
+                    (self._tmp_data / entry.name).write_bytes(entry.read_bytes())
+                else:
+                    os.link(entry, self._tmp_data / entry.name)
         return current.drop_columns([c for c in ("image",) if c in current.column_names])
 
     def _remove_old_format(self, previous: str) -> None:
@@ -356,7 +452,7 @@ class ShardWriter:
             return  # its images were in the shard parquet, which is replaced already
         stale = shard_paths(self.part_dir, self.shard, previous)["data"]
         if previous == "files" and is_shard_folder(stale):
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove_shard_folder(stale)
         elif previous == "webdataset" and stale.is_file():
             stale.unlink()
 
@@ -369,7 +465,7 @@ class ShardWriter:
                 self._spool.close()
         except (OSError, pa.ArrowException):
             pass
-        for path in self.part_dir.glob(f"*{self.tag}"):
+        for path in self.work_dir.glob(f"*{self.tag}"):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -396,7 +492,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _stats_format(path: Path) -> str | None:
+def _stats_format(path: Where) -> str | None:
     """The output format a shard's existing _stats.json says it was written in, if any."""
     try:
         return json.loads(path.read_text()).get("output_format")
@@ -455,17 +551,19 @@ def failed_rows(samples: pa.Table, key_columns: list[str] = ()) -> pa.Table:
     return ours
 
 
-def read_complete_shard(part_dir: Path, shard: int, rows: list[int],
-                        made_with: dict | None = None,
-                        extra: list[str] = ()) -> pa.Table | None:
+def read_complete_shard(part_dir: Where, shard: int, rows: list[int],
+                        made_with: dict | None = None, extra: list[str] = (),
+                        complete: set[int] | None = None) -> pa.Table | None:
     """The sample table of a shard already complete on disk for exactly these rows, or None.
 
     Incremental mode: a shard written by an earlier run (or another Redis) need not be
     downloaded again. The row check guards against a different shard_size since then; the
     recipe check against a part started over with another format, size or filter, or a part
     file that changed since. `extra` input columns are read too, where the shard has them.
+    `complete`: the part's complete shards if listed already (complete_shards), which spares
+    a request per shard in a bucket.
     """
-    if not shard_complete(part_dir, shard):
+    if not (shard in complete if complete is not None else shard_complete(part_dir, shard)):
         return None
     paths = shard_paths(part_dir, shard, "files")
     if made_with is not None:
@@ -475,11 +573,11 @@ def read_complete_shard(part_dir: Path, shard: int, rows: list[int],
             return None
         if recorded is not None and recorded != made_with:
             return None
-    path = paths["parquet"]
     try:
-        names = pq.read_schema(path).names
+        source = pq.ParquetFile(arrow_file(paths["parquet"]))
+        names = source.schema_arrow.names
         wanted = [*SAMPLE_SCHEMA.names, *extra]
-        samples = pq.read_table(path, columns=[n for n in wanted if n in names])
+        samples = source.read(columns=[n for n in wanted if n in names])
     except (OSError, pa.ArrowException):
         return None
     if sorted(samples.column("row").to_pylist()) != sorted(rows):

@@ -37,9 +37,11 @@ from laion_dagster.core.outcomes import is_transient
 from laion_dagster.core.queue import RETRY_ROUND, AsyncQueue, Outcome, Task, original_shard
 from laion_dagster.core.recipe import Recipe
 from laion_dagster.core.settings import Settings
+from laion_dagster.core.storage import StoreError
 from laion_dagster.core.writers import (
     SampleRecord,
     ShardWriter,
+    complete_shards,
     failed_rows,
     read_complete_shard,
     records_table,
@@ -67,6 +69,8 @@ LOOKAHEAD = 24  # rows queued ahead, in units of concurrency
 # Seconds between looks for shards claimed in Redis whose claim reply never arrived, and the
 # idle time after which such a shard is handed back: well past any reply still on its way.
 UNRECEIVED_EVERY = 10.0
+# Seconds a process claims nothing after its store (a bucket) failed a write.
+STORE_BACKOFF = 15.0
 
 
 def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: images.Filters,
@@ -102,8 +106,10 @@ class ShardJob:
         # holds it: the new outcomes are merged into its files (see retry.py).
         original = original_shard(task.shard) if task.shard >= RETRY_ROUND else None
         self.merge = original is not None and shard_complete(part_dir, original)
+        spool = (settings.spool_root / parts.relative_dir(task.partition)
+                 if settings.in_bucket else None)
         self.writer = ShardWriter(part_dir, original if self.merge else task.shard,
-                                  recipe.output_format, made_with(recipe, source))
+                                  recipe.output_format, made_with(recipe, source), spool)
         self.records: list[SampleRecord] = []
         # While its rows are fetched: how many are left, when they are done, what failed.
         self.pending = 0
@@ -257,6 +263,13 @@ class WorkerProcess:
         # that fails every worker must use up its deliveries): not handed back early.
         self.left_to_timeout: set[str] = set()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-cpu")
+        # Shards are written (and, for a bucket, uploaded) off the image pool: an upload
+        # waits on the network, and images must not wait behind it.
+        self.publishing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-publish")
+        # Incremental mode in a bucket: (part, generation) -> its shards complete before this
+        # process claimed any, from one listing (see _outcome_on_disk).
+        self.listed: dict[tuple[str, int], set[int]] = {}
+        self.store_down_until = 0.0  # monotonic time; see _handle
         self.health = SuccessWatch()
         # The recipe of parts enqueued without one (see recipe.py).
         self.own_recipe = Recipe.from_settings(settings)
@@ -300,12 +313,17 @@ class WorkerProcess:
             tidier.cancel()
             watcher.cancel()
             self.pool.shutdown(wait=True)
+            self.publishing.shutdown(wait=True)
             await client.aclose()
 
     async def _claim_loop(self, running: set[asyncio.Task]) -> None:
         while not self.stopping.is_set():
             if self.shared.paused.value or self.shared.out_of_space.value:
                 await self._sleep(1.0)
+                continue
+            wait = self.store_down_until - time.monotonic()
+            if wait > 0:  # the bucket failed a write: claim nothing until it may be back
+                await self._sleep(wait)
                 continue
             # Claim only with room: a shard taken while every fetch slot is busy would wait
             # here instead of on a process or host that has room.
@@ -487,7 +505,17 @@ class WorkerProcess:
                 # using up a delivery, and claim nothing until the supervisor sees space again.
                 self.shared.out_of_space.value = 1
                 log.error("shard %s/%05d: no space left in %s; handed back, pausing until "
-                          "space is freed", task.partition, task.shard, self.settings.store_root)
+                          "space is freed", task.partition, task.shard, self.settings.disk_root)
+                with contextlib.suppress(Exception):
+                    await self.queue.release([task])
+            elif isinstance(error, StoreError):
+                # The bucket (or its endpoint) failed: not the shard's fault either. Hand it
+                # back without using up a delivery, so an outage never dead-letters rows,
+                # and claim nothing for a while; the host's report says why.
+                self.store_down_until = time.monotonic() + STORE_BACKOFF
+                log.error("shard %s/%05d: %s; handed back, claiming again in %.0f s",
+                          task.partition, task.shard, error, STORE_BACKOFF)
+                self.shared.set_problem(f"cannot write to the store: {error}")
                 with contextlib.suppress(Exception):
                     await self.queue.release([task])
             else:
@@ -582,7 +610,7 @@ class WorkerProcess:
             log.warning("shard %s/%05d: taken over by another worker while this one worked on "
                         "it; discarding this attempt", task.partition, task.shard)
             return
-        await loop.run_in_executor(self.pool, job.close)
+        await loop.run_in_executor(self.publishing, job.close)
         outcome = job.outcome()
         counted = await self.queue.complete(task, outcome)
         self.active.pop(task.entry_id, None)
@@ -610,12 +638,20 @@ class WorkerProcess:
     def _outcome_on_disk(self, task: Task, recipe: Recipe, source: str | None
                          ) -> Outcome | None:
         """Incremental mode: a shard an earlier run wrote completely, from the same file with
-        the same recipe, is reported, not redone."""
+        the same recipe, is reported, not redone. In a bucket, the part is listed once (per
+        generation) rather than asked about shard by shard: a shard completed since by another
+        worker is not claimed again anyway, and one missed is only written twice."""
         part_dir = self.settings.store_root / parts.relative_dir(task.partition)
+        complete = None
+        if self.settings.in_bucket:
+            complete = self.listed.get((task.partition, task.generation))
+            if complete is None:
+                complete = complete_shards(part_dir)
+                self.listed[(task.partition, task.generation)] = complete
         table = parts.decode_table(task.payload)
         keys = parts.key_columns_of(table)
         samples = read_complete_shard(part_dir, task.shard, table.column("row").to_pylist(),
-                                      made_with(recipe, source), keys)
+                                      made_with(recipe, source), keys, complete)
         return None if samples is None else outcome_of(samples, rejected_rows(table), keys)
 
     async def _one(self, job: ShardJob, record: SampleRecord, host: str) -> None:
@@ -726,7 +762,7 @@ class WorkerProcess:
             job.records.append(record)
         log.error("dead-lettering %s/%05d after %d deliveries", task.partition, task.shard,
                   task.deliveries)
-        await loop.run_in_executor(self.pool, job.close)
+        await loop.run_in_executor(self.publishing, job.close)
         await self.queue.dead_letter(task, job.outcome(), message)
 
 

@@ -25,6 +25,7 @@ from laion_dagster.core.connection import RedisUnavailable, connect
 from laion_dagster.core.hosts import HostReport, disk_state
 from laion_dagster.core.queue import Keys, Queue, ensure_group
 from laion_dagster.core.settings import Settings
+from laion_dagster.core.writers import clear_dead_temporaries
 from laion_dagster.worker.shared import PROBLEM_BYTES, Shared, run_process
 
 log = logging.getLogger("laion_dagster.worker")
@@ -71,7 +72,14 @@ class Supervisor:
             return
         self._queue = Queue(self._redis, settings.prefix, settings.visibility_timeout,
                             settings.max_deliveries)
-        settings.store_root.mkdir(parents=True, exist_ok=True)
+        settings.disk_root.mkdir(parents=True, exist_ok=True)
+        if settings.in_bucket:
+            # Shards of this host's killed workers were finished elsewhere: their spool
+            # copies would fill the disk the pool watches.
+            removed = clear_dead_temporaries(settings.spool_root, psutil.pid_exists)
+            if removed:
+                log.info("removed %d spool files of stopped workers from %s", removed,
+                         settings.spool_root)
         # First of all: each process spends most of a second importing its libraries.
         self.children = [self._spawn(i) for i in range(settings.processes)]
         ensure_group(self._redis, self.keys.tasks)
@@ -189,7 +197,7 @@ class Supervisor:
                     if shared.first_image.value), default=None)
 
     def heartbeat(self) -> HostReport:
-        disk = disk_state(self.settings.store_root, self.settings)
+        disk = disk_state(self.settings.disk_root, self.settings)
         out_of_space = self._check_out_of_space(disk.free_gb)
         if out_of_space:
             # The more telling reason, even when the free-space floor says "full" too (with a
