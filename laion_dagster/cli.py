@@ -61,14 +61,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 # The settings each command that only looks (or tidies) actually reads; the commands that
 # download take them all.
-LOOK = ("data_dir", "parquet_dir", "store_dir", "redis_url", "prefix")
+# (A store in a bucket is reached with the same object-storage settings as the run used.)
+S3 = ("s3_endpoint_url", "s3_region", "s3_profile", "s3_virtual_addressing")
+LOOK = ("data_dir", "parquet_dir", "store_dir", "redis_url", "prefix", *S3)
 COMMAND_SETTINGS = {
     "status": LOOK + ("heartbeat_interval",),
     "export": LOOK + ("error_dir",),
     "retry": LOOK + ("error_dir", "url_column", "caption_column", "save_additional_columns",
                      "key_columns", "shard_size"),
     "reset": LOOK,
-    "discover": ("data_dir", "parquet_dir", "store_dir"),
+    "discover": ("data_dir", "parquet_dir", "store_dir", *S3),
 }
 
 
