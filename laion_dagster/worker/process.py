@@ -435,7 +435,6 @@ class WorkerProcess:
                 break
             await asyncio.sleep(0.2)
         self.stopping.set()
-        self._try_waiting_rows_now()
 
     async def _keep_claims(self) -> None:
         period = max(0.5, self.settings.visibility_timeout / 4)
@@ -723,8 +722,11 @@ class WorkerProcess:
             began = min(began, result.since)
         job.earlier[record.row] = [*earlier, f"{result.error_class}: {result.error_message}"]
         loop = asyncio.get_running_loop()
-        # Stopping: now, so the shard can still finish within the grace period.
-        delay = 0.0 if self.stopping.is_set() else max(0.0, began + s.retry_delay - loop.time())
+        # Not sooner on a stop: a later try made at once would meet what the first met (a
+        # server that drops connections for a few seconds) and fail a row that would pass.
+        # A shard whose later tries do not fit in the grace period is handed back whole, and
+        # the next worker gives its rows their tries at their time.
+        delay = max(0.0, began + s.retry_delay - loop.time())
         timer = loop.call_later(delay, self._try_again, job, record, host)
         job.later[record.row] = (timer, record, host)
         self.shared.waiting.value += 1
@@ -735,12 +737,6 @@ class WorkerProcess:
         self.shared.waiting.value -= 1
         if not job.abandoned:  # due now: ahead of the rows still on their first try
             self.dispatcher.add([(host, (job, record))], due=True)
-
-    def _try_waiting_rows_now(self) -> None:
-        """On a stop: the rows waiting for a later try get it now (see _try_later)."""
-        for job in list(self.active.values()):
-            for record, host in job.cancel_later():
-                self._try_again(job, record, host)
 
     def _finished(self, task: Task, rows: int) -> None:
         """`rows` of a shard have their outcome: room for the process to take on others."""
