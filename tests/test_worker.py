@@ -167,7 +167,9 @@ def test_a_process_claims_only_the_shards_it_can_start_on_soon(settings, image_s
     finally:
         log = stop_worker(worker)
     assert total == 16
-    assert 1 <= max(held) <= 3, (held, log)
+    # Two shards being fetched, and under load up to two more whose rows are all done while
+    # they are written and acknowledged: still claimed, never the 16 the queue holds.
+    assert 1 <= max(held) <= 4, (held, log)
 
 
 def test_full_disk_pauses_the_pool_until_space_frees_up(settings, dataset, queue, tmp_path):
