@@ -274,7 +274,8 @@ def test_the_demo_downloads_into_a_bucket(s3, env, tmp_path):
     assert f"ok: {ok:,}" in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("store", ["hdfs://namenode/x", "ftp://host/x", "s3://UPPER/x"])
+@pytest.mark.parametrize("store", ["hdfs://namenode/x", "ftp://host/x", "s3://UPPER/x",
+                                   "s3:/bucket/x"])
 def test_a_store_url_we_cannot_write_is_refused_before_anything_starts(settings, small, env,
                                                                        store, tmp_path):
     result = command(env, "run", "--parquet-dir", str(settings.parts_root), "--store-dir",

@@ -244,6 +244,9 @@ class Settings(BaseSettings):
             value = str(value)
         if storage.is_url(value):
             return storage.check_url(value)
+        if isinstance(value, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", value):
+            # "s3:/bucket/x" (one slash) would otherwise be the local folder "s3:".
+            raise ValueError(f"{value} looks like a URL with a slash missing (s3://bucket/...)")
         return None if value is None else Path(value)
 
     @field_validator("data_dir", "parquet_dir", "store_dir", "error_dir", "spool_dir",
