@@ -98,10 +98,10 @@ def run_once(args, owned: Owned, root: Path, parts_dir: Path, sink: str,
              servers: dict[str, Server], index: int) -> Run:
     import redis
 
-    from laion_dagster.core import parts
-    from laion_dagster.core.connection import connect
-    from laion_dagster.core.enqueue import enqueue_part
-    from laion_dagster.core.queue import GROUP, Keys, Queue
+    from laion_dagster.core.control.enqueue import enqueue_part
+    from laion_dagster.core.input import parts
+    from laion_dagster.core.queue.connection import connect
+    from laion_dagster.core.queue.protocol import GROUP, Keys, Queue
     from laion_dagster.core.settings import Settings
 
     result = Run(sink)

@@ -194,7 +194,7 @@ class Owned(measure.Owned):
 
     def redis(self, directory: Path):
         """The embedded Redis for `directory`, started and remembered for the cleanup."""
-        from laion_dagster.core import embedded
+        from laion_dagster.core.queue import embedded
 
         state = embedded.ensure_running(directory)
         self.redis_servers[directory] = state.pid
@@ -212,7 +212,7 @@ class Owned(measure.Owned):
 def stop_redis(directory: Path, pid: int | None = None) -> None:
     """Stop the embedded Redis of `directory`; `pid` is the one we started, for when its state
     file is gone. Only a server we started and have not stopped yet is ever signalled."""
-    from laion_dagster.core import embedded
+    from laion_dagster.core.queue import embedded
 
     state = embedded.read_state(directory)
     if state is not None:
@@ -613,10 +613,10 @@ class Bench:
     def _run_ours(self, mode: Mode, run_dir: Path, result: Result, profile: Path | None):
         import redis
 
-        from laion_dagster.core import parts
-        from laion_dagster.core.connection import connect
-        from laion_dagster.core.enqueue import enqueue_part
-        from laion_dagster.core.queue import GROUP, Keys, Queue
+        from laion_dagster.core.control.enqueue import enqueue_part
+        from laion_dagster.core.input import parts
+        from laion_dagster.core.queue.connection import connect
+        from laion_dagster.core.queue.protocol import GROUP, Keys, Queue
         from laion_dagster.core.settings import Settings
 
         a = self.args
@@ -903,10 +903,10 @@ class Bench:
 
 def enqueue_bench(owned: Owned, root: Path, rows: int, rounds: int) -> dict:
     """bench/enqueue.py's part and measurement, into a fresh embedded Redis; median rows/s."""
-    from laion_dagster.core import parts
-    from laion_dagster.core.connection import connect
-    from laion_dagster.core.enqueue import enqueue_part
-    from laion_dagster.core.queue import Queue
+    from laion_dagster.core.control.enqueue import enqueue_part
+    from laion_dagster.core.input import parts
+    from laion_dagster.core.queue.connection import connect
+    from laion_dagster.core.queue.protocol import Queue
     from laion_dagster.core.settings import Settings
 
     spec = importlib.util.spec_from_file_location("bench_enqueue", REPO / "bench" / "enqueue.py")
@@ -1017,7 +1017,7 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
           f"{args.processes} processes x {args.concurrency} concurrent, shard "
           f"{args.shard_size:,}; nginx 1 worker on {HOSTS} loopback addresses; "
           f"{os.cpu_count()} cores; load average now {os.getloadavg()[0]:.2f}")
-    from laion_dagster.core.images import pillow_build
+    from laion_dagster.core.images.checks import pillow_build
 
     print(f"ours: {sys.executable} with {pillow_build()}")
     header = (f"{'mode':<14}{'tool':<12}{'img/s':>8}{'(min-max)':>16}{'warm':>8}"

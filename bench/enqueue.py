@@ -15,10 +15,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_dagster.core import embedded, parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.control.enqueue import enqueue_part
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue import embedded
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import Queue
 from laion_dagster.core.settings import Settings
 
 

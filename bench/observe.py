@@ -27,10 +27,11 @@ from types import SimpleNamespace
 
 from dagster import DagsterInstance, build_sensor_context
 
-from laion_dagster.core import embedded, progress
-from laion_dagster.core.connection import connect
-from laion_dagster.core.hosts import HostReport
-from laion_dagster.core.queue import Outcome, Queue, Task
+from laion_dagster.core.control import progress
+from laion_dagster.core.control.hosts import HostReport
+from laion_dagster.core.queue import embedded
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import Outcome, Queue, Task
 from laion_dagster.core.settings import Settings
 from laion_dagster.dagster_home import ensure_dagster_home
 from laion_dagster.defs.partitions import PARTS

@@ -38,13 +38,14 @@ import psutil
 import pyarrow.parquet as pq
 import redis
 
-from laion_dagster.core import embedded, parts
-from laion_dagster.core.accounting import finalize_part
-from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.control.accounting import finalize_part
+from laion_dagster.core.control.enqueue import enqueue_part
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue import embedded
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import Queue
 from laion_dagster.core.settings import Settings
-from laion_dagster.core.writers import leftovers
+from laion_dagster.core.shards.files import leftovers
 from laion_dagster.demo.dataset import DemoDataset, make_images, write_dataset
 from laion_dagster.demo.server import ImageServer
 
@@ -579,7 +580,7 @@ def check_loopback_only(dataset: DemoDataset, settings: Settings) -> None:
     import asyncio
     from urllib.parse import urlsplit
 
-    from laion_dagster.core.fetch import StaticResolver, UnknownHost
+    from laion_dagster.core.fetch.fetcher import StaticResolver, UnknownHost
 
     hosts = Counter()
     for part in dataset.parts:

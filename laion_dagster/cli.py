@@ -21,9 +21,10 @@ from pathlib import Path, PurePath
 
 from pydantic import ValidationError
 
-from laion_dagster.core import embedded, exclusive
-from laion_dagster.core.connection import RedisUnavailable, connect
-from laion_dagster.core.embedded import EmbeddedServerError
+from laion_dagster.core.processes import exclusive
+from laion_dagster.core.queue import embedded
+from laion_dagster.core.queue.connection import RedisUnavailable, connect
+from laion_dagster.core.queue.embedded import EmbeddedServerError
 from laion_dagster.core.settings import Settings, setting_kind
 from laion_dagster.usage import UsageError
 
@@ -133,7 +134,7 @@ def _common(parser: argparse.ArgumentParser, command: str | None = None) -> None
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from laion_dagster.core.hosts import store_problem
+    from laion_dagster.core.control.hosts import store_problem
     from laion_dagster.worker.supervisor import Supervisor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s "
@@ -232,8 +233,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from laion_dagster.core.queue import Queue
-    from laion_dagster.core.status import collect, render
+    from laion_dagster.core.control.status import collect, render
+    from laion_dagster.core.queue.protocol import Queue
 
     settings = _settings(args)
     with _borrowing_embedded(settings):
@@ -256,7 +257,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _queue(settings: Settings, name: str) -> Iterator:
     """The queue, for a command a person waits on: a short retry budget, and no embedded
     server left behind."""
-    from laion_dagster.core.queue import Queue
+    from laion_dagster.core.queue.protocol import Queue
 
     with _borrowing_embedded(settings):
         client = connect(settings, name=name, retries=2)
@@ -275,7 +276,7 @@ def _known_part(queue, part: str) -> None:
 
 
 def cmd_errors_export(args: argparse.Namespace) -> int:
-    from laion_dagster.core.accounting import export_errors
+    from laion_dagster.core.control.accounting import export_errors
 
     settings = _settings(args)
     with _queue(settings, "laion-dagster-errors") as queue:
@@ -295,7 +296,7 @@ def _progress_bar(label: str, width: int = 30):
     if not sys.stderr.isatty():
         return None
 
-    from laion_dagster.core.status import bar
+    from laion_dagster.core.control.status import bar
 
     def show(done: int, total: int) -> None:
         end = "\n" if done >= total else ""
@@ -316,9 +317,9 @@ def _where_flags(settings: Settings) -> str:
 
 
 def cmd_errors_retry(args: argparse.Namespace) -> int:
-    from laion_dagster.core import parts
-    from laion_dagster.core.hosts import is_stale
-    from laion_dagster.core.retry import RetryRefused, retry_failed
+    from laion_dagster.core.control.hosts import is_stale
+    from laion_dagster.core.control.retry import RetryRefused, retry_failed
+    from laion_dagster.core.input import parts
 
     settings = _settings(args)
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
@@ -362,7 +363,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
-    from laion_dagster.core import parts
+    from laion_dagster.core.input import parts
     from laion_dagster.defs.partitions import PARTS
     from laion_dagster.instance import get_instance
 
@@ -395,7 +396,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from laion_dagster.core import children
+    from laion_dagster.core.processes import children
     from laion_dagster.instance import get_instance
 
     settings = _settings(args)
@@ -559,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from laion_dagster.core.parts import PartError
+    from laion_dagster.core.input.parts import PartError
 
     args = build_parser().parse_args(argv)
     try:

@@ -28,18 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from laion_dagster.core import children, embedded, exclusive, parts, provenance
-from laion_dagster.core.accounting import PartSummary, summarize
-from laion_dagster.core.admission import hold_reasons, worker_reasons
-from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import EnqueueReport, enqueue_part
-from laion_dagster.core.hosts import is_stale, store_problem
+from laion_dagster.core.control import provenance
+from laion_dagster.core.control.accounting import PartSummary, summarize
+from laion_dagster.core.control.admission import hold_reasons, worker_reasons
+from laion_dagster.core.control.enqueue import EnqueueReport, enqueue_part
+from laion_dagster.core.control.hosts import is_stale, store_problem
+from laion_dagster.core.control.progress import Watch
+from laion_dagster.core.control.retry import RetryRefused, retry_failed
+from laion_dagster.core.control.status import bar, plural
+from laion_dagster.core.input import parts
 from laion_dagster.core.outcomes import fix_sentence
-from laion_dagster.core.progress import Watch
-from laion_dagster.core.queue import PartState, Queue
-from laion_dagster.core.retry import RetryRefused, retry_failed
+from laion_dagster.core.processes import children, exclusive
+from laion_dagster.core.queue import embedded
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import PartState, Queue
 from laion_dagster.core.settings import Settings
-from laion_dagster.core.status import bar, plural
 from laion_dagster.dagster_home import ensure_dagster_home
 from laion_dagster.usage import UsageError
 

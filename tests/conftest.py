@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from laion_dagster.core import embedded
-from laion_dagster.core.connection import connect
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.queue import embedded
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import Queue
 from laion_dagster.core.settings import Settings
 from laion_dagster.demo.dataset import DemoDataset, DemoImage, make_images, write_dataset
 from laion_dagster.demo.server import ImageServer

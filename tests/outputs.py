@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_dagster.core import parts
-from laion_dagster.core.queue import Queue
-from laion_dagster.core.writers import leftovers
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.protocol import Queue
+from laion_dagster.core.shards.files import leftovers
 from laion_dagster.demo.dataset import DemoDataset, served_path
 
 

@@ -6,10 +6,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from laion_dagster.core import parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.control.enqueue import enqueue_part
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import Queue
 from tests.conftest import worker_env
 from tests.outputs import all_done, wait_until
 

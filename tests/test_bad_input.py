@@ -28,10 +28,10 @@ import pytest
 from aiohttp import web
 from dagster import DagsterEventType, instance_for_test, materialize
 
-from laion_dagster.core import parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.fetch import Fetcher
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.fetch.fetcher import Fetcher
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import Queue
 from laion_dagster.defs.assets import part_tasks
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource

@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import instance_for_test, materialize
 
-from laion_dagster.core import parts
-from laion_dagster.core.enqueue import enqueue_part
+from laion_dagster.core.control.enqueue import enqueue_part
+from laion_dagster.core.input import parts
 from laion_dagster.core.settings import Settings
+from laion_dagster.core.shards.files import leftovers
 from laion_dagster.core.storage import BucketPath
-from laion_dagster.core.writers import leftovers
 from laion_dagster.defs.assets import part_images, part_tasks
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laion_dagster.core import embedded, parts
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue import embedded
 from tests.conftest import shell_env
 from tests.outputs import check_part
 
@@ -184,10 +185,10 @@ def cmdline(process) -> str:
 def test_errors_export_reports_progress_on_a_big_part(settings, tmp_path):
     """25,000 failed rows (URLs that are not URLs, so no download is needed): the export
     writes them all and reports its progress as it goes."""
-    from laion_dagster.core.accounting import export_errors
-    from laion_dagster.core.connection import connect
-    from laion_dagster.core.enqueue import enqueue_part
-    from laion_dagster.core.queue import Queue
+    from laion_dagster.core.control.accounting import export_errors
+    from laion_dagster.core.control.enqueue import enqueue_part
+    from laion_dagster.core.queue.connection import connect
+    from laion_dagster.core.queue.protocol import Queue
 
     folder = settings.parts_root / "laion2B-en"
     folder.mkdir(parents=True)

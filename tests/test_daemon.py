@@ -16,9 +16,9 @@ from dagster import (
     RunsFilter,
 )
 
-from laion_dagster.core import parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import Queue
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.demo.dataset import write_dataset
 from tests.conftest import TEST_HOSTS, worker_env

@@ -19,7 +19,7 @@ from dagster import (
     materialize,
 )
 
-from laion_dagster.core import parts
+from laion_dagster.core.input import parts
 from laion_dagster.core.outcomes import ERROR_CLASSES
 from laion_dagster.definitions import defs
 from laion_dagster.defs.assets import part_images, part_tasks

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
-from laion_dagster.core import images as image_checks
-from laion_dagster.core import parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.fetch import Fetcher, opt_out_directive, retry_after_seconds
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.control.enqueue import enqueue_part
+from laion_dagster.core.fetch.fetcher import Fetcher, opt_out_directive, retry_after_seconds
+from laion_dagster.core.images import checks as image_checks
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import Queue
 from tests.outputs import shard_rows
 from tests.pool import download
 

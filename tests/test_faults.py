@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import build_sensor_context, instance_for_test, materialize
 
-from laion_dagster.core import embedded, parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.queue import GROUP, Queue
+from laion_dagster.core.control.enqueue import enqueue_part
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue import embedded
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import GROUP, Queue
 from laion_dagster.defs.assets import part_tasks
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
@@ -299,9 +300,10 @@ def test_an_enqueue_killed_half_way_then_run_again_queues_each_row_once(settings
     big = settings.with_overrides(shard_size=500)
     part = parts.discover(big.parts_root)[0]
     queue = Queue(connect(big), big.prefix)
-    script = ("from laion_dagster.core import parts; from laion_dagster.core.connection import "
-              "connect; from laion_dagster.core.enqueue import enqueue_part; "
-              "from laion_dagster.core.queue import Queue; "
+    script = ("from laion_dagster.core.input import parts; "
+              "from laion_dagster.core.queue.connection import connect; "
+              "from laion_dagster.core.control.enqueue import enqueue_part; "
+              "from laion_dagster.core.queue.protocol import Queue; "
               "from laion_dagster.core.settings import Settings; s = Settings(); "
               "p = parts.discover(s.parts_root)[0]; "
               "enqueue_part(Queue(connect(s), s.prefix), p, s)")

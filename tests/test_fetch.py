@@ -16,9 +16,9 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from laion_dagster.core.fetch import Fetcher, address_blocked
-from laion_dagster.core.images import NotAnImage
-from laion_dagster.core.images import inspect as inspect_image
+from laion_dagster.core.fetch.fetcher import Fetcher, address_blocked
+from laion_dagster.core.images.checks import NotAnImage
+from laion_dagster.core.images.checks import inspect as inspect_image
 from laion_dagster.demo.dataset import CORRUPT_JPEG
 
 
@@ -640,7 +640,7 @@ def test_per_host_limit_caps_one_host_without_holding_back_the_others(settings, 
 def test_a_host_is_resolved_once_per_process_not_once_per_url(settings, images, monkeypatch):
     """60 URLs on one host, every response closing its connection (so each URL needs a new
     one): the name is looked up once, from the fetcher's DNS cache afterwards."""
-    from laion_dagster.core import fetch as fetch_module
+    from laion_dagster.core.fetch import fetcher as fetch_module
 
     lookups = []
     real_resolve = fetch_module.StaticResolver.resolve

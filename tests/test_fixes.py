@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
-from laion_dagster.core import embedded
+from laion_dagster.core.queue import embedded
 from laion_dagster.core.settings import STATE_FOLDER
 from tests.conftest import shell_env
 from tests.test_run import command

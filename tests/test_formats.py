@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laion_dagster.core import formats, parts
-from laion_dagster.core.formats import PartError
+from laion_dagster.core.input import formats, parts
+from laion_dagster.core.input.formats import PartError
 from tests.conftest import shell_env
 
 ROWS = [{"url": f"https://img.test/{i}.jpg", "caption": f"a photo, \"number\" {i}\twith tab"

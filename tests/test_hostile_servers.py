@@ -19,7 +19,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from laion_dagster.core.fetch import Fetcher
+from laion_dagster.core.fetch.fetcher import Fetcher
 from laion_dagster.core.settings import Settings
 
 TIMEOUT = 1.5

@@ -9,7 +9,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from laion_dagster.core import image_header, images
+from laion_dagster.core.images import checks
+from laion_dagster.core.images import header as image_header
 from laion_dagster.demo.dataset import make_images
 
 # Pillow warns about the damaged EXIF blocks the fuzzing makes; that is its business.
@@ -77,7 +78,7 @@ def test_agrees_with_pillow_on_well_formed_files(name):
     assert expected is not None
     probed = image_header.probe(body)
     assert probed in (None, expected)
-    info = images.inspect(body)
+    info = checks.inspect(body)
     assert (info.format, info.width, info.height) == expected
 
 
@@ -116,8 +117,8 @@ def test_never_accepts_a_damaged_header_pillow_refuses():
                 continue
             answered += 1
             if probed[1] * probed[2] > 2 * Image.MAX_IMAGE_PIXELS:  # Pillow: a bomb
-                with pytest.raises(images.NotAnImage, match="decompression bomb"):
-                    images.inspect(sample)
+                with pytest.raises(checks.NotAnImage, match="decompression bomb"):
+                    checks.inspect(sample)
             else:
                 expected = pillow_header(sample)
                 assert probed == expected, (sample[:40], probed, expected)
@@ -126,16 +127,16 @@ def test_never_accepts_a_damaged_header_pillow_refuses():
 
 def test_truncated_and_garbage_bodies_keep_their_error_classes():
     jpeg = VARIANTS["jpeg baseline"]()
-    with pytest.raises(images.NotAnImage) as caught:
-        images.inspect(jpeg[:40])
+    with pytest.raises(checks.NotAnImage) as caught:
+        checks.inspect(jpeg[:40])
     assert caught.value.error_class == "decode_error"
-    with pytest.raises(images.NotAnImage) as caught:
-        images.inspect(b"<html>not found</html>")
+    with pytest.raises(checks.NotAnImage) as caught:
+        checks.inspect(b"<html>not found</html>")
     assert caught.value.error_class == "not_image"
     png = bytearray(VARIANTS["png rgb"]())
     png[20] ^= 0xFF  # width changed: the IHDR checksum no longer matches
-    with pytest.raises(images.NotAnImage) as caught:
-        images.inspect(bytes(png))
+    with pytest.raises(checks.NotAnImage) as caught:
+        checks.inspect(bytes(png))
     assert caught.value.error_class == "decode_error"
 
 
@@ -144,6 +145,6 @@ def test_a_bomb_found_by_the_parser_is_still_a_decode_error():
     struct.pack_into(">II", header, 16, 60_000, 60_000)
     struct.pack_into(">I", header, 29, zlib.crc32(bytes(header[12:29])))
     assert image_header.probe(bytes(header)) == ("PNG", 60_000, 60_000)
-    with pytest.raises(images.NotAnImage, match="decompression bomb") as caught:
-        images.inspect(bytes(header))
+    with pytest.raises(checks.NotAnImage, match="decompression bomb") as caught:
+        checks.inspect(bytes(header))
     assert caught.value.error_class == "decode_error"

@@ -9,7 +9,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from laion_dagster.core.embedded import free_port
+from laion_dagster.core.queue.embedded import free_port
 from laion_dagster.dagster_home import SQLITE_STORAGES, schema_head
 from tests.conftest import shell_env
 from tests.outputs import wait_until

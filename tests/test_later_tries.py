@@ -8,7 +8,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_dagster.core import parts
+from laion_dagster.core.input import parts
 from laion_dagster.demo.server import ImageServer
 from tests.outputs import shard_rows, wait_until
 from tests.pool import download, start_worker, stop_worker
@@ -69,9 +69,9 @@ def test_a_host_down_for_a_few_seconds_costs_no_rows(settings, images):
         base = f"http://img-a.test:{port}" if i % 2 else live.url("img-b.test")
         urls.append(f"{base}{images[i % len(images)].path}?n={i}")
     part = write_part(settings, urls)
-    from laion_dagster.core.connection import connect
-    from laion_dagster.core.enqueue import enqueue_part
-    from laion_dagster.core.queue import Queue
+    from laion_dagster.core.control.enqueue import enqueue_part
+    from laion_dagster.core.queue.connection import connect
+    from laion_dagster.core.queue.protocol import Queue
 
     queue = Queue(connect(patient), patient.prefix)
     enqueue_part(queue, part, patient)

@@ -58,10 +58,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from laion_dagster.core import parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.queue import GROUP, Queue
+from laion_dagster.core.control.enqueue import enqueue_part
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import GROUP, Queue
 from laion_dagster.core.settings import Settings
 from laion_dagster.demo.dataset import make_images, write_dataset
 from tests.conftest import worker_env

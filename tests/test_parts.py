@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laion_dagster.core import parts
-from laion_dagster.core.parts import PartError
+from laion_dagster.core.input import parts
+from laion_dagster.core.input.parts import PartError
 
 SPARK_NAME = "part-00007-0c3b9a4e-5f2d-4c1e-9d7a-3b2f1e0a9c8d-c000.snappy.parquet"
 

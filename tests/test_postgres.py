@@ -18,7 +18,7 @@ from dagster._core.instance.config import dagster_instance_config
 from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster._core.storage.config import pg_config
 
-from laion_dagster.core import parts
+from laion_dagster.core.input import parts
 from laion_dagster.defs.assets import part_tasks
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from laion_dagster.core.progress import (
+from laion_dagster.core.control.progress import (
     HEARTBEAT,
     MOVING_EVERY,
     STATES,
@@ -14,7 +14,7 @@ from laion_dagster.core.progress import (
     part_state,
     view_part,
 )
-from laion_dagster.core.queue import PartState
+from laion_dagster.core.queue.protocol import PartState
 from laion_dagster.core.settings import Settings
 
 NOW = 1_800_000_000.0

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 import redis.asyncio as aioredis
 
-from laion_dagster.core import parts
-from laion_dagster.core.enqueue import auto_shard_size, enqueue_part
-from laion_dagster.core.queue import AsyncQueue, Outcome, Queue
+from laion_dagster.core.control.enqueue import auto_shard_size, enqueue_part
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.protocol import AsyncQueue, Outcome, Queue
 
 
 def _write_part(settings, rows: int, bad_every: int = 0):

@@ -7,10 +7,10 @@ import logging
 from dagster import instance_for_test, materialize
 from PIL import Image
 
-from laion_dagster.core import parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.control.enqueue import enqueue_part
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import Queue
 from laion_dagster.defs.assets import part_tasks
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource

@@ -15,8 +15,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from laion_dagster.core import embedded
-from laion_dagster.core.connection import RedisUnavailable, connect, redacted
+from laion_dagster.core.queue import embedded
+from laion_dagster.core.queue.connection import RedisUnavailable, connect, redacted
 from laion_dagster.core.settings import Settings
 
 

@@ -5,7 +5,7 @@ import io
 import pytest
 from PIL import Image
 
-from laion_dagster.core import images as image_checks
+from laion_dagster.core.images import checks as image_checks
 from tests.outputs import shard_rows, tar_members
 from tests.pool import download
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from laion_dagster.core import resolve
-from laion_dagster.core.fetch import Fetcher
-from laion_dagster.core.resolve import CachingResolver, LookupFailed
+from laion_dagster.core.fetch import resolve
+from laion_dagster.core.fetch.fetcher import Fetcher
+from laion_dagster.core.fetch.resolve import CachingResolver, LookupFailed
 from laion_dagster.demo.dns import DnsServer, Name
 
 

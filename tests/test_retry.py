@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import instance_for_test, materialize
 
-from laion_dagster.core import parts
-from laion_dagster.core.accounting import finalize_part
-from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.queue import Queue
-from laion_dagster.core.retry import RetryRefused, retry_failed
+from laion_dagster.core.control.accounting import finalize_part
+from laion_dagster.core.control.enqueue import enqueue_part
+from laion_dagster.core.control.retry import RetryRefused, retry_failed
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import Queue
 from laion_dagster.defs.assets import part_tasks
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource

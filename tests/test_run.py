@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laion_dagster.core import embedded, parts
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue import embedded
 from laion_dagster.core.settings import STATE_FOLDER
 from laion_dagster.demo.dataset import write_dataset
 from tests.conftest import TEST_HOSTS, mount_tmpfs, shell_env
@@ -575,7 +576,7 @@ def test_the_progress_bar_counts_rows_fetched_before_their_shard_finishes(settin
     finished shards; a resumed job starts from the rows stored before it."""
     import io
 
-    from laion_dagster.core.queue import PartState
+    from laion_dagster.core.queue.protocol import PartState
     from laion_dagster.oneshot import OneShot
 
     one = OneShot(settings, out=io.StringIO())

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from laion_dagster.core import parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.enqueue import enqueue_part
-from laion_dagster.core.queue import Queue
-from laion_dagster.core.status import collect, plural, render
+from laion_dagster.core.control.enqueue import enqueue_part
+from laion_dagster.core.control.status import collect, plural, render
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import Queue
 from tests.outputs import all_done, wait_until
 from tests.pool import start_worker, stop_worker
 

@@ -26,10 +26,10 @@ from urllib.parse import quote, urlsplit
 import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
-from laion_dagster.core import parts
-from laion_dagster.core.connection import connect
-from laion_dagster.core.embedded import free_port
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.embedded import free_port
+from laion_dagster.core.queue.protocol import Queue
 from tests.conftest import worker_env
 from tests.outputs import all_done, wait_until
 from tests.pool import start_worker, stop_worker

@@ -14,7 +14,7 @@ from dagster import (
     materialize,
 )
 
-from laion_dagster.core.progress import Watch
+from laion_dagster.core.control.progress import Watch
 from laion_dagster.defs.assets import part_images, part_tasks
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource

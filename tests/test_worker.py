@@ -9,8 +9,8 @@ import time
 import psutil
 import pytest
 
-from laion_dagster.core import parts
-from laion_dagster.core.enqueue import enqueue_part
+from laion_dagster.core.control.enqueue import enqueue_part
+from laion_dagster.core.input import parts
 from laion_dagster.demo.dataset import write_dataset
 from tests.conftest import TEST_HOSTS, mount_tmpfs
 from tests.outputs import all_done, check_part, leftovers, wait_until
@@ -213,7 +213,7 @@ def test_a_stop_during_a_slow_shard_hands_it_back_within_the_grace(settings, ima
     import pyarrow.parquet as pq
     import redis.asyncio as aioredis
 
-    from laion_dagster.core.queue import AsyncQueue
+    from laion_dagster.core.queue.protocol import AsyncQueue
 
     base = image_server.url("img-a.test")
     urls = [base + i.path for i in images[:4]] + [f"{base}/slow/never.jpg"]
@@ -275,7 +275,7 @@ def test_a_hosts_rows_do_not_wait_behind_its_hanging_row(settings, image_server,
 
 
 def test_a_low_success_rate_is_a_warning_that_names_the_likely_cause(caplog):
-    from laion_dagster.core.queue import Outcome
+    from laion_dagster.core.queue.protocol import Outcome
     from laion_dagster.worker.process import SuccessWatch
 
     watch = SuccessWatch(window=1000, floor=0.5, every=60.0)

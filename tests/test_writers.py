@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from laion_dagster.core import writers
-from laion_dagster.core.writers import SampleRecord, ShardWriter, sample_key, shard_complete
+from laion_dagster.core.shards import files
+from laion_dagster.core.shards.files import SampleRecord, ShardWriter, sample_key, shard_complete
 
 HOSTILE_URL = "http://x.test/../../etc/passwd?a=/b"
 PREFIX = "laion2B-en_00042"  # parts.sample_prefix("laion2B-en/00042")
@@ -221,7 +221,7 @@ def test_error_table_lists_only_failures():
     records = [failure(1, "http_4xx", 403), failure(4, "timeout"),
                SampleRecord(row=2, key=key(2), url="http://a.test/ok.jpg", caption="ok")]
 
-    table = writers.error_table(records)
+    table = files.error_table(records)
 
     assert table.column("row").to_pylist() == [1, 4]
     assert table.column("error_class").to_pylist() == ["http_4xx", "timeout"]
@@ -314,7 +314,7 @@ def test_failure_during_close_leaves_the_shard_incomplete(tmp_path, images, monk
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(writers.pq, "write_table", disk_full)
+    monkeypatch.setattr(files.pq, "write_table", disk_full)
     with pytest.raises(OSError):
         writer.close([record], None)
     monkeypatch.undo()
@@ -375,7 +375,7 @@ def test_shard_complete_only_after_close(tmp_path, images):
 def test_keys_are_unique_across_parts_and_sorted_within_a_shard(tmp_path, images):
     """Shards of two parts (numbered from row 0 each) combine into one webdataset without a
     repeated key, and each tar lists its samples in input order."""
-    from laion_dagster.core import parts
+    from laion_dagster.core.input import parts
 
     names = []
     for partition in ("laion2B-en/00000", "laion2B-multi/00000"):
@@ -408,7 +408,7 @@ def test_cleanup_removes_only_the_names_a_writer_makes(tmp_path, images):
     (part_dir / "00003.tmp-5-aaaabbbb").mkdir()  # a files-format temporary folder
     (part_dir / "00003.tmp-5-aaaabbbb" / f"{key(1)}.jpg").write_bytes(b"x")
 
-    writers.clear_stale_temporaries(part_dir, 3)
+    files.clear_stale_temporaries(part_dir, 3)
 
     assert sorted(p.name for p in part_dir.iterdir()) == sorted(theirs)
 
@@ -423,7 +423,7 @@ def test_a_shard_folder_that_is_not_ours_is_never_replaced(tmp_path, images):
     record = success(0, images[0])
     writer.add(record, images[0].body)
 
-    with pytest.raises(writers.ForeignFiles, match="did not write"):
+    with pytest.raises(files.ForeignFiles, match="did not write"):
         writer.close([record], None)
     writer.abort()
 

@@ -19,14 +19,14 @@ from dagster import (
     asset,
 )
 
-from laion_dagster.core import parts
-from laion_dagster.core.accounting import PartNotDone, PartSummary, finalize_part
-from laion_dagster.core.connection import RedisUnavailable
-from laion_dagster.core.embedded import EmbeddedServerError
-from laion_dagster.core.enqueue import EnqueueReport, enqueue_part
+from laion_dagster.core.control.accounting import PartNotDone, PartSummary, finalize_part
+from laion_dagster.core.control.enqueue import EnqueueReport, enqueue_part
+from laion_dagster.core.control.provenance import PartChanged
+from laion_dagster.core.control.retry import RetryRefused, retry_failed
+from laion_dagster.core.input import parts
 from laion_dagster.core.outcomes import ERROR_CLASSES
-from laion_dagster.core.provenance import PartChanged
-from laion_dagster.core.retry import RetryRefused, retry_failed
+from laion_dagster.core.queue.connection import RedisUnavailable
+from laion_dagster.core.queue.embedded import EmbeddedServerError
 from laion_dagster.core.settings import Settings
 from laion_dagster.defs.observations import QUEUE, WORKER_HOSTS
 from laion_dagster.defs.partitions import parts_partitions

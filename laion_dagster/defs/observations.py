@@ -25,7 +25,7 @@ from dagster import (
     TableSchema,
 )
 
-from laion_dagster.core.progress import Snapshot
+from laion_dagster.core.control.progress import Snapshot
 
 GROUP = "laion"
 QUEUE = AssetSpec("queue", group_name=GROUP, description=(

@@ -12,8 +12,8 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field, create_model
 
-from laion_dagster.core.connection import connect
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.queue.connection import connect
+from laion_dagster.core.queue.protocol import Queue
 from laion_dagster.core.settings import Settings, setting_kind
 
 

@@ -20,12 +20,12 @@ from dagster import (
     sensor,
 )
 
-from laion_dagster.core import parts
-from laion_dagster.core.admission import hold_reasons
-from laion_dagster.core.connection import RedisUnavailable
-from laion_dagster.core.embedded import EmbeddedServerError
-from laion_dagster.core.progress import Watch
-from laion_dagster.core.queue import PartState
+from laion_dagster.core.control.admission import hold_reasons
+from laion_dagster.core.control.progress import Watch
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.connection import RedisUnavailable
+from laion_dagster.core.queue.embedded import EmbeddedServerError
+from laion_dagster.core.queue.protocol import PartState
 from laion_dagster.core.settings import Settings
 from laion_dagster.defs.assets import part_tasks
 from laion_dagster.defs.jobs import enqueue_job, finalize_job

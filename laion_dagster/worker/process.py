@@ -30,15 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laion_dagster.core import images, parts
-from laion_dagster.core.connection import connect_async
-from laion_dagster.core.fetch import Fetcher, FetchResult, host_of
+from laion_dagster.core.fetch.fetcher import Fetcher, FetchResult, host_of
+from laion_dagster.core.images import checks
+from laion_dagster.core.input import parts
 from laion_dagster.core.outcomes import is_transient
-from laion_dagster.core.queue import RETRY_ROUND, AsyncQueue, Outcome, Task, original_shard
-from laion_dagster.core.recipe import Recipe
+from laion_dagster.core.queue.connection import connect_async
+from laion_dagster.core.queue.protocol import RETRY_ROUND, AsyncQueue, Outcome, Task, original_shard
 from laion_dagster.core.settings import Settings
-from laion_dagster.core.storage import StoreError
-from laion_dagster.core.writers import (
+from laion_dagster.core.shards.files import (
     SampleRecord,
     ShardWriter,
     complete_shards,
@@ -48,6 +47,8 @@ from laion_dagster.core.writers import (
     sample_key,
     shard_complete,
 )
+from laion_dagster.core.shards.recipe import Recipe
+from laion_dagster.core.storage import StoreError
 from laion_dagster.worker.dispatch import SLOW_FETCH, Dispatcher
 from laion_dagster.worker.shared import Shared
 
@@ -73,14 +74,14 @@ UNRECEIVED_EVERY = 10.0
 STORE_BACKOFF = 15.0
 
 
-def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: images.Filters,
-           resize: images.Resize, expected_sha256: str | None) -> SampleRecord:
+def _store(writer: ShardWriter, record: SampleRecord, body: bytes, filters: checks.Filters,
+           resize: checks.Resize, expected_sha256: str | None) -> SampleRecord:
     """Thread-pool side of a success: identify, hash, check, resize and write the image."""
     try:
-        info = images.inspect(body)
+        info = checks.inspect(body)
         filters.check(info, expected_sha256)
-        stored, ext, width, height = images.transform(body, info, resize)
-    except images.NotAnImage as error:
+        stored, ext, width, height = checks.transform(body, info, resize)
+    except checks.NotAnImage as error:
         record.status, record.error_class, record.error_message = "failed", error.error_class, \
             str(error)
         return record
@@ -785,7 +786,7 @@ def main(settings_json: str, index: int, shared: Shared) -> None:
                         format=f"%(asctime)s worker[{index}] %(levelname)s %(message)s")
     settings = Settings.model_validate_json(settings_json)
     if index == 0:
-        build = images.pillow_build()
+        build = checks.pillow_build()
         hint = "" if "SIMD" in build else " (Pillow-SIMD resizes about twice as fast: README)"
         log.info("images decoded and resized with %s%s; Arrow's memory pool: %s", build, hint,
                  pa.default_memory_pool().backend_name)

@@ -20,12 +20,12 @@ from collections.abc import Callable
 import psutil
 import redis
 
-from laion_dagster.core import embedded
-from laion_dagster.core.connection import RedisUnavailable, connect
-from laion_dagster.core.hosts import HostReport, disk_state
-from laion_dagster.core.queue import Keys, Queue, ensure_group
+from laion_dagster.core.control.hosts import HostReport, disk_state
+from laion_dagster.core.queue import embedded
+from laion_dagster.core.queue.connection import RedisUnavailable, connect
+from laion_dagster.core.queue.protocol import Keys, Queue, ensure_group
 from laion_dagster.core.settings import Settings
-from laion_dagster.core.writers import clear_dead_temporaries
+from laion_dagster.core.shards.files import clear_dead_temporaries
 from laion_dagster.worker.shared import PROBLEM_BYTES, Shared, run_process
 
 log = logging.getLogger("laion_dagster.worker")

@@ -6,7 +6,7 @@ reasons and say so in the same words.
 
 from __future__ import annotations
 
-from laion_dagster.core.hosts import full_hosts, is_stale
+from laion_dagster.core.control.hosts import full_hosts, is_stale
 from laion_dagster.core.settings import Settings
 
 

@@ -13,7 +13,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from laion_dagster.core import embedded
+from laion_dagster.core.queue import embedded
 from laion_dagster.core.settings import Settings
 
 RETRIES = 8  # ~25 s of backoff in total before an error reaches the caller

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from laion_dagster.core import parts
-from laion_dagster.core.hosts import is_stale
+from laion_dagster.core.control.hosts import is_stale
+from laion_dagster.core.input import parts
 from laion_dagster.core.outcomes import fix_sentence
-from laion_dagster.core.queue import Queue
+from laion_dagster.core.queue.protocol import Queue
 from laion_dagster.core.settings import Settings
 
 

@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
 
-from laion_dagster.core import images
+from laion_dagster.core.images import checks
 from laion_dagster.core.settings import Settings
 
 # The Settings fields that make up a recipe (same names, same meaning).
@@ -56,13 +56,13 @@ class Recipe:
         return Recipe(**{name: getattr(checked, name) for name in RECIPE_FIELDS})
 
     @cached_property
-    def filters(self) -> images.Filters:
-        return images.Filters(min_size=self.min_image_size, max_area=self.max_image_area,
+    def filters(self) -> checks.Filters:
+        return checks.Filters(min_size=self.min_image_size, max_area=self.max_image_area,
                               max_aspect_ratio=self.max_aspect_ratio)
 
     @cached_property
-    def resize(self) -> images.Resize:
-        return images.Resize(mode=self.resize_mode, size=self.image_size,
+    def resize(self) -> checks.Resize:
+        return checks.Resize(mode=self.resize_mode, size=self.image_size,
                              only_if_bigger=self.resize_only_if_bigger,
                              encode_format=self.encode_format, quality=self.encode_quality)
 

@@ -21,10 +21,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from laion_dagster.core.admission import hold_reasons, worker_reasons
-from laion_dagster.core.hosts import is_stale
+from laion_dagster.core.control.admission import hold_reasons, worker_reasons
+from laion_dagster.core.control.hosts import is_stale
 from laion_dagster.core.outcomes import ERROR_CLASSES, fix_sentence
-from laion_dagster.core.queue import PartState, Queue
+from laion_dagster.core.queue.protocol import PartState, Queue
 from laion_dagster.core.settings import Settings
 
 # A part's states, in the order it goes through them.

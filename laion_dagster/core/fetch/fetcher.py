@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from laion_dagster.core.resolve import CachingResolver
+from laion_dagster.core.fetch.resolve import CachingResolver
 from laion_dagster.core.settings import Settings
 
 REDIRECTS = {301, 302, 303, 307, 308}

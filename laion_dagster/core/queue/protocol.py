@@ -479,7 +479,7 @@ class Queue:
         """Every error record of the part, oldest first, as one table (None when there are none)."""
         import pyarrow as pa
 
-        from laion_dagster.core.parts import decode_table
+        from laion_dagster.core.input.parts import decode_table
 
         tables = []
         start = "-"

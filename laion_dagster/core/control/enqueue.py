@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from laion_dagster.core import parts, provenance
-from laion_dagster.core.queue import Queue
-from laion_dagster.core.recipe import Recipe
+from laion_dagster.core.control import provenance
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.protocol import Queue
 from laion_dagster.core.settings import Settings
-from laion_dagster.core.writers import failed_rows, sample_key
+from laion_dagster.core.shards.files import failed_rows, sample_key
+from laion_dagster.core.shards.recipe import Recipe
 
 log = logging.getLogger("laion_dagster.enqueue")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laion_dagster.core.formats import (
+from laion_dagster.core.input.formats import (
     READ_ERRORS,
     PartError,
     accepted,

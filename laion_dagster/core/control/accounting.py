@@ -15,12 +15,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_dagster.core import parts
+from laion_dagster.core.input import parts
 from laion_dagster.core.outcomes import fix_sentence
-from laion_dagster.core.queue import PartState, Queue
+from laion_dagster.core.queue.protocol import PartState, Queue
 from laion_dagster.core.settings import Settings
+from laion_dagster.core.shards.files import ERROR_SCHEMA
 from laion_dagster.core.storage import Where, arrow_file, write_parquet
-from laion_dagster.core.writers import ERROR_SCHEMA
 
 
 class PartNotDone(RuntimeError):

@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from laion_dagster.core import parts
+from laion_dagster.core.input import parts
 from laion_dagster.core.outcomes import DECIDED_BY, FETCH_POLICY
-from laion_dagster.core.queue import PartState, Queue, original_shard
+from laion_dagster.core.queue.protocol import PartState, Queue, original_shard
 from laion_dagster.core.settings import Settings
-from laion_dagster.core.writers import complete_shards
+from laion_dagster.core.shards.files import complete_shards
 
 
 class PartChanged(RuntimeError):

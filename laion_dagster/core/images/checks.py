@@ -1,7 +1,7 @@
 """Checking that a body is an image, from its bytes alone.
 
 The URL's extension and the Content-Type lie often on the web; the bytes do not. Only the header
-is parsed (cheap: by hand for JPEG, PNG and simple WebP, see image_header.py; by Pillow for the
+is parsed (cheap: by hand for JPEG, PNG and simple WebP, see header.py; by Pillow for the
 rest); a full decode is left for when an image must be resized. Pillow's
 decompression-bomb guard stays on, and a bomb is a `decode_error`, not a crash.
 """
@@ -16,7 +16,7 @@ from importlib import metadata
 
 from PIL import Image, UnidentifiedImageError
 
-from laion_dagster.core import image_header
+from laion_dagster.core.images import header
 
 # Pillow warns between its pixel limit and twice it; `inspect` refuses those itself.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -80,7 +80,7 @@ def inspect(body: bytes) -> ImageInfo:
     """Identify the image in `body`; raises NotAnImage with a class when it is not one."""
     if not body:
         raise NotAnImage("not_image", "empty body")
-    probed = image_header.probe(body)
+    probed = header.probe(body)
     fmt, width, height = probed if probed is not None else _open_header(body)
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:

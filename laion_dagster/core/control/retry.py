@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laion_dagster.core import parts
-from laion_dagster.core.accounting import part_errors
-from laion_dagster.core.enqueue import MAX_SHARD
-from laion_dagster.core.queue import RETRY_ROUND, Queue
-from laion_dagster.core.recipe import Recipe
+from laion_dagster.core.control.accounting import part_errors
+from laion_dagster.core.control.enqueue import MAX_SHARD
+from laion_dagster.core.input import parts
+from laion_dagster.core.queue.protocol import RETRY_ROUND, Queue
 from laion_dagster.core.settings import Settings
+from laion_dagster.core.shards.recipe import Recipe
 
 # Worth another try by default: a transient network or server failure, or a DNS hiccup
 # (a flaky resolver is the commonest cause of poor LAION success rates).

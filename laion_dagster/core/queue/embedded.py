@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redis
 
-from laion_dagster.core.children import die_with_parent
+from laion_dagster.core.processes.children import die_with_parent
 
 STATE_FILE = "server.json"
 

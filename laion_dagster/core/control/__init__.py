@@ -1,0 +1,1 @@
+"""What ties the rooms together: enqueue, admission, accounting, retries, status and progress."""

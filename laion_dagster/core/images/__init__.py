@@ -1,0 +1,1 @@
+"""Checking that a body is an image, and resizing it."""

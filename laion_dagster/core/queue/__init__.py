@@ -1,0 +1,1 @@
+"""The queue: its protocol on Redis, robust clients, and the embedded server."""
