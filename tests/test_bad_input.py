@@ -32,6 +32,7 @@ from laion_dagster.core.fetch.fetcher import Fetcher
 from laion_dagster.core.input import parts
 from laion_dagster.core.queue.connection import connect
 from laion_dagster.core.queue.protocol import Queue
+from laion_dagster.core.shards import records
 from laion_dagster.defs.assets import part_tasks
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
@@ -397,7 +398,7 @@ def test_urls_without_a_host_are_invalid_at_enqueue(tmp_path):
     (shard,) = parts.iter_shards(path, 10)
     assert shard.valid.num_rows == 0
     assert shard.rejected.column("row").to_pylist() == [0, 1, 2, 3]
-    for reason in shard.rejected.column(parts.REJECT).to_pylist():
+    for reason in shard.rejected.column(records.REJECT).to_pylist():
         assert "host" in reason, reason
 
 

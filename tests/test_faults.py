@@ -46,7 +46,7 @@ def balanced(queue: Queue, settings, found, dataset) -> None:
 def shard_entries(queue: Queue) -> list[tuple[str, int]]:
     """(partition, shard) of every entry on the task stream."""
     return [(fields[b"p"].decode(), int(fields[b"s"]))
-            for _, fields in queue.r.xrange(queue.keys.tasks)]
+            for _, fields in queue.r.xrange(queue.keys.shards)]
 
 
 def lesser_settings(settings, **changes):
@@ -83,7 +83,7 @@ def test_a_redis_crash_mid_run_loses_nothing(settings, image_server, images, tmp
                    what="some shards done")
         # Every process up first: one still starting would connect after the crash and bring
         # the server back itself, before the supervisor's heartbeat has noticed anything.
-        wait_until(lambda: len(queue.r.xinfo_consumers(queue.keys.tasks, GROUP))
+        wait_until(lambda: len(queue.r.xinfo_consumers(queue.keys.shards, GROUP))
                    >= own.processes, 30, what="every worker process polling")
         first = embedded.read_state(own.redis_dir)
         os.kill(first.pid, signal.SIGKILL)
@@ -168,12 +168,12 @@ def test_a_host_gone_for_good_mid_shard_is_taken_over(settings, image_server, im
     for part in found:
         enqueue_part(queue, part, quick)
     doomed = start_worker(quick.with_overrides(host_id="a"))
-    wait_until(lambda: queue.r.xpending(queue.keys.tasks, "workers")["pending"] >= 2, 30,
+    wait_until(lambda: queue.r.xpending(queue.keys.shards, "workers")["pending"] >= 2, 30,
                what="host a holding shards")
     time.sleep(1.0)
     os.killpg(doomed.pid, signal.SIGKILL)  # the host is gone: nothing is handed back
     doomed.wait(10)
-    held = queue.r.xpending(queue.keys.tasks, "workers")["pending"]
+    held = queue.r.xpending(queue.keys.shards, "workers")["pending"]
     assert held >= 1
     survivor = start_worker(quick.with_overrides(host_id="b"))
     try:
@@ -201,7 +201,7 @@ def test_a_claim_whose_reply_was_lost_is_handed_back_before_the_timeout(
         [consumer] = consumers
         for part in found:
             enqueue_part(queue, part, own)
-        reply = queue.r.xreadgroup(GROUP, consumer, {queue.keys.tasks: ">"}, count=1)
+        reply = queue.r.xreadgroup(GROUP, consumer, {queue.keys.shards: ">"}, count=1)
         [[_, [(lost_id, _)]]] = reply
         wait_until(lambda: all_done(queue, [p.key for p in found]), 90, what="all parts done")
     finally:
@@ -248,7 +248,7 @@ def test_a_poison_shard_is_dead_lettered_and_the_rest_carries_on(settings, image
     urls = pq.read_table(found[0].path).column("URL").to_pylist()
     slow_row = next(i for i, url in enumerate(urls) if url and "/slow/" in url)
     target = (found[0].key, slow_row // 30)
-    [entry_id] = [eid for eid, f in queue.r.xrange(queue.keys.tasks)
+    [entry_id] = [eid for eid, f in queue.r.xrange(queue.keys.shards)
                   if (f[b"p"].decode(), int(f[b"s"])) == target]
     worker = start_worker(poison_settings)
     killed = set()
@@ -256,7 +256,7 @@ def test_a_poison_shard_is_dead_lettered_and_the_rest_carries_on(settings, image
         deadline = time.monotonic() + 90
         while not all_done(queue, [p.key for p in found]):
             assert time.monotonic() < deadline, "the run did not finish"
-            pending = queue.r.xpending_range(queue.keys.tasks, "workers", min=entry_id,
+            pending = queue.r.xpending_range(queue.keys.shards, "workers", min=entry_id,
                                              max=entry_id, count=1)
             if pending:
                 pid = int(pending[0]["consumer"].decode().rsplit(":", 1)[1])

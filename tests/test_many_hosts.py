@@ -261,14 +261,14 @@ def text(value) -> str:
 def held_shards(queue: Queue, host: str) -> set[tuple[str, int]]:
     """(partition, shard) of every entry delivered to one of the host's processes, unacked."""
     held = set()
-    for consumer in queue.r.xinfo_consumers(queue.keys.tasks, GROUP):
+    for consumer in queue.r.xinfo_consumers(queue.keys.shards, GROUP):
         name = text(consumer["name"])
         if not name.startswith(f"{host}:") or not consumer["pending"]:
             continue
-        pending = queue.r.xpending_range(queue.keys.tasks, GROUP, min="-", max="+",
+        pending = queue.r.xpending_range(queue.keys.shards, GROUP, min="-", max="+",
                                          count=100, consumername=name)
         for item in pending:
-            for _, fields in queue.r.xrange(queue.keys.tasks, item["message_id"],
+            for _, fields in queue.r.xrange(queue.keys.shards, item["message_id"],
                                             item["message_id"]):
                 held.add((text(fields[b"p"]), int(fields[b"s"])))
     return held

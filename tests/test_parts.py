@@ -8,6 +8,8 @@ import pytest
 
 from laion_dagster.core.input import parts
 from laion_dagster.core.input.parts import PartError
+from laion_dagster.core.queue.protocol import decode_table, encode_table
+from laion_dagster.core.shards import records
 
 SPARK_NAME = "part-00007-0c3b9a4e-5f2d-4c1e-9d7a-3b2f1e0a9c8d-c000.snappy.parquet"
 
@@ -349,7 +351,7 @@ def test_invalid_urls_are_kept_aside_with_a_reason(tmp_path):
     assert invalid.column("row").to_pylist() == [1, 2, 3, 4, 5]
     assert invalid.column("url").to_pylist() == urls[1:6]
     assert invalid.column("caption").to_pylist() == ["c1", "c2", "c3", "c4", "c5"]
-    reasons = invalid.column(parts.REJECT).to_pylist()
+    reasons = invalid.column(records.REJECT).to_pylist()
     assert all(isinstance(r, str) and r for r in reasons)
     assert "missing" in reasons[0]
     assert "http" in reasons[2] and "http" in reasons[3]
@@ -482,9 +484,9 @@ def test_encode_decode_round_trip(tmp_path):
 
     for shard in all_shards(path, 12):
         for table in (shard.table, shard.valid, shard.rejected):
-            data = parts.encode_table(table)
+            data = encode_table(table)
             assert isinstance(data, bytes)
-            decoded = parts.decode_table(data)
+            decoded = decode_table(data)
             assert decoded.equals(table)
             assert decoded.schema == table.schema
 
@@ -492,7 +494,7 @@ def test_encode_decode_round_trip(tmp_path):
 def test_encode_decode_of_an_empty_table():
     """A shard with no valid rows encodes and decodes to an empty table of the same schema."""
     table = pa.table({"row": pa.array([], pa.int64()), "url": pa.array([], pa.string())})
-    assert parts.decode_table(parts.encode_table(table)).equals(table)
+    assert decode_table(encode_table(table)).equals(table)
 
 
 def test_save_additional_columns_chooses_what_travels(tmp_path):
@@ -503,12 +505,12 @@ def test_save_additional_columns_chooses_what_travels(tmp_path):
     # SAMPLE_ID identifies a row: it travels whatever `keep` says (the error file needs it).
     assert kept[0].valid.column_names == ["row", "url", "caption", "SAMPLE_ID", "WIDTH",
                                           "HEIGHT"]
-    assert parts.key_columns_of(kept[0].table) == ["SAMPLE_ID"]
+    assert records.key_columns_of(kept[0].table) == ["SAMPLE_ID"]
     everything = list(parts.iter_shards(path, 10))
     assert {"SAMPLE_ID", "WIDTH", "HEIGHT"} <= set(everything[0].valid.column_names)
     none = list(parts.iter_shards(path, 10, keep=[], key_columns=[]))
     assert none[0].valid.column_names == ["row", "url", "caption"]
-    assert parts.key_columns_of(none[0].table) == []
+    assert records.key_columns_of(none[0].table) == []
     with pytest.raises(parts.PartError, match="no column 'md5'"):
         list(parts.iter_shards(path, 10, keep=["md5"]))
     with pytest.raises(parts.PartError, match="no column 'uid'"):

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from laion_dagster.core.control.enqueue import auto_shard_size, enqueue_part
 from laion_dagster.core.input import parts
-from laion_dagster.core.queue.protocol import AsyncQueue, Outcome, Queue
+from laion_dagster.core.queue.protocol import AsyncQueue, Outcome, Queue, decode_table, encode_table
 
 
 def _write_part(settings, rows: int, bad_every: int = 0):
@@ -52,7 +52,7 @@ def test_enqueue_counts_rows_and_is_idempotent(queue, settings):
     state = queue.part(part.key)
     assert (state.rows, state.invalid, state.shards_total, state.pending) == (125, 13, 3, 112)
     assert queue.queued_rows() == 112
-    assert queue.r.xlen(queue.keys.tasks) == 3
+    assert queue.r.xlen(queue.keys.shards) == 3
     errors = queue.read_errors(part.key)
     assert errors.num_rows == 13 and set(errors.column("error_class").to_pylist()) == {
         "invalid_url"}
@@ -122,7 +122,7 @@ def test_claim_complete_counts_once_even_when_two_workers_finish(queue, settings
     assert (state.ok, state.failed, state.bytes, state.shards_done) == (40, 10, 4000, 1)
     assert state.done and queue.queued_rows() == 0
     assert queue.classes(part.key) == {"http_4xx": 10}
-    assert queue.r.xlen(queue.keys.tasks) == 0
+    assert queue.r.xlen(queue.keys.shards) == 0
 
 
 def test_a_live_worker_keeps_its_shard(queue, settings, redis_server, one_shard):
@@ -149,7 +149,7 @@ def test_released_shard_is_taken_at_once_without_using_up_a_delivery(queue, sett
         taken = []
         task = await a.claim(block_ms=100)
         for _ in range(5):  # five stops in a row: handed back every time
-            await a.release([task])
+            await a.hand_back([task])
             task = await b.claim(block_ms=100)
             taken.append(task)
             a, b = b, a
@@ -169,13 +169,13 @@ def test_dead_letter_counts_rows_as_failed(queue, settings, redis_server, one_sh
     async def scenario():
         a = _async_queue(redis_server, settings, "host-a:1")
         task = await a.claim(block_ms=100)
-        table = parts.decode_table(task.payload)
+        table = decode_table(task.payload)
         errors = pa.table({"row": table.column("row"), "url": table.column("url"),
                            "caption": table.column("caption"),
                            "error_class": ["dead_letter"] * table.num_rows,
                            "error_message": ["poison"] * table.num_rows})
         result = await a.dead_letter(task, Outcome(0, task.rows, 0, {"dead_letter": task.rows},
-                                                   parts.encode_table(errors)), "poison")
+                                                   encode_table(errors)), "poison")
         await a.r.aclose()
         return result
 

@@ -276,7 +276,7 @@ def test_a_hosts_rows_do_not_wait_behind_its_hanging_row(settings, image_server,
 
 def test_a_low_success_rate_is_a_warning_that_names_the_likely_cause(caplog):
     from laion_dagster.core.queue.protocol import Outcome
-    from laion_dagster.worker.process import SuccessWatch
+    from laion_dagster.worker.health import SuccessWatch
 
     watch = SuccessWatch(window=1000, floor=0.5, every=60.0)
     healthy = Outcome(ok=700, failed=300, bytes=0, classes={"http_4xx": 300})

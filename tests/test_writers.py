@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from laion_dagster.core.shards import files
-from laion_dagster.core.shards.files import SampleRecord, ShardWriter, sample_key, shard_complete
+from laion_dagster.core.shards import files, records
+from laion_dagster.core.shards.files import ShardWriter, shard_complete
+from laion_dagster.core.shards.records import SampleRecord, sample_key
 
 HOSTILE_URL = "http://x.test/../../etc/passwd?a=/b"
 PREFIX = "laion2B-en_00042"  # parts.sample_prefix("laion2B-en/00042")
@@ -60,7 +61,7 @@ def build_shard(part_dir, images, output_format, shard=3):
     extra_rows = extra.to_pylist()
     picked = {0: images[0], 2: images[1], 5: images[2]}
     writer = ShardWriter(part_dir, shard, output_format)
-    records = []
+    samples = []
     for i, row in enumerate(rows):
         if row in picked:
             url = HOSTILE_URL if row == 2 else None
@@ -72,9 +73,9 @@ def build_shard(part_dir, images, output_format, shard=3):
             record = failure(row, "dns", None, extra_rows[i])
         else:
             record = failure(row, "decode_error", None, extra_rows[i])
-        records.append(record)
-    stats = writer.close(records, extra)
-    return records, {row: image.body for row, image in picked.items()}, stats
+        samples.append(record)
+    stats = writer.close(samples, extra)
+    return samples, {row: image.body for row, image in picked.items()}, stats
 
 
 def every_path(root):
@@ -218,10 +219,10 @@ def test_shard_parquet_has_every_row_with_outcome_and_extra_columns(tmp_path, im
 
 def test_error_table_lists_only_failures():
     """The error file has the failed rows with their class and status, none of the successes."""
-    records = [failure(1, "http_4xx", 403), failure(4, "timeout"),
+    samples = [failure(1, "http_4xx", 403), failure(4, "timeout"),
                SampleRecord(row=2, key=key(2), url="http://a.test/ok.jpg", caption="ok")]
 
-    table = files.error_table(records)
+    table = records.error_table(samples)
 
     assert table.column("row").to_pylist() == [1, 4]
     assert table.column("error_class").to_pylist() == ["http_4xx", "timeout"]

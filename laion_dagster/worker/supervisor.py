@@ -26,7 +26,8 @@ from laion_dagster.core.queue.connection import RedisUnavailable, connect
 from laion_dagster.core.queue.protocol import Keys, Queue, ensure_group
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.shards.files import clear_dead_temporaries
-from laion_dagster.worker.shared import PROBLEM_BYTES, Shared, run_process
+from laion_dagster.worker.entry import run_process
+from laion_dagster.worker.shared_memory import PROBLEM_BYTES, Shared
 
 log = logging.getLogger("laion_dagster.worker")
 
@@ -82,7 +83,7 @@ class Supervisor:
                          settings.spool_root)
         # First of all: each process spends most of a second importing its libraries.
         self.children = [self._spawn(i) for i in range(settings.processes)]
-        ensure_group(self._redis, self.keys.tasks)
+        ensure_group(self._redis, self.keys.shards)
         self._adopt_orphans()
         log.info("worker pool on %s: %d processes × %d concurrent fetches, store %s",
                  self.host, settings.processes, settings.concurrency, settings.store_root)
@@ -131,7 +132,7 @@ class Supervisor:
         try:
             for consumer, forgive in list(self._dead.items()):
                 if forgive is not None:
-                    count = self._queue.hand_back(consumer, forgive)
+                    count = self._queue.hand_back_consumer(consumer, forgive)
                     if count:
                         log.info("handed back the %d shards of %s", count, consumer)
                     self._dead[consumer] = None

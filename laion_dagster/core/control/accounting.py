@@ -19,7 +19,7 @@ from laion_dagster.core.input import parts
 from laion_dagster.core.outcomes import fix_sentence
 from laion_dagster.core.queue.protocol import PartState, Queue
 from laion_dagster.core.settings import Settings
-from laion_dagster.core.shards.files import ERROR_SCHEMA
+from laion_dagster.core.shards.records import ERROR_SCHEMA
 from laion_dagster.core.storage import Where, arrow_file, write_parquet
 
 

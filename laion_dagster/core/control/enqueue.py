@@ -17,10 +17,11 @@ import pyarrow as pa
 
 from laion_dagster.core.control import provenance
 from laion_dagster.core.input import parts
-from laion_dagster.core.queue.protocol import Queue
+from laion_dagster.core.queue.protocol import Queue, encode_table
 from laion_dagster.core.settings import Settings
-from laion_dagster.core.shards.files import failed_rows, sample_key
+from laion_dagster.core.shards import records
 from laion_dagster.core.shards.recipe import Recipe
+from laion_dagster.core.shards.records import failed_rows, sample_key
 
 log = logging.getLogger("laion_dagster.enqueue")
 
@@ -56,7 +57,7 @@ def wait_below_watermark(queue: Queue, watermark: int, poll: float = 1.0,
     return waited
 
 
-def rejected_records(shard: parts.Shard, partition: str) -> pa.Table:
+def rejected_records(shard: records.Shard, partition: str) -> pa.Table:
     """The error records of a shard's rows that cannot be fetched (class invalid_url)."""
     rejected = shard.rejected
     prefix = parts.sample_prefix(partition)
@@ -65,9 +66,9 @@ def rejected_records(shard: parts.Shard, partition: str) -> pa.Table:
     samples = samples.append_column("status", pa.array(["failed"] * len(keys), pa.string()))
     samples = samples.append_column("error_class",
                                     pa.array(["invalid_url"] * len(keys), pa.string()))
-    samples = samples.append_column("error_message", rejected.column(parts.REJECT))
+    samples = samples.append_column("error_message", rejected.column(records.REJECT))
     samples = samples.append_column("http_status", pa.nulls(len(keys), pa.int32()))
-    return failed_rows(samples, parts.key_columns_of(shard.table))
+    return failed_rows(samples, records.key_columns_of(shard.table))
 
 
 MAX_SHARD = 10_000
@@ -149,8 +150,8 @@ def enqueue_part(queue: Queue, part: parts.Part, settings: Settings,
         waited += wait_below_watermark(queue, settings.queue_high_watermark, poll, note_wait)
         result = queue.enqueue_shard(
             part.key, generation, shard.index, shard.rows - rejected, rejected,
-            parts.encode_table(shard.table),
-            parts.encode_table(rejected_records(shard, part.key)) if rejected else b"",
+            encode_table(shard.table),
+            encode_table(rejected_records(shard, part.key)) if rejected else b"",
         )
         if result == -1:
             raise RuntimeError(f"{part.key}: the part was reset while being enqueued; run again")

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from laion_dagster.core.control.accounting import part_errors
 from laion_dagster.core.control.enqueue import MAX_SHARD
 from laion_dagster.core.input import parts
-from laion_dagster.core.queue.protocol import RETRY_ROUND, Queue
+from laion_dagster.core.queue.protocol import RETRY_ROUND, Queue, encode_table
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.shards.recipe import Recipe
 
@@ -69,9 +69,9 @@ def retry_failed(queue: Queue, part: parts.Part, settings: Settings,
                                    settings.save_additional_columns, settings.key_columns):
         picked = shard.valid.filter(pc.is_in(shard.valid.column("row"), rows))
         if picked.num_rows:
-            shards.append((shard.index, picked.num_rows, parts.encode_table(picked)))
+            shards.append((shard.index, picked.num_rows, encode_table(picked)))
     remaining = errors.filter(pc.invert(chosen_mask))
-    blob = parts.encode_table(remaining) if remaining.num_rows else b""
+    blob = encode_table(remaining) if remaining.num_rows else b""
     round_ = queue.requeue_failed(part.key, state.generation, blob, counts, shards)
     if round_ == -1:
         raise RetryRefused(f"{part.key} was reset while retrying; run again")

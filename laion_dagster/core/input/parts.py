@@ -32,6 +32,7 @@ from laion_dagster.core.input.formats import (
     open_part_file,
     stem_of,
 )
+from laion_dagster.core.shards.records import KEY_COLUMNS_META, REJECT, Shard, extra_name
 from laion_dagster.core.storage import StoreError, Where, location
 
 SEPARATOR = "/"
@@ -40,14 +41,6 @@ CAPTION_CANDIDATES = ("TEXT", "caption", "text")
 # Input columns that identify a row (LAION's SAMPLE_ID, the joined releases' hash, ...).
 KEY_CANDIDATES = ("SAMPLE_ID", "hash", "uid", "id")
 MAX_URL_LENGTH = 4096
-# Names our shard rows use; input columns with these names are kept as "input_<name>".
-RESERVED = {"row", "key", "url", "caption", "status", "error_class", "error_message",
-            "http_status", "width", "height", "original_width", "original_height", "sha256",
-            "bytes", "format", "shard", "partition", "reject"}
-# Why a row is not fetched (null when it is); travels in the shard so workers can record it.
-REJECT = "reject"
-# Payload schema metadata: which extra columns identify a row (for the error records).
-KEY_COLUMNS_META = b"laion.key_columns"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _SPARK_PART = re.compile(r"part-(\d+)-")
 # A tar member name has room for 100 bytes: prefix, "_", 10 digits, ".json".
@@ -320,30 +313,6 @@ def rows_if_readable(part: Part) -> int:
         return 0
 
 
-@dataclass(frozen=True)
-class Shard:
-    """One shard of a part: every one of its rows, with why a row is not fetched (`reject`,
-    null for the rows that are)."""
-
-    index: int
-    first_row: int
-    rows: int
-    table: pa.Table  # row, url, caption, extra columns..., reject
-
-    @property
-    def rejected(self) -> pa.Table:
-        return self.table.filter(pc.is_valid(self.table.column(REJECT)))
-
-    @property
-    def valid(self) -> pa.Table:
-        """The rows to fetch, without the reject column."""
-        return self.table.filter(pc.is_null(self.table.column(REJECT))).drop_columns([REJECT])
-
-    @property
-    def invalid_rows(self) -> int:
-        return self.rows - self.table.column(REJECT).null_count
-
-
 def _reject_reasons(urls: pa.Array) -> pa.Array:
     """Why each URL cannot be fetched, null where it can; vectorised because parts are huge."""
     lowered = pc.utf8_lower(pc.utf8_trim_whitespace(urls))
@@ -363,11 +332,6 @@ def _reject_reasons(urls: pa.Array) -> pa.Array:
     )
     # A URL is valid exactly when no reason applies (case_when gives null then).
     return reason
-
-
-def extra_name(name: str) -> str:
-    """What an input column is called in a shard (ours keep their names, clashes get input_)."""
-    return f"input_{name}" if name in RESERVED else name
 
 
 def _text(values: pa.Array) -> pa.Array:
@@ -394,12 +358,6 @@ def _shard(index: int, first_row: int, batch: pa.RecordBatch, columns: Columns) 
     keys = json.dumps([extra_name(c) for c in columns.keys]).encode()
     return Shard(index=index, first_row=first_row, rows=n,
                  table=table.replace_schema_metadata({KEY_COLUMNS_META: keys}))
-
-
-def key_columns_of(table: pa.Table) -> list[str]:
-    """The columns of a shard's payload that identify a row (see resolve_columns)."""
-    raw = (table.schema.metadata or {}).get(KEY_COLUMNS_META)
-    return [c for c in json.loads(raw) if c in table.column_names] if raw else []
 
 
 def iter_shards(path: Path, shard_size: int, url_column: str | None = None,
@@ -443,14 +401,3 @@ def iter_shards(path: Path, shard_size: int, url_column: str | None = None,
         raise PartError(f"{path}: cannot read rows after row {first} ({error})") from error
 
 
-def encode_table(table: pa.Table) -> bytes:
-    """Arrow IPC with zstd: compact in Redis, and decoded without a per-row parser."""
-    sink = pa.BufferOutputStream()
-    options = pa.ipc.IpcWriteOptions(compression="zstd")
-    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def decode_table(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()

@@ -1,7 +1,7 @@
 """The queue protocol: shards on a Redis stream, claimed by a consumer group, completed once.
 
 Keys (all under the prefix):
-  tasks                 stream of shard entries, group "workers"
+  claims                 the shard stream (its first name, kept), group "workers"
   dead                  shards that killed too many workers
   parts                 set of partitions the queue has seen (status views never scan keys)
   queued_rows           rows enqueued and not complete: the backpressure signal
@@ -50,7 +50,7 @@ _NOW = "local function now() local t = redis.call('TIME') " \
        "return t[1] .. '.' .. string.format('%06d', tonumber(t[2])) end\n"
 
 _ENQUEUE = """
-local part, queued, tasks, queued_rows, errors, classes = unpack(KEYS)
+local part, queued, claims, queued_rows, errors, classes = unpack(KEYS)
 local p, gen, shard, valid, invalid, payload, invalid_blob = unpack(ARGV)
 if redis.call('HGET', part, 'generation') ~= gen then return -1 end
 if redis.call('SADD', queued, shard) == 0 then return 0 end
@@ -64,7 +64,7 @@ if invalid > 0 then
 end
 -- Every shard goes to a worker, even one without a row to fetch: the worker writes its shard
 -- parquet, which must list every input row (rejected ones included).
-redis.call('XADD', tasks, '*', 'p', p, 'g', gen, 's', shard, 'n', valid, 'd', payload)
+redis.call('XADD', claims, '*', 'p', p, 'g', gen, 's', shard, 'n', valid, 'd', payload)
 redis.call('INCRBY', queued_rows, valid)
 redis.call('HINCRBY', part, 'pending', valid)
 return 1
@@ -84,14 +84,14 @@ return 1
 """
 
 _COMPLETE = _NOW + """
-local tasks, part, done, queued_rows, errors, classes, rate_prefix = unpack(KEYS)
+local claims, part, done, queued_rows, errors, classes, rate_prefix = unpack(KEYS)
 local entry, group, gen, shard = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ok, failed, nbytes, rows = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
                                  tonumber(ARGV[8])
 local blob = ARGV[9]
 local retried, recovered = tonumber(ARGV[10]), tonumber(ARGV[11])
-redis.call('XACK', tasks, group, entry)
-redis.call('XDEL', tasks, entry)
+redis.call('XACK', claims, group, entry)
+redis.call('XDEL', claims, entry)
 if redis.call('HGET', part, 'generation') ~= gen then return -1 end
 if redis.call('SADD', done, shard) == 0 then return 0 end
 redis.call('HINCRBY', part, 'ok', ok)
@@ -120,7 +120,7 @@ return 1
 """
 
 _RETRY = _NOW + """
-local part, queued, errors, classes, queued_rows, tasks = unpack(KEYS)
+local part, queued, errors, classes, queued_rows, claims = unpack(KEYS)
 local p, gen, remaining, nrows = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local nclasses = tonumber(ARGV[5])
 if redis.call('HGET', part, 'generation') ~= gen then return -1 end
@@ -139,7 +139,7 @@ local nshards = 0
 for i = first, #ARGV, 3 do
   local shard = tostring(round * 1000000 + tonumber(ARGV[i]))
   redis.call('SADD', queued, shard)
-  redis.call('XADD', tasks, '*', 'p', p, 'g', gen, 's', shard, 'n', ARGV[i + 1],
+  redis.call('XADD', claims, '*', 'p', p, 'g', gen, 's', shard, 'n', ARGV[i + 1],
              'd', ARGV[i + 2])
   nshards = nshards + 1
 end
@@ -162,7 +162,7 @@ return gen
 
 
 @dataclass(frozen=True)
-class Task:
+class Claim:
     """One claimed shard."""
 
     entry_id: str
@@ -190,7 +190,7 @@ class Outcome:
 class Keys:
     def __init__(self, prefix: str):
         self.prefix = prefix
-        self.tasks = f"{prefix}:tasks"
+        self.shards = f"{prefix}:claims"  # the shard stream; its 0.1 name kept across upgrades
         self.dead = f"{prefix}:dead"
         self.parts = f"{prefix}:parts"
         self.queued_rows = f"{prefix}:queued_rows"
@@ -217,11 +217,11 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def parse_entry(entry_id: bytes | str, fields: dict, deliveries: int = 1) -> Task:
+def parse_entry(entry_id: bytes | str, fields: dict, deliveries: int = 1) -> Claim:
     def get(name: str) -> bytes:
         return fields[name.encode()] if name.encode() in fields else fields[name]
 
-    return Task(entry_id=_text(entry_id), partition=_text(get("p")), generation=_text(get("g")),
+    return Claim(entry_id=_text(entry_id), partition=_text(get("p")), generation=_text(get("g")),
                 shard=int(get("s")), rows=int(get("n")), payload=get("d"), deliveries=deliveries)
 
 
@@ -302,7 +302,7 @@ class Queue:
 
     # -- setup
     def ensure_group(self) -> None:
-        ensure_group(self.r, self.keys.tasks)
+        ensure_group(self.r, self.keys.shards)
 
     # -- enqueue side
     def begin(self, partition: str, recipe: str | None = None, enqueuer: str | None = None,
@@ -346,7 +346,7 @@ class Queue:
         """1 if enqueued now, 0 if this generation already has it, -1 if the generation moved on."""
         k = self.keys
         return int(self._enqueue(
-            keys=[k.part(partition), k.queued(partition), k.tasks, k.queued_rows,
+            keys=[k.part(partition), k.queued(partition), k.shards, k.queued_rows,
                   k.errors(partition), k.classes(partition)],
             args=[partition, generation, shard, valid_rows, invalid_rows, payload, invalid_blob],
         ))
@@ -368,7 +368,7 @@ class Queue:
             args += [index, rows, payload]
         return int(self._retry(keys=[k.part(partition), k.queued(partition),
                                      k.errors(partition), k.classes(partition), k.queued_rows,
-                                     k.tasks], args=args))
+                                     k.shards], args=args))
 
     def set_fetch_policy(self, partition: str, policy: str) -> None:
         """The settings its failures are decided with from now on (after a retry under new
@@ -383,7 +383,7 @@ class Queue:
         return sorted(int(s) for s in self.r.smembers(self.keys.done(partition)))
 
     # -- a host's worker processes (the supervisor's side)
-    def hand_back(self, consumer: str, forgive: bool) -> int:
+    def hand_back_consumer(self, consumer: str, forgive: bool) -> int:
         """Make every shard that `consumer` (a worker process that died) holds claimable at
         once, instead of after the visibility timeout; returns how many.
 
@@ -391,11 +391,11 @@ class Queue:
         timeout would: a shard that kills every process taking it still reaches the
         dead-letter stream (and, delivered before, runs alone meanwhile).
         """
-        entries = self.r.xpending_range(self.keys.tasks, GROUP, min="-", max="+",
+        entries = self.r.xpending_range(self.keys.shards, GROUP, min="-", max="+",
                                         count=100_000, consumername=consumer)
         for entry in entries:
             delivered = int(entry["times_delivered"])
-            self.r.xclaim(self.keys.tasks, GROUP, consumer, 0, [entry["message_id"]],
+            self.r.xclaim(self.keys.shards, GROUP, consumer, 0, [entry["message_id"]],
                           idle=self.visibility_ms + 1, justid=True,
                           retrycount=max(delivered - 1, 0) if forgive else delivered)
         return len(entries)
@@ -403,7 +403,7 @@ class Queue:
     def consumers(self) -> dict[str, int]:
         """Worker processes the group knows (host:pid) and how many shards each holds."""
         try:
-            info = self.r.xinfo_consumers(self.keys.tasks, GROUP)
+            info = self.r.xinfo_consumers(self.keys.shards, GROUP)
         except redis.ResponseError:  # no stream or group yet
             return {}
         return {_text(c["name"]): int(c["pending"]) for c in info}
@@ -412,12 +412,12 @@ class Queue:
         """Drop a dead process from the group once it holds nothing (the group's consumer
         list would otherwise grow with every process restart of a weeks-long run)."""
         if self.consumers().get(consumer, 1) == 0:
-            self.r.xgroup_delconsumer(self.keys.tasks, GROUP, consumer)
+            self.r.xgroup_delconsumer(self.keys.shards, GROUP, consumer)
 
     # -- worker side (synchronous variant, used by tests and tools; workers use AsyncQueue)
-    def complete(self, task: Task, outcome: Outcome) -> int:
-        return int(self._complete(keys=complete_keys(self.keys, task.partition),
-                                  args=complete_args(task, outcome)))
+    def complete(self, claim: Claim, outcome: Outcome) -> int:
+        return int(self._complete(keys=complete_keys(self.keys, claim.partition),
+                                  args=complete_args(claim, outcome)))
 
     # -- views
     def queued_rows(self) -> int:
@@ -479,8 +479,6 @@ class Queue:
         """Every error record of the part, oldest first, as one table (None when there are none)."""
         import pyarrow as pa
 
-        from laion_dagster.core.input.parts import decode_table
-
         tables = []
         start = "-"
         key = self.keys.errors(partition)
@@ -513,13 +511,13 @@ def ensure_group(client: redis.Redis, stream: str) -> None:
 
 
 def complete_keys(keys: Keys, partition: str) -> list[str]:
-    return [keys.tasks, keys.part(partition), keys.done(partition), keys.queued_rows,
+    return [keys.shards, keys.part(partition), keys.done(partition), keys.queued_rows,
             keys.errors(partition), keys.classes(partition), keys.rate_prefix]
 
 
-def complete_args(task: Task, outcome: Outcome) -> list:
-    args: list = [task.entry_id, GROUP, task.generation, task.shard, outcome.ok, outcome.failed,
-                  outcome.bytes, task.rows, outcome.errors, outcome.retried, outcome.recovered]
+def complete_args(claim: Claim, outcome: Outcome) -> list:
+    args: list = [claim.entry_id, GROUP, claim.generation, claim.shard, outcome.ok, outcome.failed,
+                  outcome.bytes, claim.rows, outcome.errors, outcome.retried, outcome.recovered]
     for name, count in sorted(outcome.classes.items()):
         args += [name, count]
     return args
@@ -545,77 +543,77 @@ class AsyncQueue:
 
     async def ensure_group(self) -> None:
         try:
-            await self.r.xgroup_create(self.keys.tasks, GROUP, id="0", mkstream=True)
+            await self.r.xgroup_create(self.keys.shards, GROUP, id="0", mkstream=True)
         except redis.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
 
-    async def reclaim(self) -> Task | None:
+    async def reclaim(self) -> Claim | None:
         """Take over one shard whose worker stopped refreshing it, if there is one."""
         next_id, entries, *_ = await self.r.xautoclaim(
-            self.keys.tasks, GROUP, self.consumer, min_idle_time=self.visibility_ms,
+            self.keys.shards, GROUP, self.consumer, min_idle_time=self.visibility_ms,
             start_id=self._cursor, count=1)
         self._cursor = _text(next_id) or "0-0"
         for entry_id, fields in entries:
             if not fields:
                 continue
-            info = await self.r.xpending_range(self.keys.tasks, GROUP, min=entry_id,
+            info = await self.r.xpending_range(self.keys.shards, GROUP, min=entry_id,
                                                max=entry_id, count=1)
             deliveries = int(info[0]["times_delivered"]) if info else 1
             return parse_entry(entry_id, fields, deliveries)
         return None
 
-    async def claim(self, block_ms: int = 1000) -> Task | None:
+    async def claim(self, block_ms: int = 1000) -> Claim | None:
         """A stale shard first (so nothing starves), else a new one, else None after block_ms."""
-        task = await self.reclaim()
-        if task is not None:
-            return task
-        reply = await self.r.xreadgroup(GROUP, self.consumer, {self.keys.tasks: ">"}, count=1,
+        claim = await self.reclaim()
+        if claim is not None:
+            return claim
+        reply = await self.r.xreadgroup(GROUP, self.consumer, {self.keys.shards: ">"}, count=1,
                                         block=block_ms)
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 return parse_entry(entry_id, fields)
         return None
 
-    async def refresh(self, tasks: list[Task]) -> None:
+    async def refresh(self, claims: list[Claim]) -> None:
         """Reset the idle time of shards this worker is still working on."""
-        if tasks:
-            await self.r.xclaim(self.keys.tasks, GROUP, self.consumer, 0,
-                                [t.entry_id for t in tasks], justid=True)
+        if claims:
+            await self.r.xclaim(self.keys.shards, GROUP, self.consumer, 0,
+                                [t.entry_id for t in claims], justid=True)
 
-    async def release(self, tasks: list[Task]) -> None:
+    async def hand_back(self, claims: list[Claim]) -> None:
         """Hand shards back at once (on a stop, or a full disk) instead of after the visibility
         timeout. The delivery is forgiven: a shard handed back in good order is not poison, and
         must not reach the dead-letter stream because its workers were stopped three times."""
-        for task in tasks:
-            await self.r.xclaim(self.keys.tasks, GROUP, self.consumer, 0, [task.entry_id],
+        for claim in claims:
+            await self.r.xclaim(self.keys.shards, GROUP, self.consumer, 0, [claim.entry_id],
                                 idle=self.visibility_ms + 1, justid=True,
-                                retrycount=max(task.deliveries - 1, 0))
+                                retrycount=max(claim.deliveries - 1, 0))
 
-    async def unreceived(self, known: set[str], min_idle: float) -> tuple[list[Task], set[str]]:
+    async def unreceived(self, known: set[str], min_idle: float) -> tuple[list[Claim], set[str]]:
         """Shards Redis says this consumer holds that it does not know of, idle `min_idle`
-        seconds or more, as tasks to hand back; and every entry id it holds.
+        seconds or more, as claims to hand back; and every entry id it holds.
 
         A claim is a write: when Redis served an XREADGROUP or XAUTOCLAIM but its reply never
         arrived (the server was killed after writing it to its append-only file, or the
         connection dropped), the client's retry claims the next shard, and the first one sits
         in this consumer's pending list, refreshed by nobody, for the whole visibility timeout
         (10 minutes by default: a run's end waited that long after a Redis restart)."""
-        entries = await self.r.xpending_range(self.keys.tasks, GROUP, min="-", max="+",
+        entries = await self.r.xpending_range(self.keys.shards, GROUP, min="-", max="+",
                                               count=10_000, consumername=self.consumer)
         held = {_text(e["message_id"]) for e in entries}
         # Past the visibility timeout any worker's XAUTOCLAIM takes a shard anyway (and those
         # this process released are there already).
-        lost = [Task(_text(e["message_id"]), "", "", -1, 0, b"", int(e["times_delivered"]))
+        lost = [Claim(_text(e["message_id"]), "", "", -1, 0, b"", int(e["times_delivered"]))
                 for e in entries if _text(e["message_id"]) not in known
                 and min_idle * 1000 <= int(e["time_since_delivered"]) < self.visibility_ms]
         return lost, held
 
-    async def still_mine(self, task: Task) -> bool:
+    async def still_mine(self, claim: Claim) -> bool:
         """Whether this consumer still holds the shard: False once another worker took it
         over (this one was cut off or stalled past the visibility timeout) or completed it."""
-        info = await self.r.xpending_range(self.keys.tasks, GROUP, min=task.entry_id,
-                                           max=task.entry_id, count=1)
+        info = await self.r.xpending_range(self.keys.shards, GROUP, min=claim.entry_id,
+                                           max=claim.entry_id, count=1)
         return bool(info) and _text(info[0]["consumer"]) == self.consumer
 
     async def current_generation(self, partition: str
@@ -626,13 +624,30 @@ class AsyncQueue:
                                                         ["generation", "recipe", "source"])
         return _text(generation), _text(recipe), _text(source)
 
-    async def complete(self, task: Task, outcome: Outcome) -> int:
-        return int(await self._complete(keys=complete_keys(self.keys, task.partition),
-                                        args=complete_args(task, outcome)))
+    async def complete(self, claim: Claim, outcome: Outcome) -> int:
+        return int(await self._complete(keys=complete_keys(self.keys, claim.partition),
+                                        args=complete_args(claim, outcome)))
 
-    async def dead_letter(self, task: Task, outcome: Outcome, reason: str) -> int:
+    async def dead_letter(self, claim: Claim, outcome: Outcome, reason: str) -> int:
         """Park a poison shard in the dead stream and count its rows as failed."""
-        await self.r.xadd(self.keys.dead, {"p": task.partition, "g": task.generation,
-                                           "s": task.shard, "n": task.rows, "d": task.payload,
-                                           "reason": reason, "deliveries": task.deliveries})
-        return await self.complete(task, outcome)
+        await self.r.xadd(self.keys.dead, {"p": claim.partition, "g": claim.generation,
+                                           "s": claim.shard, "n": claim.rows, "d": claim.payload,
+                                           "reason": reason, "deliveries": claim.deliveries})
+        return await self.complete(claim, outcome)
+
+
+def encode_table(table: pa.Table) -> bytes:
+    """Arrow IPC with zstd: compact in Redis, and decoded without a per-row parser."""
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def decode_table(data: bytes) -> pa.Table:
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,29 +27,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from laion_dagster.core.shards.records import (
+    SAMPLE_SCHEMA,
+    SampleRecord,
+    json_default,
+    records_table,
+)
 from laion_dagster.core.storage import BucketPath, Where, arrow_file
 
 # img2dataset's stats split failures into these two buckets; users' tools read them.
 RESIZE_CLASSES = {"not_image", "decode_error", "filtered"}
-
-SAMPLE_SCHEMA = pa.schema([
-    ("key", pa.string()), ("row", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
-    ("status", pa.string()), ("error_class", pa.string()), ("error_message", pa.string()),
-    ("http_status", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
-    ("original_width", pa.int32()), ("original_height", pa.int32()), ("sha256", pa.string()),
-    ("bytes", pa.int64()), ("format", pa.string()),
-])
-# A part's error file: these columns, then the input columns that identify a row.
-ERROR_SCHEMA = pa.schema([
-    ("row", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-    ("error_class", pa.string()), ("error_message", pa.string()), ("http_status", pa.int32()),
-])
-
-
-def sample_key(prefix: str, row: int) -> str:
-    """`<subset>_<part>_<row>`: unique across the dataset, sorted in input order within a part,
-    and never derived from the URL (which is hostile). `prefix` is parts.sample_prefix."""
-    return f"{prefix}_{row:010d}"
 
 
 # Every name a shard writes, and only those: what cleanup may remove.
@@ -168,48 +154,6 @@ def complete_shards(part_dir: Where) -> set[int]:
     return {int(found.group(1)) for found in map(_STATS.fullmatch, names) if found}
 
 
-@dataclass(slots=True)
-class SampleRecord:
-    row: int
-    key: str
-    url: str
-    caption: str | None
-    status: str = "success"
-    error_class: str | None = None
-    error_message: str | None = None
-    http_status: int | None = None
-    width: int | None = None  # as stored (after any resize)
-    height: int | None = None
-    original_width: int | None = None  # as downloaded
-    original_height: int | None = None
-    sha256: str | None = None  # of the downloaded bytes
-    bytes: int | None = None
-    format: str | None = None
-    extra: dict = field(default_factory=dict)
-    # Rejected at enqueue (no usable URL): already counted there, written here only so that
-    # every input row is in its shard parquet.
-    rejected: bool = False
-
-    def meta(self) -> dict:
-        """The sample's JSON sidecar, in img2dataset's field names."""
-        meta = {"key": self.key, "row": self.row, "url": self.url,
-                "caption": self.caption, "status": self.status,
-                "error_message": self.error_message, "width": self.width,
-                "height": self.height, "original_width": self.original_width,
-                "original_height": self.original_height, "sha256": self.sha256, "bytes": self.bytes,
-                "format": self.format}
-        meta.update(self.extra)
-        return meta
-
-
-def _json_default(value):
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    return str(value)
-
-
 _ZEROS = bytes(512)
 
 
@@ -289,7 +233,7 @@ class ShardWriter:
         members = {
             f"{key}.{record.format}": body,
             f"{key}.txt": (record.caption or "").encode(),
-            f"{key}.json": json.dumps(record.meta(), default=_json_default).encode(),
+            f"{key}.json": json.dumps(record.meta(), default=json_default).encode(),
         }
         if self._tar is not None:
             mtime = int(self.start_time)
@@ -510,45 +454,6 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-
-
-def records_table(records: list[SampleRecord]) -> pa.Table:
-    columns = {name: [] for name in SAMPLE_SCHEMA.names}
-    for r in records:
-        columns["key"].append(r.key)
-        columns["row"].append(r.row)
-        columns["url"].append(r.url)
-        columns["caption"].append(r.caption)
-        columns["status"].append(r.status)
-        columns["error_class"].append(r.error_class)
-        columns["error_message"].append(r.error_message)
-        columns["http_status"].append(r.http_status)
-        columns["width"].append(r.width)
-        columns["height"].append(r.height)
-        columns["original_width"].append(r.original_width)
-        columns["original_height"].append(r.original_height)
-        columns["sha256"].append(r.sha256)
-        columns["bytes"].append(r.bytes)
-        columns["format"].append(r.format)
-    return pa.table(columns, schema=SAMPLE_SCHEMA)
-
-
-def error_table(records: list[SampleRecord], key_columns: list[str] = ()) -> pa.Table:
-    table = records_table(records)
-    for name in key_columns:
-        table = table.append_column(name, pa.array([r.extra.get(name) for r in records]))
-    return failed_rows(table, key_columns)
-
-
-def failed_rows(samples: pa.Table, key_columns: list[str] = ()) -> pa.Table:
-    """The error records of a shard's sample table, with the input columns that identify a row:
-    what goes to the part's error file."""
-    failed = samples.filter(pc.not_equal(samples.column("status"), "success"))
-    ours = failed.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
-    for name in key_columns:
-        if name in failed.column_names:
-            ours = ours.append_column(name, failed.column(name))
-    return ours
 
 
 def read_complete_shard(part_dir: Where, shard: int, rows: list[int],

@@ -1,14 +1,10 @@
-"""What a worker pool's supervisor shares with its processes, and their entry point.
+"""What a worker pool's supervisor shares with its processes: flags and counters.
 
-Kept apart from process.py on purpose: the supervisor imports only this, so it starts its
-processes within a few hundredths of a second of its own start, and each process pays for the
-heavy imports (aiohttp, pyarrow, Pillow) in parallel with the others instead of after the
-supervisor has paid for them too.
+Light on purpose (see entry.py): the supervisor imports it before starting any process.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,16 +43,3 @@ class Shared:
 
 
 PROBLEM_BYTES = 300
-
-
-def run_process(settings_json: str, index: int, shared: Shared) -> None:
-    """Entry point of a spawned worker process."""
-    # Arrow's buffers (parts read, shard tables and parquet written) from glibc's malloc, whose
-    # free pages the process hands back every few seconds (process._return_free_memory),
-    # rather than from jemalloc, which keeps freed pages for a while: peak RSS per worker
-    # 250 -> 234-240 MB on bench/field.py (265 -> 245-249 MB in its lab), CPU unchanged. Set
-    # before pyarrow picks its default pool (on first use), and only here, in the process.
-    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-    from laion_dagster.worker import process
-
-    process.main(settings_json, index, shared)
