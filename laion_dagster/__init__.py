@@ -1,3 +1,3 @@
 """laion-dagster: download LAION-scale image-text datasets with Dagster, Redis and workers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

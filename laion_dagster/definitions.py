@@ -2,7 +2,7 @@
 
 from dagster import Definitions
 
-from laion_dagster.defs.assets import part_images, part_tasks
+from laion_dagster.defs.assets import enqueued_part, part_images
 from laion_dagster.defs.jobs import enqueue_job, finalize_job, local_workers
 from laion_dagster.defs.observations import QUEUE, WORKER_HOSTS
 from laion_dagster.defs.resources import LaionResource
@@ -14,7 +14,7 @@ from laion_dagster.defs.sensors import (
 )
 
 defs = Definitions(
-    assets=[part_tasks, part_images, QUEUE, WORKER_HOSTS],
+    assets=[enqueued_part, part_images, QUEUE, WORKER_HOSTS],
     jobs=[enqueue_job, finalize_job, local_workers],
     sensors=[discover_parts, launch_or_hold, finalize_parts, watch_downloads],
     resources={"laion": LaionResource()},

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING
 
 from laion_dagster.core.control import provenance
 from laion_dagster.core.control.accounting import PartSummary, summarize
-from laion_dagster.core.control.admission import hold_reasons, worker_reasons
 from laion_dagster.core.control.enqueue import EnqueueReport, enqueue_part
 from laion_dagster.core.control.hosts import is_stale, store_problem
+from laion_dagster.core.control.policy import next_enqueues, to_finalize, worker_reasons
 from laion_dagster.core.control.progress import Watch
 from laion_dagster.core.control.retry import RetryRefused, retry_failed
 from laion_dagster.core.control.status import bar, plural
@@ -55,9 +55,8 @@ POOL_MAX_QUICK_DEATHS = 3
 POOL_QUICK_DEATH = 60.0
 LINE_EVERY = 5.0
 # Parts up to this many rows are enqueued in this process (a second or two of work); bigger
-# ones in `dagster asset materialize` processes, at most ENQUEUE_PROCESSES at once.
+# ones in `dagster asset materialize` processes, as many at once as policy.py allows.
 IN_PROCESS_ROWS = 1_000_000
-ENQUEUE_PROCESSES = 4
 ENQUEUE_GRACE = 10.0  # an enqueue process stops at once: it resumes where it stopped
 
 
@@ -201,7 +200,7 @@ class OneShot:
         with open(self.log_dir / f"enqueue-{name}.log", "ab") as log:
             self.enqueuing[key] = children.start(
                 _dagster_command() + ["asset", "materialize", "-m", "laion_dagster.definitions",
-                                      "--select", "part_tasks", "--partition", key],
+                                      "--select", "enqueued_part", "--partition", key],
                 stdout=log, stderr=subprocess.STDOUT, env=self._child_env())
 
     def _finalize(self, instance: DagsterInstance, key: str) -> None:
@@ -374,8 +373,8 @@ class OneShot:
                 self._observe(queue, instance, keys, states, hosts)
             self._reap_enqueues(instance)
             self._release_pool_when_idle(keys, states)
-            for key, st in states.items():
-                if st.done and key not in self.finished and self.signal is None:
+            for key in to_finalize(states, self.finished):
+                if self.signal is None:
                     self._finalize(instance, key)
             self._maybe_enqueue(queue, instance, keys, states)
             self._keep_pool_alive()
@@ -410,14 +409,14 @@ class OneShot:
                  hosts: dict[str, dict] | None = None) -> None:
         """What the watch_downloads sensor reports to the UI under the daemon, reported by
         this run itself (it runs none): a user who opens the UI sees the same history."""
-        from laion_dagster.defs.assets import part_tasks
+        from laion_dagster.defs.assets import enqueued_part
         from laion_dagster.defs.observations import events
 
         self.observed = time.monotonic()
         snapshot = self.watch.read(queue, keys, self.settings, set(self.failures), states,
                                    hosts)
         try:
-            for event in events(snapshot, part_tasks.key):
+            for event in events(snapshot, enqueued_part.key):
                 instance.report_runless_asset_event(event)
         except Exception as error:  # the UI's view must never stop the download
             self.say(f"could not report progress to the Dagster instance: {error}")
@@ -457,11 +456,20 @@ class OneShot:
         if self.workers is not None and not live and \
                 time.monotonic() - self.workers_started > 30:
             reasons.append(f"no worker is reporting; see {self.worker_log}")
-        waiting = [k for k in keys if not states[k].enqueued and k not in self.finished]
-        if waiting and not self.enqueuing:
-            held = hold_reasons(queue.queued_rows(), hosts, self.settings)
-            reasons += [f"new parts held: {r}" for r in held if not r.startswith("host ")]
+        if not self.enqueuing:
+            decision = self._decide(queue, keys, states, hosts)
+            reasons += [f"new parts held: {r}" for r in decision.held
+                        if not r.startswith("host ")]
         return reasons
+
+    def _decide(self, queue: Queue, keys: list[str], states: dict[str, PartState],
+                hosts: dict[str, dict] | None = None, also: set[str] = frozenset()):
+        """The sensors' decision (policy.py), for this run's parts: `also` are parts enqueued
+        since `states` was read."""
+        return next_enqueues(keys, states, queue.queued_rows(),
+                             queue.hosts() if hosts is None else hosts, self.settings,
+                             enqueuing=set(self.enqueuing) | also,
+                             set_aside=self.finished | set(self.early))
 
     def _stop_children(self) -> None:
         """Enqueue processes first (they resume where they stop), then the pool, which
@@ -499,60 +507,61 @@ class OneShot:
 
     def _enqueue_early(self, queue: Queue, found: list[parts.Part]) -> None:
         """Queue the small waiting parts straight away, before Dagster is even imported, so a
-        small job's first fetch comes within seconds. The loop then records each as a
-        part_tasks materialization (_record_early). A part that cannot be read is left to its
+        small job's first fetch comes within seconds. The loop then records each as an
+        enqueued_part materialization (_record_early). A part that cannot be read is left to its
         Dagster run, which names the file and the problem."""
-        states = queue.parts_states([p.key for p in found])
-        for part in found:
-            if states[part.key].enqueued or part.key in self.finished:
-                continue
-            depth = queue.queued_rows()
-            if hold_reasons(depth, queue.hosts(), self.settings) or \
-                    not self._fits_here(part.key, depth):
+        keys = [p.key for p in found]
+        by_key = {p.key: p for p in found}
+        states = queue.parts_states(keys)
+        while True:
+            decision = self._decide(queue, keys, states, also=set(self.early))
+            if not decision.start or not self._fits_here(decision.start[0], queue.queued_rows()):
                 return
+            key = decision.start[0]
             try:
-                self.early[part.key] = enqueue_part(queue, part, self.settings)
+                self.early[key] = enqueue_part(queue, by_key[key], self.settings)
             except (parts.PartError, provenance.PartChanged):
                 return
 
     def _maybe_enqueue(self, queue: Queue, instance: DagsterInstance, keys: list[str],
                        states: dict[str, PartState]) -> None:
-        """Enqueue the waiting parts, in order, while the queue has room.
+        """Enqueue the parts the policy starts now, in order.
 
         A part that fits under the high watermark is enqueued here, as a Dagster run in this
-        process (no start-up of its own). A bigger one gets a `dagster asset materialize`
-        process, several at once, so one part waiting on the watermark never holds up the
-        rest. A part queued early (_enqueue_early) gets its materialization recorded here.
+        process (no start-up of its own), and the policy is asked again. A bigger one gets a
+        `dagster asset materialize` process, so one part waiting on the watermark never holds
+        up the rest. A part queued early (_enqueue_early) gets its materialization recorded.
         """
         if self.signal is not None:
             return
-        for key in keys:
-            if key in self.early:
-                self._record_early(instance, key, self.early.pop(key))
-                continue
-            if states[key].enqueued or key in self.finished or key in self.enqueuing:
-                continue
+        for key in list(self.early):
+            self._record_early(instance, key, self.early.pop(key))
+        done_here: set[str] = set()
+        while True:
+            decision = self._decide(queue, keys, states, also=done_here)
+            if not decision.start:
+                return
             depth = queue.queued_rows()
-            if hold_reasons(depth, queue.hosts(), self.settings):
-                return
-            if self._fits_here(key, depth):
-                self._enqueue_here(instance, key)
-            elif len(self.enqueuing) < ENQUEUE_PROCESSES:
+            here = [k for k in decision.start if self._fits_here(k, depth)]
+            if here:
+                self._enqueue_here(instance, here[0])
+                done_here.add(here[0])
+                continue
+            for key in decision.start:
                 self._launch_enqueue(key)
-            else:
-                return
+            return
 
     def _record_early(self, instance: DagsterInstance, key: str, report: EnqueueReport) -> None:
-        """The part_tasks materialization of a part queued early, as a reported event with the
+        """The enqueued_part materialization of a part queued early, as a reported event with the
         metadata its run would have recorded. Not a run: an in-process run of the enqueue job
         costs ~0.8 s of CPU (Dagster's run record, events and log capture), and four of them
         were a quarter of `run`'s CPU beyond the workers' on a 20,000-row job."""
         from dagster import AssetMaterialization
 
-        from laion_dagster.defs.assets import enqueue_metadata, part_tasks
+        from laion_dagster.defs.assets import enqueue_metadata, enqueued_part
 
         instance.report_runless_asset_event(AssetMaterialization(
-            asset_key=part_tasks.key, partition=key,
+            asset_key=enqueued_part.key, partition=key,
             description="queued by `laion-dagster run` before Dagster started",
             metadata=enqueue_metadata(report, self.settings)))
 

@@ -33,7 +33,7 @@ from laion_dagster.core.input import parts
 from laion_dagster.core.queue.connection import connect
 from laion_dagster.core.queue.protocol import Queue
 from laion_dagster.core.shards import records
-from laion_dagster.defs.assets import part_tasks
+from laion_dagster.defs.assets import enqueued_part
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
 from laion_dagster.demo.dataset import DemoImage
@@ -255,7 +255,7 @@ def test_broken_parts_fail_their_own_runs_and_every_other_part_downloads(
     try:
         with instance_for_test() as instance:
             instance.add_dynamic_partitions(PARTS, keys)
-            results = {key: materialize([part_tasks], partition_key=key, instance=instance,
+            results = {key: materialize([enqueued_part], partition_key=key, instance=instance,
                                         resources={"laion": laion}, raise_on_error=False)
                        for key in sorted(keys)}  # bad and good interleaved
 

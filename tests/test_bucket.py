@@ -24,7 +24,7 @@ from laion_dagster.core.input import parts
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.shards.files import leftovers
 from laion_dagster.core.storage import BucketPath
-from laion_dagster.defs.assets import part_images, part_tasks
+from laion_dagster.defs.assets import enqueued_part, part_images
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
 from laion_dagster.demo.dataset import served_path, write_dataset
@@ -335,7 +335,7 @@ def test_dagster_materializes_a_part_into_a_bucket_with_the_same_metadata(settin
     key = parts.discover(settings.parts_root)[0].key
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(PARTS, [key])
-        assert materialize([part_tasks], partition_key=key, instance=instance,
+        assert materialize([enqueued_part], partition_key=key, instance=instance,
                            resources={"laion": laion}).success
         worker = start_worker(in_bucket)
         try:

@@ -88,7 +88,7 @@ def _dataset(settings, image_server, images, parts_per_subset=2):
 def _observed_final(instance: DagsterInstance, keys: list[str]) -> bool:
     for key in keys:
         records = instance.fetch_observations(AssetRecordsFilter(
-            asset_key=AssetKey("part_tasks"), asset_partitions=[key]), limit=1).records
+            asset_key=AssetKey("enqueued_part"), asset_partitions=[key]), limit=1).records
         if not records or records[0].asset_observation.metadata["state"].value != "final":
             return False
     return True
@@ -101,7 +101,7 @@ WORKER = (sys.executable, "-m", "laion_dagster.cli", "worker")
 
 def test_daemon_runs_a_folder_unattended(settings, image_server, images, tmp_path):
     """...and its watch_downloads sensor tells the UI what `run` tells it: each part's end on
-    part_tasks, the worker hosts and the queue."""
+    enqueued_part, the worker hosts and the queue."""
     dataset = _dataset(settings, image_server, images)
     env = _home(tmp_path, settings) | {"LAION_OBSERVE_INTERVAL": "5"}
     home = Path(env["DAGSTER_HOME"])
@@ -126,7 +126,7 @@ def test_daemon_runs_a_folder_unattended(settings, image_server, images, tmp_pat
     with _instance_at(home) as instance:
         assert sorted(instance.get_dynamic_partitions(PARTS)) == sorted(keys)
         for key in keys:
-            for asset in ("part_tasks", "part_images"):
+            for asset in ("enqueued_part", "part_images"):
                 record = instance.get_latest_materialization_event(AssetKey(asset))
                 assert record is not None
             assert (settings.errors_root / f"{key}.parquet").exists()
@@ -224,7 +224,7 @@ def test_an_enqueue_run_whose_process_died_is_launched_again(settings, image_ser
     key = parts.discover(settings.parts_root)[0].key
     dagster = str(Path(sys.executable).with_name("dagster"))
     enqueue = _start(env, tmp_path, dagster, "asset", "materialize", "-m",
-                     "laion_dagster.definitions", "--select", "part_tasks", "--partition", key)
+                     "laion_dagster.definitions", "--select", "enqueued_part", "--partition", key)
     client = connect(settings)
     queue = Queue(client, settings.prefix)
     try:
@@ -241,10 +241,11 @@ def test_an_enqueue_run_whose_process_died_is_launched_again(settings, image_ser
         [dead] = instance.get_runs()
         assert dead.run_id == run_id
         assert dead.status.value == "STARTED"  # what Dagster believes, forever
-        request = launch_or_hold(build_sensor_context(instance=instance,
-                                                      resources={"laion": laion}))
-        assert isinstance(request, RunRequest), request
-        assert request.partition_key == key and request.run_key.endswith(":l1")
+        requests = launch_or_hold(build_sensor_context(instance=instance,
+                                                       resources={"laion": laion}))
+        assert isinstance(requests, list), requests
+        [request] = [r for r in requests if r.partition_key == key]
+        assert isinstance(request, RunRequest) and request.run_key.endswith(":l1")
         dead = instance.get_run_by_id(dead.run_id)
         assert dead.status.value == "FAILURE" and dead.tags[LOST_TAG] == "true"
     client.close()

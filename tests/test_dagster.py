@@ -19,10 +19,11 @@ from dagster import (
     materialize,
 )
 
+from laion_dagster.core.control.policy import ENQUEUES_AT_ONCE
 from laion_dagster.core.input import parts
 from laion_dagster.core.outcomes import ERROR_CLASSES
 from laion_dagster.definitions import defs
-from laion_dagster.defs.assets import part_images, part_tasks
+from laion_dagster.defs.assets import enqueued_part, part_images
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
 from laion_dagster.defs.sensors import (
@@ -49,7 +50,7 @@ def laion(settings):
                          prefix=settings.prefix, shard_size=settings.shard_size)
 
 
-def metadata_of(instance, run_id, asset="part_tasks"):
+def metadata_of(instance, run_id, asset="enqueued_part"):
     records = instance.get_records_for_run(
         run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
     for record in records:
@@ -70,14 +71,14 @@ def test_definitions_load_and_sensors_are_on_by_default():
     for sensor in (discover_parts, launch_or_hold, finalize_parts, watch_downloads):
         assert sensor.default_status.value == "RUNNING"
     # What the launch sensor decides by is upstream of what it launches, in the lineage.
-    assert {d.asset_key.path[0] for d in part_tasks.specs_by_key[part_tasks.key].deps} == {
+    assert {d.asset_key.path[0] for d in enqueued_part.specs_by_key[enqueued_part.key].deps} == {
         "queue", "worker_hosts"}
     assert {j.name for j in defs.jobs} >= {"enqueue_job", "finalize_job", "local_workers"}
 
 
 def test_materializing_a_partition_enqueues_it(instance, laion, settings, dataset, queue):
     keys = add_parts(instance, settings)
-    result = materialize([part_tasks], partition_key=keys[0], instance=instance,
+    result = materialize([enqueued_part], partition_key=keys[0], instance=instance,
                          resources={"laion": laion})
     assert result.success
     meta = metadata_of(instance, result.run_id)
@@ -95,12 +96,12 @@ def test_a_bad_part_fails_its_own_run_with_a_clear_message(instance, laion, sett
     bad.parent.mkdir(parents=True)
     pq.write_table(pa.table({"link": ["http://a.test/1.jpg"], "TEXT": ["x"]}), bad)
     keys = add_parts(instance, settings)
-    failed = materialize([part_tasks], partition_key="broken/00000",
+    failed = materialize([enqueued_part], partition_key="broken/00000",
                          instance=instance, resources={"laion": laion}, raise_on_error=False)
     assert not failed.success
     message = failure_message(instance, failed.run_id)
     assert str(bad) in message and "no URL column" in message and "link" in message
-    good = materialize([part_tasks], partition_key=keys[-1], instance=instance,
+    good = materialize([enqueued_part], partition_key=keys[-1], instance=instance,
                        resources={"laion": laion})
     assert good.success
 
@@ -155,13 +156,22 @@ def _tick(sensor, instance, laion):
     return sensor(build_sensor_context(instance=instance, resources={"laion": laion}))
 
 
+def _requests(result) -> list[RunRequest]:
+    """The run requests of a sensor tick (none for a skip)."""
+    if isinstance(result, SkipReason):
+        return []
+    assert all(isinstance(r, RunRequest) for r in result), result
+    return result
+
+
 def test_launch_or_hold_launches_in_order_and_holds_on_queue_depth(instance, laion, settings,
                                                                    dataset, queue):
     assert "no parts yet" in _tick(launch_or_hold, instance, laion).skip_message
     keys = sorted(add_parts(instance, settings))
-    request = _tick(launch_or_hold, instance, laion)
-    assert isinstance(request, RunRequest) and request.partition_key == keys[0]
-    assert request.run_key.startswith(f"enqueue:{keys[0]}:g1:")
+    # The first parts, in order, as many as may be enqueued at once (policy.py).
+    requests = _requests(_tick(launch_or_hold, instance, laion))
+    assert [r.partition_key for r in requests] == keys[:ENQUEUES_AT_ONCE]
+    assert requests[0].run_key.startswith(f"enqueue:{keys[0]}:g1:")
     queue.r.set(queue.keys.queued_rows, 5_200_000)
     held = _tick(launch_or_hold, instance, laion)
     assert isinstance(held, SkipReason)
@@ -184,7 +194,7 @@ def test_launch_or_hold_holds_on_a_full_worker_disk(instance, laion, settings, d
     held = _tick(launch_or_hold, instance, laion)
     assert held.skip_message == "holding 4 parts: host a: 4,980 GB used ≥ 4,900 GB"
     queue.r.hdel(queue.keys.hosts, "a")
-    assert isinstance(_tick(launch_or_hold, instance, laion), RunRequest)
+    assert _requests(_tick(launch_or_hold, instance, laion))
 
 
 def test_a_failed_enqueue_is_not_relaunched_until_its_file_changes(instance, laion, settings,
@@ -193,18 +203,18 @@ def test_a_failed_enqueue_is_not_relaunched_until_its_file_changes(instance, lai
     bad.parent.mkdir(parents=True)
     pq.write_table(pa.table({"link": ["http://a.test/1.jpg"]}), bad)
     add_parts(instance, settings)
-    request = _tick(launch_or_hold, instance, laion)
+    request = _requests(_tick(launch_or_hold, instance, laion))[0]
     assert request.partition_key == "aaa/00000"
-    failed = materialize([part_tasks], partition_key=request.partition_key, instance=instance,
+    failed = materialize([enqueued_part], partition_key=request.partition_key, instance=instance,
                          resources={"laion": laion}, raise_on_error=False,
                          tags={"dagster/run_key": request.run_key})
     assert not failed.success
-    nxt = _tick(launch_or_hold, instance, laion)
-    assert isinstance(nxt, RunRequest) and nxt.partition_key != "aaa/00000"
+    nxt = _requests(_tick(launch_or_hold, instance, laion))
+    assert nxt and "aaa/00000" not in [r.partition_key for r in nxt]
     # The user fixes the file: it gets a new run key, so it runs again.
     time.sleep(0.01)
     pq.write_table(pa.table({"URL": ["http://a.test/1.jpg"]}), bad)
-    fixed = _tick(launch_or_hold, instance, laion)
+    fixed = _requests(_tick(launch_or_hold, instance, laion))[0]
     assert fixed.partition_key == "aaa/00000" and fixed.run_key != request.run_key
 
 
@@ -212,7 +222,7 @@ def test_finalize_fires_only_when_complete_and_records_everything(instance, laio
                                                                   dataset, queue):
     keys = sorted(add_parts(instance, settings))
     key = keys[0]
-    assert materialize([part_tasks], partition_key=key, instance=instance,
+    assert materialize([enqueued_part], partition_key=key, instance=instance,
                        resources={"laion": laion}).success
     waiting = _tick(finalize_parts, instance, laion)
     assert isinstance(waiting, SkipReason) and "downloading" in waiting.skip_message
@@ -286,7 +296,7 @@ def test_local_workers_job_downloads_until_the_queue_is_idle(instance, laion, se
         monkeypatch.setenv(name, value)
     keys = add_parts(instance, settings)
     for key in keys:
-        assert materialize([part_tasks], partition_key=key, instance=instance,
+        assert materialize([enqueued_part], partition_key=key, instance=instance,
                            resources={"laion": laion}).success
     job = defs.resolve_job_def("local_workers")
     result = job.execute_in_process(instance=instance, run_config={"ops": {"run_worker_pool": {

@@ -23,7 +23,7 @@ from laion_dagster.core.input import parts
 from laion_dagster.core.queue import embedded
 from laion_dagster.core.queue.connection import connect
 from laion_dagster.core.queue.protocol import GROUP, Queue
-from laion_dagster.defs.assets import part_tasks
+from laion_dagster.defs.assets import enqueued_part
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
 from laion_dagster.defs.sensors import finalize_parts
@@ -131,7 +131,7 @@ def test_a_pool_started_before_redis_waits_for_it(settings, dataset, tmp_path):
         with instance_for_test() as instance:
             instance.add_dynamic_partitions(PARTS, [found[0].key])
             started = time.monotonic()
-            failed = materialize([part_tasks], partition_key=found[0].key, instance=instance,
+            failed = materialize([enqueued_part], partition_key=found[0].key, instance=instance,
                                  resources={"laion": laion}, raise_on_error=False)
             message = failure_message(instance, failed.run_id)
         assert not failed.success and time.monotonic() - started < 60
@@ -339,7 +339,7 @@ def test_the_same_part_materialized_twice_while_workers_run_is_downloaded_once(
             instance.add_dynamic_partitions(PARTS, [p.key for p in found])
             for _ in range(2):
                 for part in found:
-                    assert materialize([part_tasks], partition_key=part.key,
+                    assert materialize([enqueued_part], partition_key=part.key,
                                        instance=instance, resources={"laion": laion}).success
         # ... and twice more at the same moment, from two threads, as two hands would.
         threads = [threading.Thread(target=enqueue_part, args=(queue, found[0], settings))

@@ -111,7 +111,7 @@ def test_a_ui_and_a_run_started_together_share_one_working_instance(settings, da
         # instance's), with every asset.
         wait_until(lambda: _location_loaded(port), 120, interval=0.5, what="the code location")
         assets = _graphql(port, "{ assetNodes { assetKey { path } } }")["assetNodes"]
-        assert {"part_tasks", "part_images", "queue", "worker_hosts"} <= {
+        assert {"enqueued_part", "part_images", "queue", "worker_hosts"} <= {
             a["assetKey"]["path"][0] for a in assets}
         assert "repaired " not in log.read_text()
     finally:

@@ -19,7 +19,7 @@ from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster._core.storage.config import pg_config
 
 from laion_dagster.core.input import parts
-from laion_dagster.defs.assets import part_tasks
+from laion_dagster.defs.assets import enqueued_part
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
 
@@ -125,7 +125,7 @@ def test_the_postgres_instance_stores_a_materialization(database, settings, data
         assert list(queue_config.tag_concurrency_limits) == [ENQUEUE_LIMIT]
 
         instance.add_dynamic_partitions(PARTS, [key])
-        result = materialize([part_tasks], partition_key=key, instance=instance,
+        result = materialize([enqueued_part], partition_key=key, instance=instance,
                              resources={"laion": laion})
         assert result.success
     finally:
@@ -135,7 +135,7 @@ def test_the_postgres_instance_stores_a_materialization(database, settings, data
     again = DagsterInstance.from_config(str(home))
     try:
         assert again.get_dynamic_partitions(PARTS) == [key]
-        record = again.get_latest_materialization_event(AssetKey("part_tasks"))
+        record = again.get_latest_materialization_event(AssetKey("enqueued_part"))
         assert record is not None and record.run_id == result.run_id
         materialization = record.asset_materialization
         assert materialization.partition == key

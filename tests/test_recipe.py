@@ -11,7 +11,7 @@ from laion_dagster.core.control.enqueue import enqueue_part
 from laion_dagster.core.input import parts
 from laion_dagster.core.queue.connection import connect
 from laion_dagster.core.queue.protocol import Queue
-from laion_dagster.defs.assets import part_tasks
+from laion_dagster.defs.assets import enqueued_part
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
 from tests.outputs import all_done, shard_rows, wait_until
@@ -29,7 +29,7 @@ def test_settings_chosen_in_dagster_reach_a_worker_started_without_them(settings
                           encode_format="png", min_image_size=40)
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(PARTS, [part.key])
-        assert materialize([part_tasks], partition_key=part.key, instance=instance,
+        assert materialize([enqueued_part], partition_key=part.key, instance=instance,
                            resources={"laion": laion}).success
     assert settings.output_format == "webdataset" and settings.resize_mode == "no"
     queue = Queue(connect(settings), settings.prefix)
@@ -81,11 +81,11 @@ def test_starting_over_from_dagster_applies_new_settings(settings, dataset):
                                                   ({"start_over": True}, "parquet", 2)):
             laion = LaionResource(**common, output_format="parquet" if generation == 2 else
                                   "files")
-            result = materialize([part_tasks], partition_key=part.key, instance=instance,
+            result = materialize([enqueued_part], partition_key=part.key, instance=instance,
                                  resources={"laion": laion},
-                                 run_config={"ops": {"part_tasks": {"config": config}}})
+                                 run_config={"ops": {"enqueued_part": {"config": config}}})
             assert result.success
-            meta = result.asset_materializations_for_node("part_tasks")[0].metadata
+            meta = result.asset_materializations_for_node("enqueued_part")[0].metadata
             assert meta["output_format"].value == output_format
             assert meta["generation"].value == generation
     assert queue.part(part.key).generation == 2

@@ -15,7 +15,7 @@ from laion_dagster.core.control.retry import RetryRefused, retry_failed
 from laion_dagster.core.input import parts
 from laion_dagster.core.queue.connection import connect
 from laion_dagster.core.queue.protocol import Queue
-from laion_dagster.defs.assets import part_tasks
+from laion_dagster.defs.assets import enqueued_part
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
 from laion_dagster.demo.server import ImageServer
@@ -105,12 +105,12 @@ def test_retry_replaces_old_failures_with_new_outcomes(settings, own_server, ima
                              prefix=settings.prefix, shard_size=settings.shard_size)
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(PARTS, [part.key])
-        run = materialize([part_tasks], partition_key=part.key, instance=instance,
+        run = materialize([enqueued_part], partition_key=part.key, instance=instance,
                           resources={"laion": resource},
-                          run_config={"ops": {"part_tasks": {"config": {
+                          run_config={"ops": {"enqueued_part": {"config": {
                               "retry_classes": ["http_5xx"]}}}})
         assert run.success
-        meta = run.asset_materializations_for_node("part_tasks")[0].metadata
+        meta = run.asset_materializations_for_node("enqueued_part")[0].metadata
         assert meta["retried_rows"].value == 5 and meta["retry_round"].value == 2
     third = download(queue, settings, part.key)
     assert (third.ok, third.failed, third.invalid) == (30, 5, 2)

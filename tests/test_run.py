@@ -522,11 +522,11 @@ def test_keys_are_unique_across_parts_and_every_row_is_in_a_shard_parquet(settin
     assert len(keys) == len(set(keys)) == dataset.outcome_counts()["success"]
 
     with DagsterInstance.from_config(str(store / STATE_FOLDER / "dagster")) as instance:
-        for asset in ("part_tasks", "part_images"):
+        for asset in ("enqueued_part", "part_images"):
             assert instance.get_materialized_partitions(AssetKey(asset)) == set(shards)
         for key, count in shards.items():
             [record] = instance.fetch_materializations(AssetRecordsFilter(
-                asset_key=AssetKey("part_tasks"), asset_partitions=[key]), limit=1).records
+                asset_key=AssetKey("enqueued_part"), asset_partitions=[key]), limit=1).records
             metadata = record.asset_materialization.metadata
             assert metadata["shards"].value == count
             assert metadata["rows"].value == 120
@@ -540,8 +540,8 @@ def test_keys_are_unique_across_parts_and_every_row_is_in_a_shard_parquet(settin
         # each part's counts (the last at its end), the worker hosts and the queue.
         for key in shards:
             seen = instance.fetch_observations(AssetRecordsFilter(
-                asset_key=AssetKey("part_tasks"), asset_partitions=[key]), limit=1).records
-            assert seen, f"no observation of part_tasks {key}"
+                asset_key=AssetKey("enqueued_part"), asset_partitions=[key]), limit=1).records
+            assert seen, f"no observation of enqueued_part {key}"
             last = {k: v.value for k, v in seen[0].asset_observation.metadata.items()}
             assert (last["state"], last["rows_done"]) == ("final", 120)
         for asset in ("worker_hosts", "queue"):

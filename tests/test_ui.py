@@ -1,6 +1,6 @@
 """What a person sees: a downloaded part's page in the Dagster UI, in a real headless Chromium.
 
-Real data end to end: the part is discovered and enqueued (`part_tasks`) with the commands a
+Real data end to end: the part is discovered and enqueued (`enqueued_part`) with the commands a
 user types, downloaded by a real worker pool, finalized (`part_images`), and then the
 partition's page must show the totals, the error-class table, the paths and the two asset
 checks. Debian's chromium is driven through Playwright (`executable_path`, no browser of
@@ -212,7 +212,7 @@ def test_a_finished_part_shows_its_totals_errors_paths_and_checks_in_the_ui(
     part = two[0]
     key = part.key
 
-    # The data: discover, enqueue (part_tasks), download with a real pool, finalize; two
+    # The data: discover, enqueue (enqueued_part), download with a real pool, finalize; two
     # parts, so that the plots across partitions have something to compare.
     found = _run(env, tmp_path, sys.executable, "-m", "laion_dagster.cli", "discover")
     assert f"added  {key}" in found, found
@@ -220,7 +220,7 @@ def test_a_finished_part_shows_its_totals_errors_paths_and_checks_in_the_ui(
     materialize = (str(BIN / "dagster"), "asset", "materialize", "-m",
                    "laion_dagster.definitions", "--partition")
     for each in two:
-        _run(env, tmp_path, *materialize, each.key, "--select", "part_tasks")
+        _run(env, tmp_path, *materialize, each.key, "--select", "enqueued_part")
     client = connect(settings)
     try:
         queue = Queue(client, settings.prefix)
@@ -386,7 +386,7 @@ def test_a_downloading_part_its_hosts_and_the_queue_are_live_in_the_ui(
             def figure(name: str) -> str:
                 """`name` on the part's partition page, opened afresh (as a user does)."""
                 assert run.poll() is None, run_log.read_text()[-4000:]
-                page.goto(f"{base}/assets/part_tasks?view=partitions&partition="
+                page.goto(f"{base}/assets/enqueued_part?view=partitions&partition="
                           f"{quote(key)}", wait_until="domcontentloaded")
                 expect(page.get_by_text(key, exact=True).filter(visible=True).first
                        ).to_be_visible()
@@ -451,7 +451,7 @@ def test_a_downloading_part_its_hosts_and_the_queue_are_live_in_the_ui(
             # Room again: the download resumes and ends; the part's last report is final.
             (store / "ballast").unlink()
             assert run.wait(SLOW) == 0, run_log.read_text()[-4000:]
-            page.goto(f"{base}/assets/part_tasks?view=partitions&partition={quote(key)}",
+            page.goto(f"{base}/assets/enqueued_part?view=partitions&partition={quote(key)}",
                       wait_until="domcontentloaded")
             expect(row("state")).to_have_text("final")
             expect(row("rows_done")).to_have_text("120")

@@ -15,7 +15,7 @@ from dagster import (
 )
 
 from laion_dagster.core.control.progress import Watch
-from laion_dagster.defs.assets import part_images, part_tasks
+from laion_dagster.defs.assets import enqueued_part, part_images
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
 from laion_dagster.defs.sensors import watch_downloads
@@ -64,7 +64,7 @@ def test_a_downloading_part_its_hosts_and_the_queue_are_reported(settings, slow_
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(PARTS, keys)
         key = keys[0]
-        assert materialize([part_tasks], partition_key=key, instance=instance,
+        assert materialize([enqueued_part], partition_key=key, instance=instance,
                            resources={"laion": laion}).success
         worker = start_worker(slow)
         try:
@@ -78,12 +78,12 @@ def test_a_downloading_part_its_hosts_and_the_queue_are_reported(settings, slow_
             wait_until(lambda: all_done(queue, [key]), 120, what="the part downloaded")
         finally:
             stop_worker(worker)
-        seen = [o for o in observations(instance, "part_tasks", key) if o["ok"] + o["failed"]]
+        seen = [o for o in observations(instance, "enqueued_part", key) if o["ok"] + o["failed"]]
         assert len(seen) >= 2
         assert seen[-1]["rows_done"] > seen[0]["rows_done"] > 0
         assert seen[0]["state"] == "downloading" and seen[0]["rows"] == 120
         assert seen[0]["images_per_second"] > 0 and seen[0]["eta_s"] > 0
-        assert observations(instance, "part_tasks", keys[1]) == []
+        assert observations(instance, "enqueued_part", keys[1]) == []
         assert later.skip_reason.skip_message.startswith("reported 1 parts")
 
         hosts = observations(instance, "worker_hosts")[-1]
@@ -102,7 +102,7 @@ def test_a_downloading_part_its_hosts_and_the_queue_are_reported(settings, slow_
         assert materialize([part_images], partition_key=key, instance=instance,
                            resources={"laion": laion}).success
         tick(instance, laion, later.cursor)
-        final = observations(instance, "part_tasks", key)[-1]
+        final = observations(instance, "enqueued_part", key)[-1]
         assert final["state"] == "final" and final["rows_done"] == 120 and final["eta_s"] == 0
         [record] = instance.fetch_materializations(AssetRecordsFilter(
             asset_key=part_images.key, asset_partitions=[key]), limit=1).records
@@ -137,4 +137,4 @@ def test_redis_down_is_a_skip_reason_not_a_traceback(settings):
         assert result.skip_reason.skip_message.startswith(
             "Redis unavailable: cannot reach Redis at redis://***@127.0.0.1:9/0")
         assert all(observations(instance, key) == [] for key in ("queue", "worker_hosts"))
-        assert observations(instance, "part_tasks", "laion2B-en/00000") == []
+        assert observations(instance, "enqueued_part", "laion2B-en/00000") == []

@@ -165,7 +165,7 @@ class Settings(BaseSettings):
         default_factory=lambda: list(TRANSIENT), description=(
             "error classes tried again later in the same run (http_429: a 429 answer)"))
     user_agent: str = Field(
-        "laion-dagster/0.1 (+https://github.com/laion-dagster/laion-dagster)",
+        "laion-dagster/0.2 (+https://github.com/laion-dagster/laion-dagster)",
         description="User-Agent header; name your project and a contact URL")
     user_agent_token: str = Field("laion-dagster", description=(
         "the token site owners address in 'X-Robots-Tag: <token>: noai'"))

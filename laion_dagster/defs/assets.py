@@ -37,7 +37,7 @@ BALANCED = "rows_accounted_for"
 SUCCESS_RATE = "success_rate_floor"
 
 
-class PartTasksConfig(Config):
+class EnqueuedPartConfig(Config):
     """Leave empty to enqueue the part (or resume its enqueue). Name error classes (e.g.
     ["timeout", "http_5xx"]) to queue only the part's failed rows of those classes again, as
     `errors retry` does. Set start_over to begin the part again as a new generation, with the
@@ -51,7 +51,7 @@ class PartTasksConfig(Config):
        description="A part's rows, cut into shards and queued on Redis for the workers. "
                    "While they download, its partition page shows their counts as the "
                    "watch_downloads sensor observes them.")
-def part_tasks(context: AssetExecutionContext, config: PartTasksConfig,
+def enqueued_part(context: AssetExecutionContext, config: EnqueuedPartConfig,
                laion: LaionResource) -> MaterializeResult:
     settings = laion.settings()
     key = context.partition_key
@@ -82,7 +82,7 @@ def part_tasks(context: AssetExecutionContext, config: PartTasksConfig,
 
 
 def enqueue_metadata(report: EnqueueReport, settings: Settings) -> dict:
-    """What a part_tasks materialization records (also `run`'s record of a part it queued
+    """What a enqueued_part materialization records (also `run`'s record of a part it queued
     before Dagster started)."""
     return {
         "rows": report.rows,
@@ -152,7 +152,7 @@ def classes_table(summary: PartSummary) -> str:
 @asset(
     partitions_def=parts_partitions,
     group_name=GROUP,
-    deps=[part_tasks],
+    deps=[enqueued_part],
     description="A part's downloaded shards, its totals, and its error file.",
     check_specs=[
         AssetCheckSpec(BALANCED, asset="part_images",

@@ -6,12 +6,12 @@ import time
 
 from dagster import AssetSelection, Config, OpExecutionContext, define_asset_job, job, op
 
-from laion_dagster.defs.assets import part_images, part_tasks
+from laion_dagster.defs.assets import enqueued_part, part_images
 from laion_dagster.defs.resources import LaionResource
 from laion_dagster.worker.supervisor import Supervisor
 
 enqueue_job = define_asset_job(
-    "enqueue_job", selection=AssetSelection.assets(part_tasks),
+    "enqueue_job", selection=AssetSelection.assets(enqueued_part),
     description="Queue one part's rows (what launch_or_hold launches; backfill it by partition).")
 
 finalize_job = define_asset_job(

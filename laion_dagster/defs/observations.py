@@ -1,14 +1,14 @@
 """The UI's view of a download while it runs: core/progress.py's figures as runless
 observations (what the watch_downloads sensor reports each tick, and `run` from its loop).
 
-- `part_tasks[part]`: each downloading part's counts. Its partition page shows them, merged
+- `enqueued_part[part]`: each downloading part's counts. Its partition page shows them, merged
   with the enqueue's materialization (Dagster shows a partition's observations on top of its
   latest materialization; `part_images` has none before the part is final), and its plots
   chart them over time; the last one of a part carries its final figures.
 - `worker_hosts`: every worker host (disk, paused and why, rate, processes, last heartbeat).
 - `queue`: its depth against the threshold and watermark, why new parts are held, the parts by
   state, and (when a state changed) the table of every part.
-Both are external assets upstream of `part_tasks`: what the launch sensor decides by.
+Both are external assets upstream of `enqueued_part`: what the launch sensor decides by.
 """
 
 from __future__ import annotations

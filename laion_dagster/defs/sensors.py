@@ -20,19 +20,23 @@ from dagster import (
     sensor,
 )
 
-from laion_dagster.core.control.admission import hold_reasons
+from laion_dagster.core.control.policy import next_enqueues, to_finalize
 from laion_dagster.core.control.progress import Watch
+from laion_dagster.core.control.status import plural
 from laion_dagster.core.input import parts
 from laion_dagster.core.queue.connection import RedisUnavailable
 from laion_dagster.core.queue.embedded import EmbeddedServerError
 from laion_dagster.core.queue.protocol import PartState
 from laion_dagster.core.settings import Settings
-from laion_dagster.defs.assets import part_tasks
+from laion_dagster.defs.assets import enqueued_part
 from laion_dagster.defs.jobs import enqueue_job, finalize_job
 from laion_dagster.defs.observations import events
 from laion_dagster.defs.partitions import PARTS, parts_partitions
 from laion_dagster.defs.resources import LaionResource
 
+# The asset that enqueues a part, by its names: `part_tasks` in 0.1, so runs an instance
+# recorded before the rename are still recognised.
+ENQUEUE_ASSET_NAMES = ("enqueued_part", "part_tasks")
 UNFINISHED = {DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
               DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING}
 
@@ -54,13 +58,18 @@ def discover_parts(context: SensorEvaluationContext, laion: LaionResource) -> Se
     return SensorResult(dynamic_partitions_requests=[parts_partitions.build_add_request(new)])
 
 
+def _is_enqueue_run(run) -> bool:
+    """A run that enqueues a part, from any job (the sensor's, the UI's, `run`'s)."""
+    selection = run.asset_selection or set()
+    return (run.job_name == enqueue_job.name
+            or run.tags.get("dagster/run_key", "").startswith("enqueue:")
+            or any(k.path[-1] in ENQUEUE_ASSET_NAMES for k in selection))
+
+
 def _latest_enqueue_run(instance: DagsterInstance, partition: str):
-    """The newest run that materialized part_tasks for this partition, from any job."""
+    """The newest run that enqueued this partition, from any job."""
     for run in instance.get_runs(RunsFilter(tags={"dagster/partition": partition}), limit=10):
-        selection = run.asset_selection or set()
-        if (run.job_name == enqueue_job.name
-                or run.tags.get("dagster/run_key", "").startswith("enqueue:")
-                or any(k.path[-1] == "part_tasks" for k in selection)):
+        if _is_enqueue_run(run):
             return run
     return None
 
@@ -102,9 +111,45 @@ def _lost_runs(instance: DagsterInstance, partition: str) -> int:
         RunsFilter(tags={"dagster/partition": partition, LOST_TAG: "true"})))
 
 
+def _enqueuing(instance: DagsterInstance, states: dict[str, PartState], log) -> set[str]:
+    """Parts whose enqueue run is under way; a run found dead is marked failed instead."""
+    alive = set()
+    for run in instance.get_runs(RunsFilter(statuses=list(UNFINISHED)), limit=1000):
+        key = run.tags.get("dagster/partition")
+        if key not in states or not _is_enqueue_run(run):
+            continue
+        record = instance.get_run_record_by_id(run.run_id)
+        gone = _lost_enqueue(run, record.start_time if record else None, states[key].enqueuer)
+        if gone is None:
+            alive.add(key)
+            continue
+        log.warning(f"run {run.run_id[:8]} enqueuing {key}: {gone}; marking it failed and "
+                    "launching the part again")
+        instance.add_run_tags(run.run_id, {LOST_TAG: "true"})
+        instance.report_run_failed(run, message=gone)
+    return alive
+
+
+def _why_not(instance: DagsterInstance, settings: Settings, key: str, state: PartState
+             ) -> tuple[str | None, str | None]:
+    """The run key to enqueue a part with, or why it cannot be enqueued by the sensor."""
+    try:
+        part = parts.find(settings.parts_root, key)
+    except parts.PartError as error:
+        return None, f"{key}: {error}"
+    run_key = enqueue_run_key(key, max(state.generation, 1), part.path.stat().st_mtime_ns,
+                              _lost_runs(instance, key))
+    run = _latest_enqueue_run(instance, key)
+    if (run is not None and run.status == DagsterRunStatus.FAILURE
+            and run.tags.get("dagster/run_key") == run_key):
+        return None, (f"{key}: its last enqueue run {run.run_id[:8]} failed; fix the file or "
+                      "re-materialize the partition")
+    return run_key, None
+
+
 @sensor(minimum_interval_seconds=15, default_status=DefaultSensorStatus.RUNNING,
         job=enqueue_job,
-        description="Launches the next part's enqueue while the queue is below queue_threshold "
+        description="Launches the next parts' enqueue while the queue is below queue_threshold "
                     "and every worker host has disk room; otherwise says why it holds.")
 def launch_or_hold(context: SensorEvaluationContext, laion: LaionResource):
     settings = laion.settings()
@@ -119,43 +164,33 @@ def launch_or_hold(context: SensorEvaluationContext, laion: LaionResource):
             hosts = queue.hosts()
     except (RedisUnavailable, EmbeddedServerError) as error:
         return SkipReason(f"Redis unavailable: {error}")
-    waiting = [k for k in keys if not states[k].enqueued]
-    if not waiting:
+    if all(states[k].enqueued for k in keys):
         return SkipReason(f"all {len(keys)} parts are enqueued; queue {depth:,} rows")
-    reasons = hold_reasons(depth, hosts, settings)
-    if reasons:
-        return SkipReason(f"holding {len(waiting)} parts: " + "; ".join(reasons))
-    failed = []
-    for key in waiting:
-        run = _latest_enqueue_run(context.instance, key)
-        if run is not None and run.status in UNFINISHED:
-            record = context.instance.get_run_record_by_id(run.run_id)
-            gone = _lost_enqueue(run, record.start_time if record else None,
-                                 states[key].enqueuer)
-            if gone is None:
-                return SkipReason(f"part {key} is being enqueued (run {run.run_id[:8]}); "
-                                  f"{len(waiting) - 1} more waiting")
-            context.log.warning(f"run {run.run_id[:8]} enqueuing {key}: {gone}; marking it "
-                                "failed and launching the part again")
-            context.instance.add_run_tags(run.run_id, {LOST_TAG: "true"})
-            context.instance.report_run_failed(run, message=gone)
-            run = context.instance.get_run_by_id(run.run_id)
-        try:
-            part = parts.find(settings.parts_root, key)
-        except parts.PartError as error:
-            failed.append(f"{key}: {error}")
-            continue
-        run_key = enqueue_run_key(key, max(states[key].generation, 1),
-                                  part.path.stat().st_mtime_ns,
-                                  _lost_runs(context.instance, key))
-        if (run is not None and run.status == DagsterRunStatus.FAILURE
-                and run.tags.get("dagster/run_key") == run_key):
-            failed.append(f"{key}: its last enqueue run {run.run_id[:8]} failed; fix the file "
-                          "or re-materialize the partition")
-            continue
-        return RunRequest(run_key=run_key, partition_key=key,
-                          tags={"laion/reason": f"queue {depth:,} < {settings.queue_threshold:,}"})
-    return SkipReason(f"{len(failed)} waiting parts need attention: " + " | ".join(failed[:5]))
+    enqueuing = _enqueuing(context.instance, states, context.log)
+    set_aside: dict[str, str] = {}
+    while True:  # the policy decides; a part the sensor cannot start is set aside, and again
+        decision = next_enqueues(keys, states, depth, hosts, settings, enqueuing, set_aside)
+        if decision.held:
+            return SkipReason(decision.hold_message())
+        run_keys = {}
+        for key in decision.start:
+            run_key, problem = _why_not(context.instance, settings, key, states[key])
+            if problem:
+                set_aside[key] = problem
+            else:
+                run_keys[key] = run_key
+        if len(run_keys) == len(decision.start):
+            break
+    if run_keys:
+        reason = f"queue {depth:,} < {settings.queue_threshold:,}"
+        return [RunRequest(run_key=run_key, partition_key=key, tags={"laion/reason": reason})
+                for key, run_key in run_keys.items()]
+    if enqueuing:
+        first = sorted(enqueuing)[0]
+        return SkipReason(f"{plural(len(enqueuing), 'part')} being enqueued ({first} …); "
+                          f"{len(decision.waiting)} more waiting")
+    return SkipReason(f"{len(set_aside)} waiting parts need attention: "
+                      + " | ".join(list(set_aside.values())[:5]))
 
 
 @sensor(minimum_interval_seconds=15, default_status=DefaultSensorStatus.RUNNING,
@@ -169,9 +204,9 @@ def finalize_parts(context: SensorEvaluationContext, laion: LaionResource):
     except (RedisUnavailable, EmbeddedServerError) as error:
         return SkipReason(f"Redis unavailable: {error}")
     # A retry round finalizes the part again: it gets a run key of its own.
-    requests = [RunRequest(run_key=f"finalize:{k}:g{s.generation}:r{s.retry_round}",
-                           partition_key=k)
-                for k, s in states.items() if s.done and s.finalized_at is None]
+    requests = [RunRequest(run_key=f"finalize:{k}:g{states[k].generation}:"
+                                   f"r{states[k].retry_round}", partition_key=k)
+                for k in to_finalize(states)]
     if requests:
         return requests
     running = [s for s in states.values() if s.enqueued and not s.done]
@@ -212,7 +247,7 @@ def failed_parts(instance: DagsterInstance, states: dict[str, PartState]) -> set
 
 
 @sensor(minimum_interval_seconds=_observe_interval(), default_status=DefaultSensorStatus.RUNNING,
-        description="Reports each downloading part's counts (on part_tasks), the worker hosts "
+        description="Reports each downloading part's counts (on enqueued_part), the worker hosts "
                     "and the queue to the UI as runless observations; moves no work.")
 def watch_downloads(context: SensorEvaluationContext, laion: LaionResource) -> SensorResult:
     settings = laion.settings()
@@ -229,5 +264,5 @@ def watch_downloads(context: SensorEvaluationContext, laion: LaionResource) -> S
     said = [f"{len(snapshot.parts)} parts" if snapshot.parts else "no part (none moved)"]
     said += [name for name, figures in (("the worker hosts", snapshot.hosts),
                                         ("the queue", snapshot.queue)) if figures is not None]
-    return SensorResult(asset_events=events(snapshot, part_tasks.key), cursor=watch.to_json(),
+    return SensorResult(asset_events=events(snapshot, enqueued_part.key), cursor=watch.to_json(),
                         skip_reason=SkipReason("reported " + ", ".join(said)))

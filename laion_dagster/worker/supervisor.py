@@ -21,6 +21,7 @@ import psutil
 import redis
 
 from laion_dagster.core.control.hosts import HostReport, disk_state
+from laion_dagster.core.processes import children
 from laion_dagster.core.queue import embedded
 from laion_dagster.core.queue.connection import RedisUnavailable, connect
 from laion_dagster.core.queue.protocol import Keys, Queue, ensure_group
@@ -286,14 +287,12 @@ class Supervisor:
 
     def shutdown(self) -> None:
         self.stop.value = 1
-        deadline = time.monotonic() + self.settings.shutdown_grace + 15
+        stopping = [children.Child(children.Spawned(child), None,
+                                   self.settings.shutdown_grace + 15, term_grace=0.0)
+                    for child, _ in self.children]
+        children.stop_all(stopping)
         for child, _ in self.children:
-            child.join(max(0.0, deadline - time.monotonic()))
-        for child, _ in self.children:
-            if child.is_alive():
-                log.warning("worker process pid %s did not stop; killing it", child.pid)
-                child.kill()
-                child.join(5)
+            child.join(5)  # reaped, its resources released
         if self._redis is not None:
             try:
                 self.heartbeat()

@@ -1,1 +1,2 @@
-"""What ties the rooms together: enqueue, admission, accounting, retries, status and progress."""
+"""What ties the rooms together: enqueue, the launch policy, accounting, retries, status
+and progress."""

@@ -21,8 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from laion_dagster.core.control.admission import hold_reasons, worker_reasons
 from laion_dagster.core.control.hosts import is_stale
+from laion_dagster.core.control.policy import hold_reasons, worker_reasons
 from laion_dagster.core.outcomes import ERROR_CLASSES, fix_sentence
 from laion_dagster.core.queue.protocol import PartState, Queue
 from laion_dagster.core.settings import Settings

@@ -56,7 +56,7 @@ def check(state: PartState, part: parts.Part, settings: Settings,
             f"{part.key}: {part.path} changed since its rows were queued (size:footer "
             f"{state.source} then, {current} now); its shards in {store} were made from the "
             f"old file. To download the new file into {store}, replacing them, start the part "
-            f"over: `laion-dagster reset {part.key}` (or materialize part_tasks with "
+            f"over: `laion-dagster reset {part.key}` (or materialize enqueued_part with "
             "start_over: true); or choose another --store-dir")
     return Verdict(False)
 

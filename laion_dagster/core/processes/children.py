@@ -44,17 +44,38 @@ def start(argv: list[str], **popen: Any) -> subprocess.Popen:
     return subprocess.Popen(argv, start_new_session=True, preexec_fn=_prepare_child, **popen)
 
 
+class Spawned:
+    """A multiprocessing child (the worker pool's processes) seen as a Popen: `stop_all`
+    stops it like any other child."""
+
+    def __init__(self, process: Any):
+        self._process = process
+        self.pid = process.pid
+
+    def poll(self) -> int | None:
+        return self._process.exitcode  # reaps it once it has exited
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        os.kill(self.pid, sig)
+
+
 @dataclass
 class Child:
-    process: subprocess.Popen
-    first: signal.Signals = signal.SIGTERM  # what asks it to stop in order
-    grace: float = 30.0  # how long it may take to stop after that signal
+    process: subprocess.Popen | Spawned
+    # What asks it to stop in order; None when it was asked already (a shared flag).
+    first: signal.Signals | None = signal.SIGTERM
+    grace: float = 30.0  # how long it may take to stop after that
     whole_group: bool = False  # the first signal to its whole group (as a terminal's Ctrl-C)
+    # How long SIGTERM, after the grace period, has before SIGKILL: none for a child whose
+    # first request was a SIGTERM already in all but name.
+    term_grace: float = TERM_GRACE
 
 
-def _send(child: Child, sig: signal.Signals, group: bool) -> None:
+def _send(child: Child, sig: signal.Signals | None, group: bool) -> None:
+    if sig is None:
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        if group:
+        if group and os.getpgid(child.process.pid) == child.process.pid:
             os.killpg(child.process.pid, sig)
         else:
             child.process.send_signal(sig)
@@ -79,7 +100,7 @@ def stop_all(children: list[Child]) -> None:
     that left its group) is killed too. Returns once nothing of theirs runs."""
     tree = [p for c in children if c.process.poll() is None for p in _tree(c.process.pid)]
     for steps in ((lambda c: c.first, lambda c: c.grace, None),
-                  (lambda c: signal.SIGTERM, lambda c: TERM_GRACE, True),
+                  (lambda c: signal.SIGTERM, lambda c: c.term_grace, True),
                   (lambda c: signal.SIGKILL, lambda c: 5.0, True)):
         sig_of, grace_of, group = steps
         alive = [c for c in children if c.process.poll() is None]

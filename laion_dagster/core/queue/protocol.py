@@ -1,7 +1,7 @@
 """The queue protocol: shards on a Redis stream, claimed by a consumer group, completed once.
 
 Keys (all under the prefix):
-  claims                 the shard stream (its first name, kept), group "workers"
+  tasks                 the shard stream (its first name, kept), group "workers"
   dead                  shards that killed too many workers
   parts                 set of partitions the queue has seen (status views never scan keys)
   queued_rows           rows enqueued and not complete: the backpressure signal
@@ -190,7 +190,7 @@ class Outcome:
 class Keys:
     def __init__(self, prefix: str):
         self.prefix = prefix
-        self.shards = f"{prefix}:claims"  # the shard stream; its 0.1 name kept across upgrades
+        self.shards = f"{prefix}:tasks"  # the shard stream; its 0.1 name kept across upgrades
         self.dead = f"{prefix}:dead"
         self.parts = f"{prefix}:parts"
         self.queued_rows = f"{prefix}:queued_rows"
