@@ -150,10 +150,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from laion_dagster.oneshot import OneShot, format_summary
+    from laion_dagster.run import RunCommand, format_summary
 
     settings = _settings(args)
-    result = OneShot(settings).run()
+    result = RunCommand(settings).run()
     print(format_summary(result, settings))
     return result.exit_code
 
@@ -197,7 +197,7 @@ def _ui_hint(settings: Settings) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from laion_dagster.demo.dataset import make_images, write_dataset
     from laion_dagster.demo.server import ImageServer
-    from laion_dagster.oneshot import OneShot, format_summary
+    from laion_dagster.run import RunCommand, format_summary
 
     base = _settings(args)
     demo_dir = (base.home / "demo").absolute()
@@ -226,7 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                     rows_per_part=args.rows_per_part, images=images)
             print(f"{len(dataset.parts)} parts, {len(dataset.expected_by_row):,} rows, served "
                   f"from {server.url()} as {', '.join(DEMO_HOSTS)}", flush=True)
-            result = OneShot(settings, hold_state=False).run()
+            result = RunCommand(settings, hold_state=False).run()
     print(format_summary(result, settings))
     print(f"\nsee it in the UI (paste this):\n  {_ui_hint(settings)}")
     return result.exit_code

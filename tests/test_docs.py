@@ -86,7 +86,7 @@ def test_every_link_points_at_a_file_in_the_repository(page: Path):
 @pytest.mark.parametrize("page", PAGES, ids=_name)
 def test_every_path_named_exists_in_the_repository(page: Path):
     """`../` never leaves the repository; a file named in `code` (`bench/field.py`,
-    `core/storage.py` for laion_dagster/core/storage.py, `tests/test_ui.py::test_x`) and a
+    `core/storage.py` for laion_dagster/core/storage.py, `tests/scenarios/test_ui.py::test_x`) and a
     Markdown file named anywhere exist, so a renamed module or a folder outside the repository
     shows here."""
     text = page.read_text()

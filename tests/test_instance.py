@@ -13,7 +13,7 @@ from laion_dagster.core.queue.embedded import free_port
 from laion_dagster.dagster_home import SQLITE_STORAGES, schema_head
 from tests.conftest import shell_env
 from tests.outputs import wait_until
-from tests.test_ui import _stop_group
+from tests.scenarios.test_ui import _stop_group
 
 BIN = Path(sys.executable).parent
 OLDER = "5771160a95ad"  # what Dagster stamps on finding the tables but no revision yet

@@ -285,9 +285,9 @@ def test_a_pool_that_keeps_dying_ends_the_run_with_a_sentence(settings, small, t
                                                               monkeypatch):
     """Only repeated failures end a run: a pool that dies three times in a row within a minute
     of starting is broken, and the run says so (exit 1) instead of restarting it forever."""
-    from laion_dagster import oneshot
+    from laion_dagster import run as run_command
 
-    class DyingPool(oneshot.OneShot):
+    class DyingPool(run_command.RunCommand):
         def _start_workers(self):
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self.workers = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
@@ -412,8 +412,8 @@ def test_a_url_where_a_local_folder_is_needed_is_refused_not_made_a_local_folder
         settings, small, user_env, tmp_path):
     """`--store-dir s3://bucket/prefix` once wrote the whole download into a local folder
     named `s3:` and exited 0. The store, inputs and error folder take buckets now
-    (tests/test_bucket.py); the state and spool folders must be local, and a URL given there
-    is refused before anything starts, never made a folder."""
+    (tests/scenarios/test_bucket.py); the state and spool folders must be local, and a URL
+    given there is refused before anything starts, never made a folder."""
     for flag in ("--data-dir", "--spool-dir"):
         args = {"--parquet-dir": str(settings.parts_root), "--store-dir": str(tmp_path / "s"),
                 "--data-dir": str(tmp_path / "d")} | {flag: "s3://bucket/laion"}
@@ -558,7 +558,7 @@ def test_the_progress_rate_is_steady_and_survives_a_new_pool():
     """The rate on the progress line comes from rows fetched over the last 30 s: it does not
     fall to 0 at a minute boundary, and a restarted pool (its counter back at 0) neither
     makes it negative nor loses the rows counted before."""
-    from laion_dagster.oneshot import Rate
+    from laion_dagster.run import Rate
 
     rate = Rate(window=30)
     for second in range(0, 61):
@@ -577,9 +577,9 @@ def test_the_progress_bar_counts_rows_fetched_before_their_shard_finishes(settin
     import io
 
     from laion_dagster.core.queue.protocol import PartState
-    from laion_dagster.oneshot import OneShot
+    from laion_dagster.run import RunCommand
 
-    one = OneShot(settings, out=io.StringIO())
+    one = RunCommand(settings, out=io.StringIO())
     one.total_rows = 20_000
     states = {f"part-{i}": PartState(partition=f"part-{i}", rows=5_000) for i in range(4)}
     one.rate.add(0.0, 0)
@@ -593,7 +593,7 @@ def test_the_progress_bar_counts_rows_fetched_before_their_shard_finishes(settin
     one.rate.add(15.0, 26_000)  # rows handed back by a dead process and fetched again
     assert " 100% rows 20,000/20,000 |" in one._progress_line(states, [])
 
-    again = OneShot(settings, out=io.StringIO())  # the same job, run again later
+    again = RunCommand(settings, out=io.StringIO())  # the same job, run again later
     again.total_rows = 20_000
     again.rate.add(0.0, 0)
     again.rate.add(5.0, 2_000)
@@ -605,7 +605,7 @@ def test_the_progress_rate_is_right_between_heartbeats_and_falls_when_nothing_mo
     while `run` polls every half second: at every poll the rate is the pool's real one (1,000
     rows a second here), the first line of a job included, not the counter's steps over the
     polls; when the reports stop moving, it falls off."""
-    from laion_dagster.oneshot import Rate
+    from laion_dagster.run import Rate
 
     rate = Rate(window=30, quiet=10)
     reported = {0.0: 0, 1.4: 12, 5.0: 3_612, 10.0: 8_612, 15.0: 13_612}

@@ -422,7 +422,7 @@ class BoundedPoolConnector(aiohttp.TCPConnector):
     `keepalive_timeout`; with LAION's thousands of hosts, that was thousands of TLS
     connections (~250 KB each) kept for hosts never asked again. The few hosts that serve many
     URLs use theirs all the time, so they stay. Two private methods of aiohttp are extended
-    (tests/test_fetch.py checks the bound still holds).
+    (tests/core/fetch/test_fetcher.py checks the bound still holds).
     """
 
     def __init__(self, *args: Any, max_idle: int, **kwargs: Any):

@@ -75,7 +75,7 @@ def test_the_readmes_loading_snippet_works_as_written(settings, dataset):
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     after = readme.split("Loading them", 1)[1]
     code = re.search(r"```python\n(.*?)```", after, re.S).group(1)
     done = download(settings)

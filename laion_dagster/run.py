@@ -139,7 +139,7 @@ class Rate:
         return (n1 - n0) / (end - t0) if end > t0 else 0.0
 
 
-class OneShot:
+class RunCommand:
     def __init__(self, settings: Settings, out=sys.stdout, worker_log: Path | None = None,
                  hold_state: bool = True):
         self.settings = settings
@@ -600,7 +600,7 @@ class OneShot:
 
 
 class _GiveUp(Exception):
-    """Raised inside the loop when the run cannot go on; `OneShot.gave_up` says why."""
+    """Raised inside the loop when the run cannot go on; `RunCommand.gave_up` says why."""
 
 
 def _partition_filter(key: str):

@@ -24,7 +24,7 @@ from laion_dagster.demo.dataset import write_dataset
 from tests.conftest import TEST_HOSTS, worker_env
 from tests.outputs import check_part, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _home(tmp_path, settings) -> dict:

@@ -23,7 +23,7 @@ from laion_dagster.defs.assets import enqueued_part
 from laion_dagster.defs.partitions import PARTS
 from laion_dagster.defs.resources import LaionResource
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "laion_dagster" / "dagster.postgres.yaml"
 HOST, PORT = "127.0.0.1", 5432
 USER = os.environ.get("DAGSTER_PG_USERNAME") or "postgres"

@@ -9,7 +9,7 @@ from laion_dagster.cli import _settings, build_parser
 from laion_dagster.core.settings import ORIGINAL_NAMES, Settings
 from laion_dagster.defs.resources import LaionResource
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_defaults_work_without_any_environment(monkeypatch, tmp_path):

@@ -67,7 +67,7 @@ from laion_dagster.demo.dataset import make_images, write_dataset
 from tests.conftest import worker_env
 from tests.outputs import all_done, check_part, leftovers, shard_rows, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SUBNET = "10.201.7"
 NETWORK = f"{SUBNET}.0/24"
 HOSTS = {"redis": 1, "img": 2, "a": 11, "b": 12}  # role -> last octet

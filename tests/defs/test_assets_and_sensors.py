@@ -112,7 +112,7 @@ def test_a_signal_during_an_in_process_run_is_left_to_the_command(instance, sett
     Ctrl-C or `kill` during one must reach `run`'s own handler, which stops everything in
     order, and not fail that run: Dagster turned it into a failed run, `run` reported the part
     FAILED with a stack trace and exited 1."""
-    from laion_dagster import oneshot
+    from laion_dagster import run as run_command
     from laion_dagster.defs import assets
 
     for name, value in settings.to_env().items():  # the job's resource reads the environment
@@ -129,7 +129,7 @@ def test_a_signal_during_an_in_process_run_is_left_to_the_command(instance, sett
     seen: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, _frame: seen.append(signum))
     try:
-        failure = oneshot._run_here(instance, "enqueue_job", keys[0])
+        failure = run_command._run_here(instance, "enqueue_job", keys[0])
     finally:
         signal.signal(signal.SIGINT, previous)
     assert failure is None

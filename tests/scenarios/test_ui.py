@@ -34,7 +34,7 @@ from tests.conftest import worker_env
 from tests.outputs import all_done, wait_until
 from tests.pool import start_worker, stop_worker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "bench" / "ui-part-images.png"
 PLOTS = ROOT / "bench" / "ui-part-plots.png"
