@@ -1,17 +1,18 @@
 """The same loopback download into a local folder and into S3 API servers, alternating.
 
-    python bench/bucket.py                  # 12,000 images, 3 rounds
-    python bench/bucket.py --images 20000   # the figures in bench/README.md
-    python bench/bucket.py --quick          # smoke run: 2,000 images, 1 round
+    python -m bench.bucket                  # 12,000 images, 3 rounds
+    python -m bench.bucket --images 20000   # the figures in bench/README.md
+    python -m bench.bucket --quick          # smoke run: 2,000 images, 1 round
 
-Images come from bench/compare.py's corpus (10-300 KB, mean about 60 KB), served by its nginx
-over http on loopback. Our worker pool (`laion-dagster worker`, a fresh embedded Redis per
-run) downloads one enqueued part into each sink in turn, the order rotated every round:
+Images come from bench/compare.py's corpus (bench/loopback.py: 10-300 KB, mean about 60 KB),
+served by its nginx over http on loopback. Our worker pool (`laion-dagster worker`, a fresh
+embedded Redis per run) downloads one enqueued part into each sink in turn, the order rotated
+every round:
 
   local  a folder on this disk
   moto   moto's S3 server (what the tests use): faithful, but heavy per byte
   sink   bench/s3sink.py: a minimal S3 API server that streams objects to files on this disk
-         (aiohttp: about a quarter of moto's CPU per byte, still about half a core here)
+         (aiohttp: much lighter than moto per byte, still not free on the cores it shares)
   sink-crc  the same, with the SDK's default checksums (a CRC32 trailer, as against AWS
          itself) instead of a SHA-256 of each body (what we send to other servers)
 
@@ -19,7 +20,7 @@ Printed per sink: images/s from enqueue to the part's last shard, client CPU per
 pool's processes), peak RSS of a worker process, and the server's CPU (moto or the sink;
 nginx's is the same for all); medians over rounds, and ratios paired with the same round's
 local run. Targets: into the bucket at >= 0.9x the images/s into the local folder, and a
-worker's peak RSS <= 250 MB. The S3 servers run on the same two cores as the workers and take
+worker's peak RSS <= 250 MB. The S3 servers run on the same cores as the workers and take
 their CPU from them, so images/s here understates what a remote store gives; "x local (CPU)"
 (images per CPU second of the pool, against local) is the ratio a host whose cores are all the
 workers' would see.
@@ -28,24 +29,21 @@ workers' would see.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 
-import compare  # bench/, beside this script
-from compare import ADDRESSES, HOST_MAP, REPO, Owned, build_corpus, free_ports, write_lists
-from measure import Sampler, wait_for_port
-from targets import Targets
+from bench import loopback, pool
+from bench.measure import Owned, clean_environ, free_ports
+from bench.report import Targets
+from bench.s3sink import AWS, S3Server
 
-AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
-       "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 SINKS = ("local", "moto", "sink", "sink-crc")
 # What each sink sends: with a server other than AWS we ask for checksums only where S3
 # requires them (a SHA-256 of each body); "sink-crc" is the SDK's default (a CRC32 trailer),
@@ -56,7 +54,7 @@ CHECKSUMS = {"moto": "when_required", "sink": "when_required", "sink-crc": "when
 @dataclass
 class Run:
     sink: str
-    round: int = 0
+    round: int
     seconds: float = 0.0
     images: int = 0
     client_cpu: float = 0.0
@@ -64,47 +62,23 @@ class Run:
     peak_worker: int = 0
     error: str | None = None
 
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
 
-class Server:
-    """An S3 API server process of ours on a loopback port, and its CPU time."""
-
-    def __init__(self, owned: Owned, name: str, argv: list[str], port: int, log: Path):
-        self.name = name
-        self.url = f"http://127.0.0.1:{port}"
-        with open(log, "ab") as out:
-            self.proc = owned.popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **AWS})
-        wait_for_port(port, self.proc, f"{name} (log: {log})")
-
-    def cpu(self) -> float:
-        import psutil
-
-        with contextlib.suppress(psutil.Error):
-            times = psutil.Process(self.proc.pid).cpu_times()
-            return times.user + times.system
-        return 0.0
-
-    def make_bucket(self, bucket: str) -> None:
-        import pyarrow.fs as pafs
-
-        fs = pafs.S3FileSystem(endpoint_override=self.url.removeprefix("http://"),
-                               scheme="http", region="us-east-1", allow_bucket_creation=True,
-                               access_key=AWS["AWS_ACCESS_KEY_ID"],
-                               secret_key=AWS["AWS_SECRET_ACCESS_KEY"])
-        fs.create_dir(bucket)
+    @property
+    def per_cpu_second(self) -> float:  # the inverse of CPU per image
+        return self.images / self.client_cpu
 
 
-def run_once(args, owned: Owned, root: Path, parts_dir: Path, sink: str,
-             servers: dict[str, Server], index: int) -> Run:
-    import redis
-
+def run_once(args, owned: Owned, root: Path, parts_dir: Path, sink: str, round_: int,
+             servers: dict[str, S3Server], index: int) -> Run:
     from laion_dagster.core.control.enqueue import enqueue_part
     from laion_dagster.core.input import parts
     from laion_dagster.core.queue.connection import connect
-    from laion_dagster.core.queue.protocol import GROUP, Keys, Queue
-    from laion_dagster.core.settings import Settings
+    from laion_dagster.core.queue.protocol import Queue
 
-    result = Run(sink)
+    result = Run(sink, round_)
     run_dir = root / "runs" / f"{index:03d}-{sink}"
     run_dir.mkdir(parents=True)
     state = owned.redis(run_dir / "redis")
@@ -114,52 +88,28 @@ def run_once(args, owned: Owned, root: Path, parts_dir: Path, sink: str,
         bucket = f"bench-{index:03d}"
         server.make_bucket(bucket)
         store = {"store_dir": f"s3://{bucket}/laion", "s3_endpoint_url": server.url}
-    settings = Settings(data_dir=run_dir, parquet_dir=parts_dir, redis_url=state.url,
-                        prefix="bkt", processes=args.processes, concurrency=args.concurrency,
-                        shard_size=args.shard_size,
-                        allow_private_addresses=True, host_map=HOST_MAP, shutdown_grace=5.0,
-                        disk_min_free_gb=0.5, output_format="webdataset", **store)
+    settings = pool.settings(run_dir, parts_dir, state.url, "bkt", args, **store)
     part = parts.discover(settings.parts_root)[0]
-    keys = Keys(settings.prefix)
-    watch = redis.Redis.from_url(state.url)
     queue = Queue(connect(settings, name="bucket-bench"), settings.prefix)
-    env = {**os.environ, **AWS, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **AWS, "PYTHONUNBUFFERED": "1"}
     if sink in CHECKSUMS:
         env["AWS_REQUEST_CHECKSUM_CALCULATION"] = CHECKSUMS[sink]
+    workers = pool.Pool(owned, settings, env, run_dir / "worker.log")
     try:
-        with open(run_dir / "worker.log", "ab") as out:
-            proc = owned.popen([sys.executable, "-m", "laion_dagster.cli", "worker"], cwd=REPO,
-                               env=env, stdout=out, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL)
-        sampler = Sampler(lambda: [proc.pid]).start()
-        deadline = time.monotonic() + 120
-        while True:  # ready: every process has asked the queue for work
-            with contextlib.suppress(redis.ResponseError):
-                if len(watch.xinfo_consumers(keys.tasks, GROUP)) >= args.processes:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the pool did not start (exit {proc.poll()})")
-            time.sleep(0.02)
+        workers.start()
+        workers.wait_ready()
+        sampler = workers.sampler
         sampler.take()
         cpu0 = sum(sampler.cpu.values())
         server0 = server.cpu() if server else 0.0
         started = time.perf_counter()
         enqueue_part(queue, part, settings)
-        deadline = time.monotonic() + args.run_timeout
-        while watch.hget(keys.part(part.key), "done_at") is None:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the pool exited with {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not done within {args.run_timeout:g}s")
-            time.sleep(0.02)
+        workers.wait_done(part.key, args.run_timeout)
         result.seconds = time.perf_counter() - started
         sampler.take()
         result.client_cpu = sum(sampler.cpu.values()) - cpu0
         result.server_cpu = (server.cpu() - server0) if server else 0.0
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        owned.forget(proc)
-        sampler.stop()
+        workers.stop()
         result.peak_worker = max((rss for pid, rss in sampler.peak.items()
                                   if sampler.role.get(pid) == "child"
                                   and "multiprocessing" in sampler.cmdline.get(pid, "")),
@@ -173,7 +123,7 @@ def run_once(args, owned: Owned, root: Path, parts_dir: Path, sink: str,
         result.error = f"{type(error).__name__}: {error}"
         print(f"  {sink} FAILED: {result.error} (logs in {run_dir})", flush=True)
     finally:
-        watch.close()
+        workers.close()
         queue.r.close()
         owned.stop_redis(run_dir / "redis")
     return result
@@ -193,45 +143,35 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.images, args.rounds = 2_000, 1
+    clean_environ()
     owned = Owned()
     root = Path(tempfile.mkdtemp(prefix="laion-bucket-bench-"))
+    web = None
     try:
-        corpus = build_corpus(root, args.images, pool_size=400, seed=7)
-        ports = dict(zip(("http", "https", "https-noka", "moto", "sink"), free_ports(5),
-                         strict=True))
-        _, key = compare.make_cert(root)  # (nginx's config has https servers too)
-        nginx = compare.Nginx(owned, root, corpus.www, root / "server.pem", key,
-                              {k: ports[k] for k in ("http", "https", "https-noka")})
-        nginx.start()
-        lists = write_lists(root, corpus, {"http": ports["http"]})
-        servers = {
-            "moto": Server(owned, "moto", [str(Path(sys.executable).with_name("moto_server")),
-                                           "-H", "127.0.0.1", "-p", str(ports["moto"])],
-                           ports["moto"], root / "moto.log"),
-            "sink": Server(owned, "sink", [sys.executable, str(Path(__file__).with_name(
-                "s3sink.py")), "--root", str(root / "sink"), "--port", str(ports["sink"])],
-                ports["sink"], root / "sink.log"),
-        }
-        print(f"{args.images:,} images ({corpus.total_bytes / 1e6:,.0f} MB) from nginx on "
-              f"{len(ADDRESSES)} loopback addresses; {args.processes} worker processes x "
-              f"{args.concurrency} fetches; {args.rounds} rounds", flush=True)
+        web = loopback.start(owned, root, args.images, pool=400, seed=7)
+        ports = free_ports(2)
+        servers = {kind: S3Server(owned, kind, root / kind, port, root / f"{kind}.log")
+                   for kind, port in zip(("moto", "sink"), ports, strict=True)}
+        print(f"{args.images:,} images ({web.corpus.total_bytes / 1e6:,.0f} MB) from nginx on "
+              f"{len(loopback.ADDRESSES)} loopback addresses; {args.processes} worker "
+              f"processes x {args.concurrency} fetches; {args.rounds} rounds", flush=True)
         runs: list[Run] = []
         for round_ in range(args.rounds):
             order = SINKS[round_ % len(SINKS):] + SINKS[:round_ % len(SINKS)]
             for sink in order:
-                run = run_once(args, owned, root, lists["http"], sink, servers, len(runs))
-                run.round = round_
+                run = run_once(args, owned, root, web.lists["http"], sink, round_, servers,
+                               len(runs))
                 runs.append(run)
                 if run.error is None:
-                    print(f"  round {round_ + 1} {sink:<8} {run.images / run.seconds:7,.0f} "
+                    print(f"  round {round_ + 1} {sink:<8} {run.rate:7,.0f} "
                           f"images/s  client {1000 * run.client_cpu / run.images:5.2f} ms "
                           f"CPU/image  server {run.server_cpu:6.1f} s CPU  worker peak "
                           f"{run.peak_worker / 2**20:4.0f} MB", flush=True)
         return report(runs)
     finally:
+        if web is not None:
+            web.nginx.stop()
         owned.stop_all()
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -250,12 +190,7 @@ def report(runs: list[Run]) -> int:
                   if r.sink == sink and r.round in local]
         return statistics.median(values) if values else None
 
-    def rate(r: Run) -> float:
-        return r.images / r.seconds
-
-    def per_image(r: Run) -> float:  # the inverse of CPU per image: images per CPU second
-        return r.images / r.client_cpu
-
+    rate, per_image = attrgetter("rate"), attrgetter("per_cpu_second")
     print()
     print(f"{'sink':<10}{'images/s':>10}{'x local':>9}{'CPU ms/img':>12}{'x local (CPU)':>15}"
           f"{'server CPU s':>14}{'worker peak MB':>16}")

@@ -1,28 +1,21 @@
 """Our pipeline against img2dataset and a bare aiohttp loop, on one corpus (prints figures).
 
-    python bench/compare.py                      # 20,000 images, 3 alternating rounds
-    python bench/compare.py --quick              # smoke run: 2,000 images, 1 round
-    python bench/compare.py --modes http,resized --rounds 5 --profile /tmp/prof
+    python -m bench.compare                      # 20,000 images, 3 alternating rounds
+    python -m bench.compare --quick              # smoke run: 2,000 images, 1 round
+    python -m bench.compare --modes http,resized --rounds 5 --profile PROFILE_DIR
 
-Everything is served on loopback by an nginx this script starts itself (Debian's nginx, its own
-config in a temporary directory, one worker process, access log off), listening on 127.0.0.2 to
-127.0.0.9 in three variants: http with keep-alive, https with keep-alive, and https with
-keep-alive off and no TLS session reuse (every image a new TCP connection and a full
-handshake, as on the real web). The certificate is self-signed (RSA 2048) for the addresses
-and img1.test ... img8.test; every client trusts exactly that certificate: our workers and
-img2dataset through SSL_CERT_FILE (both build their SSL context with
-ssl.create_default_context(), which reads it), the bare loop through cafile=.
-
-The corpus is deterministic and LAION-like: a pool of distinct images from
-laion_dagster.demo.dataset.make_images (10-300 KB, mean about 60 KB, mostly JPEG, some PNG and
-WebP, varied dimensions), each URL a distinct file name (hard links into the pool), spread
-evenly over the eight addresses. Every tool gets the same URL list, with IP addresses in it
-(no tool resolves anything; ours also has host_map set, so a name could not reach DNS). One
-parquet part with URL and TEXT columns per transport; the bare loop reads the same URLs as text.
+Everything is served on loopback by an nginx this script starts itself, on 127.0.0.2 to
+127.0.0.9, over http, https with keep-alive, and https with a new TCP connection and a full
+handshake per image, as on the real web (bench/loopback.py). Every client trusts the test
+certificate through the machine's CA bundle with it appended: our workers and img2dataset
+through SSL_CERT_FILE (both build their SSL context with ssl.create_default_context(), which
+reads it), the bare loop through cafile=. Every tool gets the same URL list, with IP addresses
+in it (no tool resolves anything; ours also has host_map set, so a name could not reach DNS).
 
 Tools: ours (the worker pool on an enqueued part: the workers' rate, start-up apart), run
 (`laion-dagster run` with its defaults on the same rows cut in four parts, from launch to exit:
-what a user times; https-newconn only), img2dataset, bare.
+what a user times; https-newconn only), img2dataset (bench/img2dataset.py: which Python runs
+it), bare (bench/bare.py).
 
 Modes:
   http           raw bytes over http (keep-alive where the client does it); img2dataset with
@@ -40,7 +33,8 @@ process start-up for ours (the pool is up and idle when the enqueue starts) and 
 Client CPU is user+sys of the tool's whole process tree (getrusage of reaped children; ours
 also counts the enqueue, run in this process); server CPU is nginx's. Ours also reports Redis
 commands per image (INFO commandstats, this script's own polling subtracted; calls made inside
-Lua scripts count) and peak Redis memory (a fresh embedded Redis per run).
+Lua scripts count) and peak Redis memory (a fresh embedded Redis per run). Before the rounds,
+bench/enqueue.py's measurement over --enqueue-rounds.
 
 Prints a table, the ratios and each target with PASS/FAIL; exits 1 when a target fails or a run
 is incomplete. Nothing but loopback is ever contacted; no name is resolved; the machine's Redis
@@ -50,17 +44,12 @@ is not used (each run of ours starts the project's embedded server in a temporar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import ipaddress
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -70,33 +59,17 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import measure  # bench/, beside this script
-from measure import Sampler, children_cpu, process_kind
-from targets import Targets
+from bench import img2dataset, loopback, measure, pool
+from bench.enqueue import enqueue_once, make_part
+from bench.loopback import HOSTS, PART_FILE, SUBSET, Corpus, Web
+from bench.measure import Owned, Sampler, children_cpu
+from bench.report import Targets, fmt, log, median, table_head, tally
 
-# Before anything that could import albumentations, and for every process started from here.
-os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
-os.environ["WANDB_MODE"] = "disabled"
-os.environ["NO_PROXY"] = os.environ["no_proxy"] = "*"
-for _name in [n for n in os.environ
-              if n.startswith("LAION_") or n.lower() in ("http_proxy", "https_proxy",
-                                                         "all_proxy")]:
-    del os.environ[_name]
-
-REPO = Path(__file__).resolve().parent.parent
-I2D_VENV = Path("/work/i2d-venv")
-HOSTS = 8
-ADDRESSES = [f"127.0.0.{i + 2}" for i in range(HOSTS)]
-HOST_MAP = {f"img{i + 1}.test": address for i, address in enumerate(ADDRESSES)}
 ALL_MODES = ("http", "https", "https-newconn", "resized")
 DEFAULT_MODES = ("http", "https-newconn", "resized")
 TOOLS = ("ours", "run", "img2dataset", "bare")
-END_TO_END_PARTS = 4
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff", "avif", "heic", "ico"}
-SUBSET = "bench"
-PART_FILE = "part-00000-compare-c000.snappy.parquet"
 
 
 @dataclass(frozen=True)
@@ -114,402 +87,8 @@ MODES = {
 }
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-# ---------------------------------------------------------------- the bare loop (a child)
-
-def bare_worker(args: argparse.Namespace) -> int:
-    """One process of the bare loop: its share of the URLs, `concurrency` fetches at a time,
-    one SSL context, each body written to its own file. Waits for 'go' on stdin after
-    start-up, so the parent can time start-up and work apart."""
-    import asyncio
-
-    import aiohttp
-    from aiohttp.abc import AbstractResolver
-
-    class NoResolver(AbstractResolver):  # IP URLs only: a name must never reach DNS
-        async def resolve(self, host, port=0, family=socket.AF_INET):
-            raise OSError(f"bare loop: refusing to resolve {host!r}")
-
-        async def close(self):
-            return None
-
-    urls = Path(args.urls).read_text().split()[args.index::args.nproc]
-    out = Path(args.out) / f"p{args.index}"
-    out.mkdir(parents=True, exist_ok=True)
-    context = ssl.create_default_context(cafile=args.cafile)
-    counts: Counter[str] = Counter()
-    total = [0]
-
-    async def run() -> None:
-        connector = aiohttp.TCPConnector(limit=args.concurrency, ssl=context,
-                                         resolver=NoResolver())
-        timeout = aiohttp.ClientTimeout(total=30)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            todo = iter(urls)
-
-            async def fetcher() -> None:
-                for url in todo:
-                    try:
-                        async with session.get(url) as response:
-                            body = await response.read()
-                            if response.status != 200:
-                                counts[f"http {response.status}"] += 1
-                                continue
-                        with open(out / url.rsplit("/", 1)[1], "wb") as handle:
-                            handle.write(body)
-                        counts["ok"] += 1
-                        total[0] += len(body)
-                    except Exception as error:  # counted, never fatal
-                        counts[type(error).__name__] += 1
-
-            print("ready", flush=True)
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-            await asyncio.gather(*(fetcher() for _ in range(args.concurrency)))
-
-    runner = asyncio.run
-    if args.loop == "uvloop":
-        import uvloop
-
-        runner = uvloop.run
-    runner(run())
-    ok = counts.pop("ok", 0)
-    print(json.dumps({"ok": ok, "failed": sum(counts.values()), "bytes": total[0],
-                      "errors": dict(counts)}), flush=True)
-    return 0
-
-
-# ---------------------------------------------------------------- processes we own
-
-class Owned(measure.Owned):
-    """measure.Owned, and the embedded Redis servers started for our runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        # Each embedded Redis started, by directory, with its pid in case the directory is
-        # gone before the cleanup.
-        self.redis_servers: dict[Path, int] = {}
-
-    def redis(self, directory: Path):
-        """The embedded Redis for `directory`, started and remembered for the cleanup."""
-        from laion_dagster.core.queue import embedded
-
-        state = embedded.ensure_running(directory)
-        self.redis_servers[directory] = state.pid
-        return state
-
-    def stop_redis(self, directory: Path) -> None:
-        stop_redis(directory, self.redis_servers.pop(directory, None))
-
-    def stop_all(self) -> None:
-        super().stop_all()
-        for directory in list(self.redis_servers):
-            self.stop_redis(directory)
-
-
-def stop_redis(directory: Path, pid: int | None = None) -> None:
-    """Stop the embedded Redis of `directory`; `pid` is the one we started, for when its state
-    file is gone. Only a server we started and have not stopped yet is ever signalled."""
-    from laion_dagster.core.queue import embedded
-
-    state = embedded.read_state(directory)
-    if state is not None:
-        embedded.stop(directory)
-        pid = state.pid
-    if pid is None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)  # a no-op unless SIGTERM was not enough
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
-def child_env(cert: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["SSL_CERT_FILE"] = str(cert)
-    env.pop("SSL_CERT_DIR", None)
-    env["NO_ALBUMENTATIONS_UPDATE"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-# ---------------------------------------------------------------- corpus
-
-@dataclass
-class Corpus:
-    www: Path
-    files: list[str]  # per row: file name under /i/
-    hosts: list[int]  # per row: index into ADDRESSES
-    captions: list[str]
-    sizes: list[int]  # per row: body bytes
-    pool_sizes: list[int]
-    pool_types: Counter
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.sizes)
-
-
-def build_corpus(root: Path, images: int, pool_size: int, seed: int) -> Corpus:
-    from laion_dagster.demo.dataset import make_images
-
-    candidates = make_images(int(pool_size * 1.3) + 10, seed=seed, min_side=90, max_side=620)
-    pool = [image for image in candidates if 10_000 <= len(image.body) <= 300_000][:pool_size]
-    www = root / "www"
-    (www / "pool").mkdir(parents=True)
-    (www / "i").mkdir()
-    names = []
-    for index, image in enumerate(pool):
-        ext = Path(image.path).suffix  # about one in ten has none, as on many CDNs
-        name = f"{index:04d}{ext}"
-        (www / "pool" / name).write_bytes(image.body)
-        names.append((name, ext, len(image.body)))
-    rnd = random.Random(f"compare:{seed}")
-    words = ("photo", "vintage", "red", "dress", "summer", "beach", "house", "modern",
-             "kitchen", "design", "cat", "dog", "wedding", "cake", "garden", "flower", "black",
-             "white", "shoes", "car", "sale", "mountain", "lake", "sunset", "city", "art",
-             "print", "poster", "wall", "decor", "logo", "icon", "stock", "image", "hd")
-    files, hosts, captions, sizes = [], [], [], []
-    for row in range(images):
-        name, ext, size = names[rnd.randrange(len(names))]
-        file = f"{row:07d}{ext}"
-        os.link(www / "pool" / name, www / "i" / file)
-        files.append(file)
-        hosts.append(row % HOSTS if rnd.random() < 0.5 else rnd.randrange(HOSTS))
-        captions.append(" ".join(rnd.choices(words, k=rnd.randint(2, 14))))
-        sizes.append(size)
-    types = Counter(image.content_type for image in pool)
-    return Corpus(www, files, hosts, captions, sizes, [n[2] for n in names], types)
-
-
-def write_lists(root: Path, corpus: Corpus, ports: dict[str, int]) -> dict[str, Path]:
-    """Per transport: a parquet part (for ours and img2dataset) and a text list (bare)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    lists: dict[str, Path] = {}
-    for transport, port in ports.items():
-        scheme = "http" if transport == "http" else "https"
-        urls = [f"{scheme}://{ADDRESSES[h]}:{port}/i/{f}"
-                for h, f in zip(corpus.hosts, corpus.files, strict=True)]
-        for url in urls:  # no tool may ever need a resolver
-            assert ipaddress.ip_address(urlsplit(url).hostname).is_loopback, url
-        folder = root / "lists" / transport / SUBSET
-        folder.mkdir(parents=True)
-        pq.write_table(pa.table({"URL": urls, "TEXT": corpus.captions}), folder / PART_FILE,
-                       compression="snappy")
-        (root / "lists" / f"{transport}.txt").write_text("\n".join(urls) + "\n")
-        lists[transport] = root / "lists" / transport
-        # The same rows as END_TO_END_PARTS parts, for `laion-dagster run` end to end.
-        folder = root / "lists" / f"{transport}-parts" / SUBSET
-        folder.mkdir(parents=True)
-        size = -(-len(urls) // END_TO_END_PARTS)
-        for index in range(END_TO_END_PARTS):
-            rows = slice(index * size, (index + 1) * size)
-            pq.write_table(pa.table({"URL": urls[rows], "TEXT": corpus.captions[rows]}),
-                           folder / f"part-{index:05d}-compare-c000.snappy.parquet",
-                           compression="snappy")
-        lists[f"{transport}-parts"] = root / "lists" / f"{transport}-parts"
-    return lists
-
-
-# ---------------------------------------------------------------- nginx
-
-SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-
-
-def make_cert(root: Path) -> tuple[Path, Path]:
-    """A self-signed certificate, and the CA file every client trusts: the system's whole CA
-    bundle with our certificate appended. A file with our certificate alone would make each
-    `ssl.create_default_context()` nearly free and hide the cost that clients building one
-    context per connection (urllib in img2dataset, requests) pay on the real web."""
-    cert, key = root / "cert.pem", root / "key.pem"
-    names = ",".join([f"DNS:{h}" for h in HOST_MAP] + [f"IP:{a}" for a in ADDRESSES])
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(key), "-out", str(root / "server.pem"), "-days", "2",
-                    "-subj", "/CN=img1.test", "-addext", f"subjectAltName={names}"],
-                   check=True, capture_output=True)
-    system = SYSTEM_CA_BUNDLE.read_text() if SYSTEM_CA_BUNDLE.exists() else ""
-    if not system:
-        log(f"warning: no {SYSTEM_CA_BUNDLE}; clients trust the test certificate alone, which "
-            "understates the cost of building an SSL context per connection")
-    cert.write_text(system + (root / "server.pem").read_text())
-    return cert, key
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on every one of our addresses."""
-    found: list[int] = []
-    while len(found) < count:
-        with socket.socket() as probe:
-            probe.bind((ADDRESSES[0], 0))
-            port = probe.getsockname()[1]
-        if port in found:
-            continue
-        ok = True
-        for address in ADDRESSES:
-            with socket.socket() as sock:
-                try:
-                    sock.bind((address, port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            found.append(port)
-    return found
-
-
-class Nginx:
-    def __init__(self, owned: Owned, root: Path, www: Path, cert: Path, key: Path,
-                 ports: dict[str, int]):
-        self.owned = owned
-        self.prefix = root / "nginx"
-        self.ports = ports
-        for sub in ("tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
-            (self.prefix / sub).mkdir(parents=True, exist_ok=True)
-        self.conf = self.prefix / "nginx.conf"
-        self.conf.write_text(self._config(www, cert, key))
-        self.proc: subprocess.Popen | None = None
-
-    def _config(self, www: Path, cert: Path, key: Path) -> str:
-        p = self.prefix
-
-        def listen(port: int, tls: bool) -> str:
-            return "\n".join(f"        listen {a}:{port}{' ssl' if tls else ''};"
-                             for a in ADDRESSES)
-
-        server = (f"        root {www};\n"
-                  f"        location / {{ }}\n")
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        return f"""{user}worker_processes 1;
-worker_rlimit_nofile 65536;
-pid {p}/nginx.pid;
-error_log {p}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    tcp_nodelay on;
-    keepalive_timeout 65;
-    keepalive_requests 1000000;
-    types {{ image/jpeg jpg jpeg; image/png png; image/webp webp; }}
-    default_type application/octet-stream;
-    client_body_temp_path {p}/tmp/body;
-    proxy_temp_path {p}/tmp/proxy;
-    fastcgi_temp_path {p}/tmp/fastcgi;
-    uwsgi_temp_path {p}/tmp/uwsgi;
-    scgi_temp_path {p}/tmp/scgi;
-    ssl_certificate {cert};
-    ssl_certificate_key {key};
-    ssl_session_cache off;
-    ssl_session_tickets off;
-    server {{
-{listen(self.ports["http"], False)}
-{server}    }}
-    server {{
-{listen(self.ports["https"], True)}
-{server}    }}
-    server {{
-{listen(self.ports["https-noka"], True)}
-        keepalive_timeout 0;
-{server}    }}
-}}
-"""
-
-    def start(self) -> None:
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        with open(self.prefix / "stdout.log", "ab") as out:
-            self.proc = self.owned.popen(
-                [nginx, "-p", str(self.prefix), "-c", str(self.conf), "-e",
-                 str(self.prefix / "error.log"), "-g", "daemon off;"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        for address in ADDRESSES:
-            for port in self.ports.values():
-                while True:
-                    if self.proc.poll() is not None:
-                        raise RuntimeError("nginx exited: "
-                                           + (self.prefix / "error.log").read_text()[-2000:])
-                    try:
-                        socket.create_connection((address, port), timeout=1).close()
-                        break
-                    except OSError:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError(f"nginx not listening on {address}:{port}") from None
-                        time.sleep(0.05)
-
-    def log_size(self) -> int:
-        with contextlib.suppress(OSError):
-            return (self.prefix / "error.log").stat().st_size
-        return 0
-
-    def errors_since(self, offset: int) -> list[str]:
-        """Lines nginx logged at error level or worse since `offset` (a run's start)."""
-        try:
-            with open(self.prefix / "error.log", "rb") as handle:
-                handle.seek(offset)
-                text = handle.read().decode(errors="replace")
-        except OSError:
-            return []
-        return [line for line in text.splitlines()
-                if any(f"[{level}]" in line for level in ("error", "crit", "alert", "emerg"))]
-
-    def cpu(self) -> float:
-        import psutil
-
-        if self.proc is None:
-            return 0.0
-        total = 0.0
-        with contextlib.suppress(psutil.Error):
-            master = psutil.Process(self.proc.pid)
-            for proc in [master, *master.children()]:
-                with contextlib.suppress(psutil.Error):
-                    times = proc.cpu_times()
-                    total += times.user + times.system
-        return total
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
-        if self.proc is not None:
-            self.owned.forget(self.proc)
-
-
-def check_served(lists: dict[str, Path], corpus: Corpus, cert: Path) -> None:
-    """One URL of every transport and address, fetched and compared byte for byte."""
-    import http.client
-
-    context = ssl.create_default_context(cafile=str(cert))
-    for transport, folder in lists.items():
-        if transport.endswith("-parts"):
-            continue  # the same URLs, cut in parts
-        urls = (folder.parent / f"{transport}.txt").read_text().split()
-        seen = set()
-        for row, url in enumerate(urls):
-            split = urlsplit(url)
-            if split.hostname in seen:
-                continue
-            seen.add(split.hostname)
-            if split.scheme == "https":
-                conn = http.client.HTTPSConnection(split.hostname, split.port, timeout=5,
-                                                   context=context)
-            else:
-                conn = http.client.HTTPConnection(split.hostname, split.port, timeout=5)
-            conn.request("GET", split.path)
-            response = conn.getresponse()
-            body = response.read()
-            conn.close()
-            assert response.status == 200 and len(body) == corpus.sizes[row], \
-                (url, response.status, len(body))
-        assert len(seen) == HOSTS, f"{transport}: URLs reach only {len(seen)} addresses"
+def py_spy() -> str:
+    return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
 
 
 # ---------------------------------------------------------------- one run of one tool
@@ -518,7 +97,6 @@ def check_served(lists: dict[str, Path], corpus: Corpus, cert: Path) -> None:
 class Result:
     tool: str
     mode: str
-    round: int
     urls: int
     ok: int = 0
     failed: int = 0
@@ -571,23 +149,23 @@ def count_tars(folder: Path) -> tuple[int, int]:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, owned: Owned, root: Path, corpus: Corpus,
-                 lists: dict[str, Path], cert: Path, nginx: Nginx):
+    def __init__(self, args: argparse.Namespace, owned: Owned, root: Path, web: Web,
+                 i2d_python: str | None):
         self.args = args
         self.owned = owned
         self.root = root
-        self.corpus = corpus
-        self.lists = lists
-        self.cert = cert
-        self.nginx = nginx
-        self.env = child_env(cert)
+        self.web = web
+        self.corpus = web.corpus
+        self.nginx = web.nginx
+        self.i2d_python = i2d_python
+        self.env = measure.client_env(web.cert)
         self.runs = 0
 
-    def run(self, tool: str, mode: Mode, round_: int, profile: Path | None = None) -> Result:
+    def run(self, tool: str, mode: Mode, profile: Path | None = None) -> Result:
         self.runs += 1
         run_dir = self.root / "runs" / f"{self.runs:03d}-{tool}-{mode.name}"
         run_dir.mkdir(parents=True)
-        result = Result(tool, mode.name, round_, len(self.corpus.files))
+        result = Result(tool, mode.name, len(self.corpus.files))
         if not mode.resize:
             result.bytes_expected = self.corpus.total_bytes
         offset = self.nginx.log_size()
@@ -611,80 +189,42 @@ class Bench:
 
     # -- ours
     def _run_ours(self, mode: Mode, run_dir: Path, result: Result, profile: Path | None):
-        import redis
-
         from laion_dagster.core.control.enqueue import enqueue_part
         from laion_dagster.core.input import parts
         from laion_dagster.core.queue.connection import connect
-        from laion_dagster.core.queue.protocol import GROUP, Keys, Queue
-        from laion_dagster.core.settings import Settings
+        from laion_dagster.core.queue.protocol import Queue
 
         a = self.args
-        redis_dir = run_dir / "redis"
-        state = self.owned.redis(redis_dir)
+        state = self.owned.redis(run_dir / "redis")
         resize = ({"resize_mode": "keep_ratio", "image_size": 256, "encode_format": "jpg"}
                   if mode.resize else {"resize_mode": "no"})
-        settings = Settings(
-            data_dir=run_dir, parquet_dir=self.lists[mode.transport],
-            store_dir=run_dir / "store", redis_url=state.url, prefix="cmp",
-            shard_size=a.shard_size, processes=a.processes, concurrency=a.concurrency,
-            allow_private_addresses=True, host_map=HOST_MAP, shutdown_grace=5.0,
-            disk_min_free_gb=0.5, output_format="webdataset", **resize)
+        settings = pool.settings(run_dir, self.web.lists[mode.transport], state.url, "cmp", a,
+                                 store_dir=run_dir / "store", **resize)
         part = parts.discover(settings.parts_root)[0]
-        keys = Keys(settings.prefix)
-        watch = redis.Redis.from_url(state.url)
-        mine: Counter[str] = Counter()
+        workers = pool.Pool(self.owned, settings, self.env, run_dir / "worker.log")
+        watch = workers.watch
         queue = Queue(connect(settings, name="compare-enqueue"), settings.prefix)
         try:
             stats0 = watch.info("commandstats")
             total0 = int(watch.info("stats")["total_commands_processed"])
-            mine["info"] += 2
             cpu0 = watch.info("cpu")
-            mine["info"] += 1
-            env = {**self.env, **settings.to_env()}
             ru0, srv0 = children_cpu(), self.nginx.cpu()
             launched = time.perf_counter()
-            with open(run_dir / "worker.log", "ab") as out:
-                proc = self.owned.popen([sys.executable, "-m", "laion_dagster.cli", "worker"],
-                                        cwd=REPO, env=env, stdout=out,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            sampler = Sampler(lambda: [proc.pid]).start()
-            deadline = time.monotonic() + 120
-            while True:  # ready: every process has asked the queue for work
-                with contextlib.suppress(redis.ResponseError):
-                    mine["xinfo|consumers"] += 1
-                    if len(watch.xinfo_consumers(keys.tasks, GROUP)) >= a.processes:
-                        break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the pool did not start (exit {proc.poll()})")
-                time.sleep(0.02)
+            workers.start()
+            sampler = workers.sampler
+            workers.wait_ready()
             ready = time.perf_counter()
             sampler.take()
             result.idle_proc = sampler.peak_of("child")
-            spies = self._profile(profile, sampler, proc.pid, mode) if profile else []
+            spies = self._profile(profile, sampler, workers.proc.pid, mode) if profile else []
             thread0 = time.thread_time()
             enqueue_part(queue, part, settings)
             enqueue_cpu = time.thread_time() - thread0
-            deadline = time.monotonic() + a.run_timeout
-            progress, moved = None, time.monotonic()
-            while True:
-                mine["hmget"] += 1
-                done_at, ok, failed = watch.hmget(keys.part(part.key),
-                                                  ["done_at", "ok", "failed"])
-                if done_at is not None:
-                    break
-                if (ok, failed) != progress:
-                    progress, moved = (ok, failed), time.monotonic()
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the pool exited with {proc.returncode}")
-                if time.monotonic() - moved > a.stall_timeout:
-                    self._dump(sampler, run_dir)
-                    raise RuntimeError(f"no shard completed for {a.stall_timeout:g}s "
-                                       f"(ok {ok}, failed {failed}); py-spy dumps in "
-                                       f"{run_dir}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"not done within {a.run_timeout:g}s")
-                time.sleep(0.02)
+            try:
+                workers.wait_done(part.key, a.run_timeout, a.stall_timeout)
+            except pool.Stalled as stalled:
+                self._dump(sampler, run_dir)
+                raise RuntimeError(f"{stalled}; py-spy dumps in {run_dir}") from None
             done = time.perf_counter()
             srv1 = self.nginx.cpu()
             stats1 = watch.info("commandstats")
@@ -692,16 +232,13 @@ class Bench:
             cpu1 = watch.info("cpu")
             memory = watch.info("memory")
             sampler.take()
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-            self.owned.forget(proc)
-            sampler.stop()
+            workers.stop()
             for spy in spies:
                 spy.wait(timeout=60)
                 self.owned.forget(spy)
             ru1 = children_cpu()
         finally:
-            watch.close()
+            workers.close()
         result.seconds = done - launched
         result.warm = done - ready
         result.startup = ready - launched
@@ -710,6 +247,9 @@ class Bench:
         result.peak_proc = sampler.peak_of("child")
         result.peak_other = sampler.peak_of("root")
         result.peak_tree = sampler.peak_tree
+        # Our own commands: the three INFO before the run (the last three, after it, come
+        # after total1 was read but count in commandstats) and the pool's polling.
+        mine = workers.polls + Counter(info=3)
         calls = Counter()
         for name, entry in stats1.items():
             before = stats0.get(name, {}).get("calls", 0)
@@ -730,14 +270,12 @@ class Bench:
         result.on_disk, result.bytes_on_disk = count_tars(settings.store_root)
 
     def _dump(self, sampler: Sampler, run_dir: Path) -> None:
-        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         for pid in sampler.role:
             with open(run_dir / f"py-spy-dump-{pid}.txt", "wb") as out:
-                subprocess.run([spy, "dump", "--pid", str(pid)], stdout=out,
+                subprocess.run([py_spy(), "dump", "--pid", str(pid)], stdout=out,
                                stderr=subprocess.STDOUT, timeout=30, check=False)
 
     def _profile(self, profile: Path, sampler: Sampler, root: int, mode: Mode):
-        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         sampler.take()
         spies = []
         profile.mkdir(parents=True, exist_ok=True)
@@ -745,13 +283,13 @@ class Bench:
             if role == "child" and pid != root:
                 out = profile / f"ours-{mode.name}-{pid}.txt"
                 spies.append(self.owned.popen(
-                    [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
+                    [py_spy(), "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
                      "--nonblocking", "--subprocesses", "-o", str(out)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)  # py-spy attaches
         return spies
 
-    # -- ours end to end: `laion-dagster run` with its defaults, from Enter to exit
+    # -- a tool that runs to its end: `laion-dagster run`, img2dataset
     def _launch(self, command: list[str], run_dir: Path, env: dict[str, str], log: Path,
                 result: Result, name: str) -> Sampler:
         """Run one tool's command to its end, timed and sampled: wall time, client CPU (the
@@ -778,6 +316,7 @@ class Bench:
         result.seconds = done - launched
         result.client_cpu = max(ru1 - ru0, sum(sampler.cpu.values()))
         result.server_cpu = srv1 - srv0
+        result.peak_tree = sampler.peak_tree
         return sampler
 
     def _run_run(self, mode: Mode, run_dir: Path, result: Result, _profile):
@@ -786,10 +325,9 @@ class Bench:
 
         store = run_dir / "store"
         command = [str(Path(sys.executable).with_name("laion-dagster")), "run",
-                   "--parquet-dir", str(self.lists[f"{mode.transport}-parts"]),
+                   "--parquet-dir", str(self.web.lists[f"{mode.transport}-parts"]),
                    "--store-dir", str(store), "--data-dir", str(run_dir / "data")]
-        env = {k: v for k, v in self.env.items()
-               if not k.startswith("LAION_") and k != "DAGSTER_HOME"}
+        env = dict(self.env)
         env["LAION_ALLOWED_NETWORKS"] = json.dumps(["127.0.0.0/8"])  # the IP-literal URLs
         if mode.resize:
             env.update(LAION_RESIZE_MODE="keep_ratio", LAION_IMAGE_SIZE="256",
@@ -799,10 +337,10 @@ class Bench:
         first = re.search(r"first image stored ([\d.]+)s", (run_dir / "run.log").read_text())
         result.startup = float(first.group(1)) if first else None
         result.peak_proc = sampler.peak_of("child")
-        result.peak_tree = sampler.peak_tree
         for pid, cpu in sampler.cpu.items():
             line = sampler.cmdline.get(pid, "")
-            result.cpu_kinds["workers" if "spawn_main" in line else process_kind(line)] += cpu
+            kind = "workers" if "spawn_main" in line else measure.process_kind(line)
+            result.cpu_kinds[kind] += cpu
         for path in sorted(store.rglob("[0-9]*.parquet")):
             if "_errors" in path.parts:
                 continue  # the parts' error files
@@ -813,40 +351,24 @@ class Bench:
             result.failures.update(c for c in status.column("error_class").to_pylist() if c)
         result.on_disk, result.bytes_on_disk = count_tars(store)
 
-    # -- img2dataset
     def _run_img_to_dataset(self, mode: Mode, run_dir: Path, result: Result, _profile):
         a = self.args
         out = run_dir / "out"
-        parquet = self.lists[mode.transport] / SUBSET / PART_FILE
-        command = [str(I2D_VENV / "bin" / "img2dataset"), "--url_list", str(parquet),
-                   "--input_format", "parquet", "--url_col", "URL", "--caption_col", "TEXT",
-                   "--output_format", "webdataset", "--output_folder", str(out),
-                   "--processes_count", str(a.processes), "--thread_count",
-                   str(a.concurrency), "--number_sample_per_shard", str(a.shard_size),
-                   "--timeout", "10", "--retries", "0", "--extract_exif", "False",
-                   "--compute_hash", "sha256", "--enable_wandb", "False"]
-        if mode.resize:
-            command += ["--resize_mode", "keep_ratio", "--image_size", "256",
-                        "--encode_format", "jpg", "--encode_quality", "95"]
-        else:
-            command += ["--resize_mode", "no", "--disable_all_reencoding", "True"]
-        # self.env has NO_ALBUMENTATIONS_UPDATE=1 among the rest
+        command = img2dataset.command(
+            self.i2d_python, self.web.lists[mode.transport] / SUBSET / PART_FILE, out,
+            a.processes, a.concurrency, "--number_sample_per_shard", str(a.shard_size),
+            "--retries", "0", "--extract_exif", "False", "--compute_hash", "sha256",
+            *(img2dataset.RESIZED if mode.resize else img2dataset.RAW))
         sampler = self._launch(command, run_dir, self.env, run_dir / "img2dataset.log",
                                result, "img2dataset")
         result.peak_proc = sampler.peak_of()
-        result.peak_tree = sampler.peak_tree
-        for path in sorted(out.glob("*_stats.json")):
-            stats = json.loads(path.read_text())
-            result.ok += stats["successes"]
-            result.failed += stats["failed_to_download"] + stats["failed_to_resize"]
-            result.failures.update({k: v for k, v in stats.get("status_dict", {}).items()
-                                    if k != "success"})
+        result.ok, result.failed, result.failures = img2dataset.stats(out)
         result.on_disk, result.bytes_on_disk = count_tars(out)
 
     # -- the bare loop
     def _run_bare(self, mode: Mode, run_dir: Path, result: Result, _profile):
         a = self.args
-        urls = self.lists[mode.transport].parent / f"{mode.transport}.txt"
+        urls = self.web.lists[mode.transport].parent / f"{mode.transport}.txt"
         out = run_dir / "out"
         ru0, srv0 = children_cpu(), self.nginx.cpu()
         launched = time.perf_counter()
@@ -854,10 +376,10 @@ class Bench:
         with open(run_dir / "bare.log", "ab") as log_file:
             for index in range(a.processes):
                 procs.append(self.owned.popen(
-                    [sys.executable, __file__, "--bare-worker", "--urls", str(urls), "--out",
-                     str(out), "--index", str(index), "--nproc", str(a.processes),
-                     "--cafile", str(self.cert), "--concurrency", str(a.concurrency),
-                     "--loop", a.bare_loop],
+                    measure.bench_command(
+                        "bare", "loopback", "--urls", str(urls), "--out", str(out), "--index",
+                        str(index), "--nproc", str(a.processes), "--cafile", str(self.web.cert),
+                        "--concurrency", str(a.concurrency), "--loop", a.bare_loop),
                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                     stderr=log_file))
         sampler = Sampler(lambda: [p.pid for p in procs]).start()
@@ -903,61 +425,39 @@ class Bench:
 
 def enqueue_bench(owned: Owned, root: Path, rows: int, rounds: int) -> dict:
     """bench/enqueue.py's part and measurement, into a fresh embedded Redis; median rows/s."""
-    from laion_dagster.core.control.enqueue import enqueue_part
-    from laion_dagster.core.input import parts
     from laion_dagster.core.queue.connection import connect
-    from laion_dagster.core.queue.protocol import Queue
     from laion_dagster.core.settings import Settings
 
-    spec = importlib.util.spec_from_file_location("bench_enqueue", REPO / "bench" / "enqueue.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     base = root / "enqueue"
     folder = base / "parquet" / "laion2B-en"
     folder.mkdir(parents=True)
     started = time.perf_counter()
-    module.make_part(folder / "part-00000-bench-c000.snappy.parquet", rows)
+    make_part(folder / "part-00000-bench-c000.snappy.parquet", rows)
     log(f"enqueue: wrote a {rows:,}-row part in {time.perf_counter() - started:.1f}s")
     redis_dir = base / "redis"
     state = owned.redis(redis_dir)
-    rates, commands, memory = [], [], []
+    rounds_ = []
     try:
         for index in range(rounds):
             settings = Settings(data_dir=base, redis_url=state.url, shard_size=10_000,
                                 queue_high_watermark=rows * 2, prefix=f"enq{index}")
             client = connect(settings, name="compare-enqueue")
             client.flushall()
-            client.config_resetstat()
-            used = int(client.info("memory")["used_memory"])
-            part = parts.discover(settings.parts_root)[0]
-            started = time.perf_counter()
-            report = enqueue_part(Queue(client, settings.prefix), part, settings)
-            elapsed = time.perf_counter() - started
-            stats = client.info("stats")
-            memory.append(int(client.info("memory")["used_memory"]) - used)
-            commands.append(int(stats["total_commands_processed"]) / report.rows)
-            rates.append(report.rows / elapsed)
-            log(f"enqueue round {index + 1}: {report.rows:,} rows in {elapsed:.2f}s = "
-                f"{rates[-1]:,.0f} rows/s")
+            rounds_.append(enqueue_once(client, settings))
+            log(f"enqueue round {index + 1}: {rounds_[-1]['rows']:,} rows in "
+                f"{rounds_[-1]['seconds']:.2f}s = {rounds_[-1]['rate']:,.0f} rows/s")
             client.flushall()
             client.close()
     finally:
         owned.stop_redis(redis_dir)
         shutil.rmtree(base, ignore_errors=True)
+    rates = [r["rate"] for r in rounds_]
     return {"rows": rows, "rate": statistics.median(rates), "rates": rates,
-            "commands": statistics.median(commands), "memory": statistics.median(memory)}
+            "commands": statistics.median(r["commands"] for r in rounds_),
+            "memory": statistics.median(r["memory"] for r in rounds_)}
 
 
 # ---------------------------------------------------------------- the report
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def fmt(value, spec: str = ",.0f", none: str = "-") -> str:
-    return none if value is None else format(value, spec)
-
 
 def summarize(results: list[Result]) -> dict[tuple[str, str], dict]:
     groups: dict[tuple[str, str], list[Result]] = {}
@@ -1023,9 +523,7 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
     header = (f"{'mode':<14}{'tool':<12}{'img/s':>8}{'(min-max)':>16}{'warm':>8}"
               f"{'start s':>8}{'cli ms/img':>11}{'srv ms/img':>11}{'srv core':>9}"
               f"{'RSS/proc MB':>12}{'tree MB':>8}  ok/URLs")
-    print("-" * len(header))
-    print(header)
-    print("-" * len(header))
+    rule = table_head(header)
     for mode in modes:
         for tool in TOOLS:
             s = summary.get((mode.name, tool))
@@ -1042,9 +540,9 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
                   f"{s['peak_proc'] / mb:>12,.0f}{s['peak_tree'] / mb:>8,.0f}  "
                   f"{oks} of {len(corpus.files):,} x{len(s['ok'])} ({state})")
             if s["failures"] or s["errors"]:
-                top = ", ".join(f"{k} {v}" for k, v in s["failures"].most_common(5))
-                print(f"{'':<26}failures: {top or '-'}; errors: {'; '.join(s['errors']) or '-'}")
-    print("-" * len(header))
+                print(f"{'':<26}failures: {tally(s['failures'], 5) or '-'}; errors: "
+                      f"{'; '.join(s['errors']) or '-'}")
+    print(rule)
     print("img/s: cold (launch to last image), median; warm: without process start-up "
           "(ours: pool up and idle before the enqueue); cli ms/img: user+sys CPU of the tool's "
           "process tree per image (ours incl. the enqueue, excl. Redis); srv: nginx CPU; "
@@ -1065,7 +563,7 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
         kinds = summary.get((mode.name, "run"), {}).get("cpu_kinds")
         if kinds:
             print(f"run {mode.name}: CPU ms/img by process: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in kinds.most_common()))
+                  + tally(kinds, spec=".3f"))
     if enqueue:
         print(f"enqueue: {enqueue['rate']:,.0f} rows/s median for a {enqueue['rows']:,}-row "
               f"part (rounds: {', '.join(f'{r:,.0f}' for r in enqueue['rates'])}), "
@@ -1147,15 +645,6 @@ def report(args, modes: list[Mode], results: list[Result], enqueue: dict | None,
 
 # ---------------------------------------------------------------- main
 
-def ensure_img2dataset() -> None:
-    if (I2D_VENV / "bin" / "img2dataset").exists():
-        return
-    log(f"creating {I2D_VENV} with img2dataset (once)")
-    subprocess.run(["python3", "-m", "venv", str(I2D_VENV)], check=True)
-    subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "-q", "img2dataset"],
-                   check=True, env=child_env(Path("/dev/null")))
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=20_000, help="URLs per run")
@@ -1187,14 +676,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tmp", type=Path, default=None, help="parent of the work directory")
     parser.add_argument("--json", help="also write the medians per mode and tool to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    # the bare loop's worker processes
-    parser.add_argument("--bare-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--urls", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--nproc", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--cafile", help=argparse.SUPPRESS)
-    parser.add_argument("--loop", default="asyncio", help=argparse.SUPPRESS)
+    img2dataset.add_option(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.rounds = 2_000, 1
@@ -1208,49 +690,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if args.bare_worker:
-        return bare_worker(args)
     modes = [MODES[m.strip()] for m in args.modes.split(",") if m.strip()]
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = set(tools) - set(TOOLS)
     if unknown:
         raise SystemExit(f"unknown tools: {', '.join(sorted(unknown))}")
+    measure.clean_environ()
+    measure.stop_on_signals()
     owned = Owned()
-
-    def on_signal(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    # Even when started in the background by a shell that ignores SIGINT.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     root = Path(tempfile.mkdtemp(prefix="laion-compare-", dir=args.tmp))
-    nginx: Nginx | None = None
+    web: Web | None = None
     try:
-        if "img2dataset" in tools:
-            ensure_img2dataset()
+        i2d = img2dataset.find_python(args.img2dataset_python) if "img2dataset" in tools \
+            else None
         log(f"work directory {root}; load average {os.getloadavg()[0]:.2f}")
-        started = time.perf_counter()
-        corpus = build_corpus(root, args.images, args.pool, args.seed)
-        sizes = corpus.pool_sizes
-        log(f"corpus: {len(sizes)} distinct images ({', '.join(f'{k} {v}' for k, v in corpus.pool_types.most_common())}), "  # noqa: E501
-            f"{min(sizes) / 1e3:.0f}-{max(sizes) / 1e3:.0f} KB, mean "
-            f"{statistics.mean(sizes) / 1e3:.0f} KB; {len(corpus.files):,} URLs, "
-            f"{corpus.total_bytes / 1e6:,.0f} MB, mean {corpus.total_bytes / 1e3 / len(corpus.files):.0f} KB "  # noqa: E501
-            f"({time.perf_counter() - started:.1f}s)")
-        cert, key = make_cert(root)
-        ports = dict(zip(("http", "https", "https-noka"), free_ports(3), strict=True))
-        lists = write_lists(root, corpus, ports)
-        nginx = Nginx(owned, root, corpus.www, root / "server.pem", key, ports)
-        nginx.start()
-        check_served(lists, corpus, cert)
-        log(f"nginx serving {', '.join(f'{k} :{v}' for k, v in ports.items())} on "
-            f"{ADDRESSES[0]}-{ADDRESSES[-1]}; every transport checked")
-
+        web = loopback.start(owned, root, args.images, args.pool, args.seed)
         enqueue = None
         if args.enqueue_rows > 0 and args.enqueue_rounds > 0:
             enqueue = enqueue_bench(owned, root, args.enqueue_rows, args.enqueue_rounds)
 
-        bench = Bench(args, owned, root, corpus, lists, cert, nginx)
+        bench = Bench(args, owned, root, web, i2d)
         results: list[Result] = []
         for round_ in range(args.rounds):
             for mode_index, mode in enumerate(modes):
@@ -1261,7 +720,7 @@ def main() -> int:
                 shift = (round_ + mode_index) % max(1, len(order))
                 order = order[shift:] + order[:shift]
                 for tool in order:
-                    result = bench.run(tool, mode, round_)
+                    result = bench.run(tool, mode)
                     results.append(result)
                     extra = (f", warm {result.warm_rate:,.0f}/s (start-up {result.startup:.2f}s)"
                              if result.warm_rate else "")
@@ -1274,13 +733,12 @@ def main() -> int:
                         f"{result.ok:,}/{result.urls:,}, on disk {result.on_disk:,}; peak RSS "
                         f"{result.peak_proc / 1e6:,.0f} MB{redis_note}"
                         + ("" if result.complete else "  INCOMPLETE"))
-        if args.profile:
+        if args.profile and "ours" in tools:
             for mode in modes:
-                if "ours" in tools:
-                    profiled = bench.run("ours", mode, -1, profile=args.profile)
-                    log(f"profiled ours {mode.name}: {profiled.rate:,.0f} img/s under py-spy; "
-                        f"stacks in {args.profile}")
-        good = report(args, modes, results, enqueue, corpus)
+                profiled = bench.run("ours", mode, profile=args.profile)
+                log(f"profiled ours {mode.name}: {profiled.rate:,.0f} img/s under py-spy; "
+                    f"stacks in {args.profile}")
+        good = report(args, modes, results, enqueue, web.corpus)
         if args.json:
             write_json(Path(args.json), summarize(results))
         return 0 if good else 1
@@ -1288,8 +746,8 @@ def main() -> int:
         log("interrupted; cleaning up")
         return 130
     finally:
-        if nginx is not None:
-            nginx.stop()
+        if web is not None:
+            web.nginx.stop()
         owned.stop_all()
         if args.keep:
             log(f"kept {root}")

@@ -1,9 +1,10 @@
 """Enqueue throughput and Redis footprint for one LAION-shaped part (prints figures).
 
-    python bench/enqueue.py --rows 1000000
+    python -m bench.enqueue --rows 1000000
 
 Builds a part with the original release's columns, enqueues it into an embedded Redis (a fresh
 data directory), and prints rows/s, Redis commands per row and Redis memory per queued row.
+bench/compare.py measures the same, over rounds, with enqueue_once.
 """
 
 import argparse
@@ -46,36 +47,44 @@ def make_part(path: Path, rows: int) -> None:
     writer.close()
 
 
+def enqueue_once(client, settings: Settings) -> dict:
+    """Enqueue the one part under settings.parts_root into `client`'s Redis: rows, shards,
+    seconds, Redis commands per row and the Redis memory it took."""
+    client.config_resetstat()
+    used_before = int(client.info("memory")["used_memory"])
+    part = parts.discover(settings.parts_root)[0]
+    started = time.perf_counter()
+    report = enqueue_part(Queue(client, settings.prefix), part, settings)
+    seconds = time.perf_counter() - started
+    commands = int(client.info("stats")["total_commands_processed"])
+    return {"rows": report.rows, "shards": report.shards, "seconds": seconds,
+            "rate": report.rows / seconds, "commands": commands / report.rows,
+            "memory": int(client.info("memory")["used_memory"]) - used_before}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--shard-size", type=int, default=10_000)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="laion-bench-"))
-    settings = Settings(data_dir=root, shard_size=args.shard_size,
-                        queue_high_watermark=args.rows * 2)
-    folder = settings.parts_root / "laion2B-en"
-    folder.mkdir(parents=True)
-    make_part(folder / "part-00000-bench-c000.snappy.parquet", args.rows)
-    client = connect(settings)
-    try:
-        client.config_resetstat()
-        used_before = client.info("memory")["used_memory"]
-        queue = Queue(client, settings.prefix)
-        part = parts.discover(settings.parts_root)[0]
-        started = time.perf_counter()
-        report = enqueue_part(queue, part, settings)
-        elapsed = time.perf_counter() - started
-        stats = client.info("stats")
-        memory = client.info("memory")["used_memory"] - used_before
-        print(f"rows {report.rows:,} in {report.shards} shards of {args.shard_size:,}")
-        print(f"enqueue: {report.rows / elapsed:,.0f} rows/s ({elapsed:.2f}s)")
-        print(f"redis commands per row: {stats['total_commands_processed'] / report.rows:.4f}")
-        print(f"redis memory per queued row: {memory / report.rows:.1f} bytes "
-              f"({memory / 1e6:,.1f} MB for this part)")
-    finally:
-        client.close()
-        embedded.stop(settings.redis_dir)
+    with tempfile.TemporaryDirectory(prefix="laion-bench-") as root:
+        settings = Settings(data_dir=Path(root), shard_size=args.shard_size,
+                            queue_high_watermark=args.rows * 2)
+        folder = settings.parts_root / "laion2B-en"
+        folder.mkdir(parents=True)
+        make_part(folder / "part-00000-bench-c000.snappy.parquet", args.rows)
+        client = connect(settings)
+        try:
+            done = enqueue_once(client, settings)
+        finally:
+            client.close()
+            embedded.stop(settings.redis_dir)
+    rows, memory = done["rows"], done["memory"]
+    print(f"rows {rows:,} in {done['shards']} shards of {args.shard_size:,}")
+    print(f"enqueue: {done['rate']:,.0f} rows/s ({done['seconds']:.2f}s)")
+    print(f"redis commands per row: {done['commands']:.4f}")
+    print(f"redis memory per queued row: {memory / rows:.1f} bytes "
+          f"({memory / 1e6:,.1f} MB for this part)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Downloaders on a simulated internet: ours, img2dataset and a bare aiohttp loop (prints figures).
 
-    .venv/bin/python bench/field.py           # 20,000 rows, 2 rounds (img2dataset: the first)
-    .venv/bin/python bench/field.py --quick   # 2,000 rows, 1 round
-    .venv/bin/python bench/field.py --rows 5000 --tools ours,bare --ours-args "--concurrency 256"
+    .venv/bin/python -m bench.field           # 20,000 rows, 2 rounds (img2dataset: the first)
+    .venv/bin/python -m bench.field --quick   # 2,000 rows, 1 round
+    .venv/bin/python -m bench.field --rows 5000 --tools ours,bare --ours-args "--concurrency 256"
 
 Needs root (network namespaces), iproute2, nftables (`apt-get install -y nftables`) and
-openssl; img2dataset 1.47.0 gets its own venv (/work/i2d-venv) on first use.
+openssl; bench/img2dataset.py says which Python runs img2dataset.
 
-What is simulated (bench/field_net.py builds the network, bench/field_serve.py the servers):
+What is simulated (bench/field_sim.py plans it, bench/field_net.py builds the network,
+bench/field_serve.py the servers):
 - Two network namespaces joined by a veth pair: `fieldclient`, where every tool runs, and
   `fieldweb`, where our DNS and web servers run. No route leads out of them and an nftables
   output rule drops anything not for 198.18.0.0/15 or loopback; only addresses of
@@ -29,9 +30,9 @@ What is simulated (bench/field_net.py builds the network, bench/field_serve.py t
   round trip before its answer, a new connection two more (TCP, then TLS; one for http; taken
   after the real handshake, before the first request is read, as uvloop cannot delay a
   server-side handshake), and bodies are sent in 16 KB chunks paced to the address's rate.
-  Bodies are real JPEG/PNG/WebP images (laion_dagster.demo.dataset.make_images, 10-300 KB,
-  mean ~60 KB) held in memory, each URL its own path.
-- The failure mix of LAION.md, per row (the row number is in the URL's path; what each row
+  Bodies are real JPEG/PNG/WebP images (bench/corpus.py, 10-300 KB, mean ~60 KB) held in
+  memory, each URL its own path.
+- The failure mix of a LAION shard, per row (the row number is in the URL's path; what each row
   gets is fixed by --seed and written to `expected.csv`): HTTP 404, 403, 400, 401, 500, 503;
   HTML pages with 200; bodies that start like a JPEG and do not decode; `X-Robots-Tag: noai`;
   remote closes without a response; no answer ever, and bodies that trickle a byte every 2 s
@@ -54,8 +55,8 @@ veth has no bandwidth limit; only each answer is paced), the kernel's own handsh
 (connect() returns at once; the round trips are the server's sleeps, so a connect timeout
 only ever fires on a blackholed host), IPv6, HTTP/2, redirects, compression, 429 and rate
 limits, TLS session resumption, OCSP, DNS over TCP, DNS TTLs expiring within a run, and
-anything in the servers' way (their CPU is reported: on this 2-core machine they share it
-with the tool under test).
+anything in the servers' way (their CPU is reported: they share the machine's cores with the
+tool under test).
 
 The tools, on the same rows, one at a time, their order rotated each round:
 - ours: `laion-dagster run --data-dir D --parquet-dir P --store-dir S` in fieldclient, its
@@ -64,15 +65,15 @@ The tools, on the same rows, one at a time, their order rotated each round:
   outcome comes from the shard parquet files (S/**/[0-9]*.parquet).
 - img2dataset 1.47.0: 2 processes x 64 threads, resize_mode no, disable_all_reencoding,
   timeout 10, webdataset output; per-row status and error_message from its shard parquet.
-- bare: 2 processes x 256 fetches in flight, aiohttp with AsyncResolver (aiodns) and its DNS
-  cache, one SSL context per process, connect timeout 10 s, 30 s per URL; writes each body to
-  a file and classifies each URL itself.
+- bare: 2 processes x 256 fetches in flight (bench/bare.py): aiohttp with AsyncResolver
+  (aiodns) and its DNS cache, one SSL context per process, connect timeout 10 s, 30 s per
+  URL; writes each body to a file and classifies each URL itself.
 - ours-once: ours with its later tries off (`--retry-rounds 0`): the same run as before
   they existed, so their cost (the wall time) and gain (successes) show side by side.
 - ours-lab: ours again, with the servers switched to the lab (SIGUSR1): no round trips, no
   DNS delays, no transfer rates; the same names, TLS, failures and blackholes: the field's
   twin at zero latency, on the same rows.
-- loopback: the loopback benchmark, `bench/compare.py --modes https-newconn --tools run` on
+- loopback: the loopback benchmark, `bench.compare --modes https-newconn --tools run` on
   as many images as there are rows (nginx on 127.0.0.2-9, a new TLS connection per image,
   `laion-dagster run` with its defaults, 4 parts), run from here in its turn. Its CPU per
   image is the figure the field's is held to (issue 12: "no worse than on loopback"); needs
@@ -94,436 +95,43 @@ import argparse
 import atexit
 import bisect
 import contextlib
-import csv
 import itertools
 import json
 import math
 import os
-import random
-import re
-import resource
 import shlex
 import shutil
 import signal
-import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import field_net as net  # noqa: E402
-from measure import Owned, Sampler, children_cpu, process_kind  # noqa: E402
-from targets import Targets  # noqa: E402
+from bench import field_net as net
+from bench import img2dataset, measure
+from bench.bare import looks_like_image
+from bench.field_sim import (
+    SERVER_VISIBLE,
+    SUBSET,
+    Sim,
+    build_sim,
+    describe,
+    expected_class,
+    make_pool,
+    write_inputs,
+)
+from bench.loopback import nginx_binary
+from bench.measure import Owned, Sampler, bench_command
+from bench.report import Targets, fmt, log, median, table_head, tally
 
-os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
-for _name in [n for n in os.environ if n.lower() in ("http_proxy", "https_proxy", "all_proxy")]:
-    del os.environ[_name]
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-SERVE = HERE / "field_serve.py"
-OURS_BIN = REPO / ".venv" / "bin" / "laion-dagster"
-I2D_VENV = Path("/work/i2d-venv")
-I2D_VERSION = "1.47.0"
+OURS_BIN = Path(sys.executable).with_name("laion-dagster")
 TOOLS = ("ours", "ours-once", "img2dataset", "bare", "ours-lab", "loopback")
-SUBSET = "laion2B-field"
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-
-# Per-row shares of what the servers do (the rest is a plain image), after LAION.md's
-# 10,000-row shard: 404 dominates, then 403, decoding errors, pages instead of images.
-ROW_KINDS = {"s404": 0.08, "s403": 0.025, "s400": 0.003, "s401": 0.001, "s500": 0.0015,
-             "s503": 0.003, "html": 0.01, "corrupt": 0.008, "noai": 0.003, "close": 0.001,
-             "hang": 0.0025, "trickle": 0.0015}
-# Per-row shares of failures that belong to a whole host (chosen among the smaller hosts).
-HOST_KINDS = {"nxdomain": 0.012, "dns_unanswered": 0.003, "blackhole": 0.004,
-              "refused": 0.0015, "unreachable": 0.001, "tls_wrongname": 0.003,
-              "tls_untrusted": 0.002}
-EXPECTED = {"ok": "ok", "noai": "opted_out", "html": "not_image", "corrupt": "decode_error",
-            "close": "connection", "hang": "timeout", "trickle": "timeout",
-            "nxdomain": "dns", "dns_unanswered": "dns", "blackhole": "timeout",
-            "refused": "connection", "unreachable": "connection", "tls_wrongname": "tls",
-            "tls_untrusted": "tls"}
-SERVER_VISIBLE = set(ROW_KINDS) | {"ok"}
-STEMS = ("img", "cdn", "static", "media", "shop", "photos", "blog", "news", "store", "pics",
-         "assets", "images", "i", "s", "content", "upload", "files", "art", "home", "web")
-DIRS = ("/images/", "/wp-content/uploads/2019/07/", "/i/", "/media/catalog/product/",
-        "/photos/", "/uploads/", "/content/", "/", "/img/products/", "/files/large/")
-WORDS = ("photo", "vintage", "red", "dress", "summer", "beach", "house", "modern", "kitchen",
-         "design", "cat", "dog", "wedding", "cake", "garden", "flower", "black", "white",
-         "shoes", "car", "sale", "mountain", "lake", "sunset", "city", "art", "print",
-         "poster", "wall", "decor", "logo", "icon", "stock", "image", "hd", "gold", "ring")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def expected_class(kind: str) -> str:
-    if kind.startswith("s") and kind[1:].isdigit():
-        return "http_4xx" if kind[1] == "4" else "http_5xx"
-    return EXPECTED[kind]
-
-
-# ---------------------------------------------------------------- the simulated web
-
-@dataclass
-class Host:
-    name: str
-    address: int
-    scheme: str
-    dns: str = "ok"  # ok, nx, drop
-    dns_delay: float = 0.01
-    tls: str = ""  # "", wrongname, untrusted
-    rows: int = 0
-
-
-@dataclass
-class Address:
-    ip: str
-    rtt: float
-    rate: float
-    net: str = "ok"  # ok, blackhole, refused, unreachable, closed_http
-    cdn: bool = False
-    flap: bool = False  # resets every connection for a few seconds of each run
-
-
-@dataclass
-class Sim:
-    hosts: list[Host]
-    addresses: list[Address]
-    row_host: list[int]
-    row_kind: list[str]  # what the web server does for the row
-    row_pool: list[int]
-    urls: list[str]
-    served: list[str]  # what the row meets, host failures first
-    pool: list[tuple[str, str, int, int, int]]  # file, content type, bytes, width, height
-    parts: list[Path] = field(default_factory=list)
-    flap_rows: list[int] = field(default_factory=list)  # rows of the flapping host
-    split_rows: dict[str, list[int]] = field(default_factory=dict)  # http/https rows of the
-    # host whose port 80 refuses
-
-    @property
-    def flap_ip(self) -> str | None:
-        return next((a.ip for a in self.addresses if a.flap), None)
-
-    @property
-    def expected(self) -> list[str]:
-        return [expected_class(k) for k in self.served]
-
-
-def address_ip(index: int) -> str:
-    return f"198.18.{1 + index // 250}.{1 + index % 250}"
-
-
-def lognormal(rnd: random.Random, median: float, sigma: float, low: float, high: float):
-    return min(high, max(low, median * math.exp(rnd.gauss(0.0, sigma))))
-
-
-def make_pool(root: Path, size: int, seed: int) -> list[tuple[str, str, int, int, int]]:
-    """Distinct real images of LAION-like sizes, as bench/compare.py's corpus."""
-    import io
-
-    from PIL import Image
-
-    from laion_dagster.demo.dataset import make_images
-
-    candidates = make_images(int(size * 1.3) + 10, seed=seed, min_side=90, max_side=620)
-    chosen = [i for i in candidates if 10_000 <= len(i.body) <= 300_000][:size]
-    root.mkdir(parents=True, exist_ok=True)
-    pool = []
-    for index, image in enumerate(chosen):
-        ext = Path(image.path).suffix
-        name = f"{index:04d}{ext}"
-        (root / name).write_bytes(image.body)
-        with Image.open(io.BytesIO(image.body)) as opened:
-            width, height = opened.size
-        pool.append((name, image.content_type, len(image.body), width, height))
-    return pool
-
-
-def build_sim(args: argparse.Namespace, pool) -> Sim:
-    """The whole simulation from the seed: hosts, addresses, and what every row meets."""
-    rnd = random.Random(f"field:{args.seed}")
-    n = args.hosts
-    if n > 60_000:
-        raise SystemExit("--hosts: at most 60,000 (one /16 of addresses)")
-    weights = list(itertools.accumulate(1.0 / (r + 1) ** args.zipf for r in range(n)))
-    row_host = rnd.choices(range(n), cum_weights=weights, k=args.rows)
-    counts = Counter(row_host)
-    ids = list(range(n))
-    rnd.shuffle(ids)  # names say nothing about rank
-    hosts = []
-    for rank in range(n):
-        cdn = rank < args.cdn_hosts
-        scheme = "https" if cdn or rnd.random() < 0.9 else "http"
-        hosts.append(Host(name=f"{rnd.choice(STEMS)}{ids[rank]}.{net.DOMAIN}", address=-1,
-                          scheme=scheme, rows=counts.get(rank, 0)))
-    # Whole-host failures, among the smaller hosts with rows, until each kind's row share.
-    tail = [h for h in range(args.cdn_hosts, n) if hosts[h].rows]
-    rnd.shuffle(tail)
-    kind_of: dict[int, str] = {}
-    for kind, share in HOST_KINDS.items():
-        budget, used = round(share * args.rows), 0
-        for h in tail:
-            if used >= budget:
-                break
-            if h in kind_of or used + hosts[h].rows > budget:
-                continue
-            if kind.startswith("tls") and hosts[h].scheme != "https":
-                continue
-            kind_of[h] = kind
-            used += hosts[h].rows
-    addresses: list[Address] = []
-
-    def new_address(cdn: bool, net_kind: str = "ok") -> int:
-        if cdn:
-            rtt = lognormal(rnd, args.cdn_rtt, 0.4, 0.008, 0.15)
-            rate = lognormal(rnd, args.rate_median * 4, 0.5, 1e6, 100e6)
-        else:
-            rtt = lognormal(rnd, args.rtt_median, 0.6, 0.015, 0.6)
-            rate = lognormal(rnd, args.rate_median, 0.8, 100e3, 50e6)
-        addresses.append(Address(address_ip(len(addresses)), round(rtt, 4), round(rate),
-                                 net_kind, cdn))
-        return len(addresses) - 1
-
-    shared = [new_address(False) for _ in range(max(1, (n - args.cdn_hosts) // 24))]
-    # A host whose port 80 refuses while 443 serves: the largest https host below the CDNs
-    # that fails no other way (its own address).
-    split = next((h for h in range(args.cdn_hosts, n) if h not in kind_of
-                  and hosts[h].scheme == "https" and hosts[h].rows >= 20), None)
-    for rank, host in enumerate(hosts):
-        kind = kind_of.get(rank, "")
-        if rank < args.cdn_hosts:
-            host.address = new_address(True)
-            host.dns_delay = round(lognormal(rnd, 0.01, 0.6, 0.002, 0.1), 4)
-            continue
-        if kind in ("blackhole", "refused", "unreachable"):
-            host.address = new_address(False, kind)
-        elif rank == split:
-            host.address = new_address(False, "closed_http")
-        elif rnd.random() < 0.5:
-            host.address = rnd.choice(shared)
-        else:
-            host.address = new_address(False)
-        u = rnd.random()
-        if u < 0.005:
-            host.dns_delay = round(rnd.uniform(3.0, 4.5), 3)
-        elif u < 0.035:
-            host.dns_delay = round(rnd.uniform(0.5, 2.5), 3)
-        else:
-            host.dns_delay = round(lognormal(rnd, 0.02, 0.8, 0.002, 0.3), 4)
-        host.dns = {"nxdomain": "nx", "dns_unanswered": "drop"}.get(kind, "ok")
-        host.tls = kind[4:] if kind.startswith("tls_") else ""
-    if args.cdn_hosts > args.flap_rank >= 0:
-        addresses[hosts[args.flap_rank].address].flap = True
-    mix = random.Random(f"field-mix:{args.seed}")  # the rest of the plan stays as it was
-    # Rows: what the server does, which image, which URL.
-    cumulative = list(itertools.accumulate(ROW_KINDS.values()))
-    kinds = list(ROW_KINDS)
-    row_kind, row_pool, urls, served = [], [], [], []
-    for row in range(args.rows):
-        u = rnd.random()
-        index = next((i for i, c in enumerate(cumulative) if u < c), None)
-        kind = "ok" if index is None else kinds[index]
-        image = rnd.randrange(len(pool))
-        host = hosts[row_host[row]]
-        ext = Path(pool[image][0]).suffix if rnd.random() >= 0.1 else ""
-        slug = "-".join(rnd.choice(WORDS) for _ in range(rnd.randint(1, 3)))
-        scheme = host.scheme
-        if row_host[row] == split and mix.random() < 1 / 3:
-            scheme = "http"  # its port 80 refuses
-        urls.append(f"{scheme}://{host.name}{rnd.choice(DIRS)}{row}-{slug}{ext}")
-        row_kind.append(kind)
-        row_pool.append(image)
-        meets = kind_of.get(row_host[row], "")
-        if meets.startswith("tls_") and host.scheme != "https":
-            meets = ""
-        if row_host[row] == split and scheme == "http":
-            meets = "refused"
-        served.append(meets or kind)
-    assert len(set(urls)) == len(urls)
-    sim = Sim(hosts, addresses, row_host, row_kind, row_pool, urls, served, pool)
-    sim.flap_rows = [r for r in range(args.rows)
-                     if addresses[hosts[row_host[r]].address].flap]
-    sim.split_rows = {scheme: [r for r in range(args.rows) if row_host[r] == split
-                               and urls[r].startswith(scheme + "://")]
-                      for scheme in ("http", "https")}
-    return sim
-
-
-def write_inputs(sim: Sim, root: Path, args: argparse.Namespace) -> None:
-    """Spark-named parquet parts, the servers' plan, expected.csv and the bare loop's list."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rnd = random.Random(f"field-rows:{args.seed}")
-    folder = root / "parquet" / SUBSET
-    folder.mkdir(parents=True)
-    job = uuid.UUID(int=rnd.getrandbits(128), version=4)
-    per_part = math.ceil(args.rows / args.parts)
-    for part in range(args.parts):
-        rows = range(part * per_part, min(args.rows, (part + 1) * per_part))
-        if not rows:
-            break
-        table = pa.table({
-            "SAMPLE_ID": pa.array([3_000_000_000 + args.seed * 10_000_000 + r for r in rows],
-                                  pa.int64()),
-            "URL": [sim.urls[r] for r in rows],
-            "TEXT": [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(3, 12)))
-                     for _ in rows],
-            "HEIGHT": pa.array([sim.pool[sim.row_pool[r]][4] for r in rows], pa.int32()),
-            "WIDTH": pa.array([sim.pool[sim.row_pool[r]][3] for r in rows], pa.int32()),
-            "LICENSE": ["?"] * len(rows),
-            "NSFW": ["UNLIKELY"] * len(rows),
-            "similarity": [round(rnd.uniform(0.28, 0.45), 6) for _ in rows],
-        })
-        path = folder / f"part-{part:05d}-{job}-c000.snappy.parquet"
-        pq.write_table(table, path, compression="snappy")
-        sim.parts.append(path)
-    plan = {
-        "names": {h.name: [h.address, h.dns, h.dns_delay, h.tls] for h in sim.hosts},
-        "addresses": [[a.ip, a.rtt, a.rate] for a in sim.addresses],
-        "rows": [[h, k, p] for h, k, p in zip(sim.row_host, sim.row_kind, sim.row_pool,
-                                               strict=True)],
-        "pool": [[p[0], p[1]] for p in sim.pool],
-        "pool_dir": str(root / "pool"),
-        "hold": args.hold,
-        "idle": 60.0,
-    }
-    (root / "plan.json").write_text(json.dumps(plan))
-    with open(root / "expected.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["row", "url", "host", "address", "rtt_ms", "served", "expected"])
-        for row, url in enumerate(sim.urls):
-            host = sim.hosts[sim.row_host[row]]
-            address = sim.addresses[host.address]
-            writer.writerow([row, url, host.name, address.ip, round(address.rtt * 1000),
-                             sim.served[row], expected_class(sim.served[row])])
-    (root / "urls.tsv").write_text("".join(f"{r}\t{u}\n" for r, u in enumerate(sim.urls)))
-
-
-def describe(sim: Sim, args: argparse.Namespace) -> None:
-    rows = len(sim.urls)
-    per_host = sorted((h.rows for h in sim.hosts), reverse=True)
-    used = sum(1 for c in per_host if c)
-    top = ", ".join(f"{c / rows:.1%}" for c in per_host[:5])
-    rtts = sorted(sim.addresses[sim.hosts[h].address].rtt * 1000 for h in sim.row_host)
-    delays = [sim.hosts[h].dns_delay for h in range(len(sim.hosts)) if sim.hosts[h].rows]
-    shared = Counter(h.address for h in sim.hosts)
-    log(f"simulation: {len(sim.hosts):,} names ({used:,} with rows; top 5 carry {top} = "
-        f"{sum(per_host[:5]) / rows:.0%}), {len(sim.addresses):,} addresses "
-        f"({sum(1 for c in shared.values() if c > 1):,} shared by several names), "
-        f"{sum(1 for h in sim.hosts if h.scheme == 'https') / len(sim.hosts):.0%} of names "
-        "https")
-    log(f"  round trip per row (ms): p10 {rtts[len(rtts) // 10]:.0f}, median "
-        f"{rtts[len(rtts) // 2]:.0f}, p90 {rtts[len(rtts) * 9 // 10]:.0f}, max {rtts[-1]:.0f}; "
-        f"DNS delay of names with rows: median {statistics.median(delays) * 1000:.0f} ms, "
-        f"{sum(d >= 0.5 for d in delays)} names >= 0.5 s, {sum(d >= 3 for d in delays)} >= 3 s")
-    served = Counter(sim.served)
-    ok = served.pop("ok", 0)
-    log(f"  rows: {rows:,}, served correctly {ok:,} ({ok / rows:.1%}); "
-        + ", ".join(f"{k} {v}" for k, v in served.most_common()))
-    if sim.flap_ip:
-        log(f"  {len(sim.flap_rows):,} rows on {sim.flap_ip}, which resets every connection "
-            f"{args.flap_at:g}-{args.flap_at + args.flap_seconds:g}s after each launch")
-    if sim.split_rows.get("https"):
-        host = sim.hosts[sim.row_host[sim.split_rows["https"][0]]]
-        log(f"  {host.name}: port 80 resets, 443 serves; {len(sim.split_rows['http'])} http "
-            f"rows, {len(sim.split_rows['https'])} https rows")
-
-
-# ---------------------------------------------------------------- the bare loop (a child)
-
-def bare_classify(error: BaseException) -> str:
-    import asyncio
-
-    import aiohttp
-
-    if isinstance(error, aiohttp.ClientConnectorDNSError):
-        return "dns"
-    if isinstance(error, aiohttp.ClientSSLError | ssl.SSLError):
-        return "tls"
-    if isinstance(error, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        return "timeout"
-    if isinstance(error, aiohttp.ClientError | OSError):
-        return "connection"
-    return "other"
-
-
-def bare_worker(args: argparse.Namespace) -> int:
-    """One process of the bare loop: its share of the rows, `concurrency` in flight, one SSL
-    context, aiodns with aiohttp's DNS cache; a line per row in results-<index>.jsonl."""
-    import asyncio
-
-    import aiohttp
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    lines = Path(args.urls).read_text().splitlines()[args.index::args.nproc]
-    todo = [(int(r), u) for r, u in (line.split("\t", 1) for line in lines)]
-    out = Path(args.out)
-    files = out / f"p{args.index}"
-    files.mkdir(parents=True, exist_ok=True)
-    results = open(out / f"results-{args.index}.jsonl", "w")  # noqa: SIM115
-    counts: Counter[str] = Counter()
-    # c-ares's defaults unless asked: since 1.32 it scales its timeout to the server's recent
-    # latency (5x, at least 250 ms, doubling per try, 3 tries), so after many fast answers a
-    # name that takes ~2 s to resolve fails; more tries give such names time.
-    resolver = {"tries": args.dns_tries} if args.dns_tries else {}
-
-    async def run() -> None:
-        context = ssl.create_default_context()  # SSL_CERT_FILE: the bundle + the test CA
-        connector = aiohttp.TCPConnector(limit=args.concurrency, ssl=context,
-                                         resolver=aiohttp.AsyncResolver(**resolver),
-                                         use_dns_cache=True, ttl_dns_cache=300)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            queue = iter(todo)
-
-            async def fetcher() -> None:
-                for row, url in queue:
-                    detail = ""
-                    try:
-                        async with asyncio.timeout(30):
-                            async with session.get(url) as response:
-                                if response.status != 200:
-                                    kind = f"http_{response.status // 100}xx"
-                                    detail = str(response.status)
-                                elif "noai" in ",".join(
-                                        response.headers.getall("X-Robots-Tag", [])).lower():
-                                    kind = "opted_out"
-                                else:
-                                    body = await response.read()
-                                    if body.startswith(IMAGE_MAGIC) or body[8:12] == b"WEBP":
-                                        with open(files / str(row), "wb") as handle:
-                                            handle.write(body)
-                                        kind = "ok"
-                                    else:
-                                        kind = "not_image"
-                    except Exception as error:  # classified, never fatal
-                        kind = bare_classify(error)
-                        detail = f"{type(error).__name__}: {error}"[:200]
-                    counts[kind] += 1
-                    results.write(json.dumps([row, kind, detail, round(time.time(), 3)]) + "\n")
-
-            await asyncio.gather(*(fetcher() for _ in range(args.concurrency)))
-
-    try:
-        import uvloop
-
-        uvloop.run(run())
-    except ImportError:
-        asyncio.run(run())
-    results.close()
-    print(json.dumps(dict(counts)), flush=True)
-    return 0
+CHECK_TIMEOUT = 3.0  # the self-check's per fetch: a blackhole's connect times out then
 
 
 # ---------------------------------------------------------------- the servers
@@ -538,24 +146,25 @@ class Servers:
         self.web_procs = web_procs
         self.lock = threading.Lock()
         self.events: list[tuple[int, float, str]] = []  # (row, time, how)
-        self.samples: dict[int, list[tuple]] = defaultdict(list)  # web index -> (t, conns,
-        self.dns_samples: list[tuple[float, int]] = []  # reqs, requests, tls failures)
+        # Per web server process, (time, open connections, fetches in flight, requests
+        # and connections so far) each second; the DNS server's (time, queries, pending).
+        self.samples: dict[int, list[tuple]] = defaultdict(list)
+        self.dns_samples: list[tuple[float, int, int]] = []
         self.procs: list[subprocess.Popen] = []
         self.dns: subprocess.Popen | None = None
 
     def start(self) -> None:
-        python = sys.executable
         plan = str(self.root / "plan.json")
         errors = open(self.root / "servers.log", "ab")  # noqa: SIM115
-        self.dns = self.owned.popen(
-            net.in_ns(net.WEB_NS, [python, str(SERVE), "dns", "--plan", plan, "--listen",
-                                   net.DNS_IP]),
-            stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
-        self.procs = [self.owned.popen(
-            net.in_ns(net.WEB_NS, [python, str(SERVE), "web", "--plan", plan, "--certs",
-                                   str(self.certs), "--index", str(i)]),
-            stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
-            for i in range(self.web_procs)]
+
+        def serve(*args: str) -> subprocess.Popen:
+            return self.owned.popen(
+                net.in_ns(net.WEB_NS, bench_command("field_serve", *args, "--plan", plan)),
+                stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
+
+        self.dns = serve("dns", "--listen", net.DNS_IP)
+        self.procs = [serve("web", "--certs", str(self.certs), "--index", str(i))
+                      for i in range(self.web_procs)]
         ready = threading.Barrier(self.web_procs + 2)
         for index, proc in enumerate([self.dns, *self.procs]):
             threading.Thread(target=self._reader, args=(index - 1, proc, ready),
@@ -586,8 +195,7 @@ class Servers:
                 done = message["done"]
                 self.events.extend(zip(done[0::3], done[1::3], done[2::3], strict=True))
                 self.samples[index].append((message["t"], message["conns"], message["reqs"],
-                                            message["requests"], message["tls_failed"],
-                                            message.get("accepted", 0)))
+                                            message["requests"], message["accepted"]))
         if first:
             ready.abort()
 
@@ -598,14 +206,7 @@ class Servers:
         return [p.pid for p in [self.dns, *self.procs]]
 
     def cpu(self) -> float:
-        import psutil
-
-        total = 0.0
-        for pid in self.pids():
-            with contextlib.suppress(psutil.Error):
-                times = psutil.Process(pid).cpu_times()
-                total += times.user + times.system
-        return total
+        return measure.cpu_of(self.pids())
 
     def flush_dns(self) -> None:
         os.kill(self.dns.pid, signal.SIGHUP)
@@ -646,14 +247,14 @@ class Servers:
             sample = last(seq, when)
             return sample[column] if sample else 0
 
-        requests = sum(counter(s, t1 + 1.5, 3) - counter(s, t0, 3) for s in samples.values())
-        connections = sum(counter(s, t1 + 1.5, 5) - counter(s, t0, 5) for s in samples.values())
-        tls_failed = sum(counter(s, t1 + 1.5, 4) - counter(s, t0, 4) for s in samples.values())
-        queries = counter(dns, t1 + 1.5, 1) - counter(dns, t0, 1)
-        dns_pending = max((x[2] for x in dns if t0 <= x[0] <= t1 + 1.0), default=0)
-        return {"events": events, "series": series, "requests": requests,
-                "connections": connections,
-                "tls_failed": tls_failed, "dns_queries": queries, "dns_pending": dns_pending}
+        def grown(seq: list[tuple], column: int) -> int:
+            return counter(seq, t1 + 1.5, column) - counter(seq, t0, column)
+
+        return {"events": events, "series": series,
+                "requests": sum(grown(s, 3) for s in samples.values()),
+                "connections": sum(grown(s, 4) for s in samples.values()),
+                "dns_queries": grown(dns, 1),
+                "dns_pending": max((x[2] for x in dns if t0 <= x[0] <= t1 + 1.0), default=0)}
 
 
 # ---------------------------------------------------------------- one run of one tool
@@ -669,7 +270,6 @@ class Run:
     cpu_workers: float = 0.0  # the worker processes' share of `cpu`
     rss_worker: int = 0  # largest worker process
     rss_other: int = 0  # largest other process of the tree
-    workers: int = 0
     cpu_others: dict[str, float] = field(default_factory=dict)  # seconds by kind of process
     outcome: list[str] = field(default_factory=list)  # per row: common class
     detail: list[str] = field(default_factory=list)
@@ -678,11 +278,9 @@ class Run:
     requests: int = 0
     connections: int = 0  # made to the web servers (TLS handshakes, for https)
     dns_queries: int = 0
-    tls_failed: int = 0
     dns_pending: int = 0  # most DNS answers waiting on their delay at once
     steady: float | None = None
     tail: float | None = None
-    launched: float = 0.0
     error: str | None = None  # no usable result (crashed, timed out, no outputs)
     warning: str | None = None  # finished, outputs read, but exited non-zero
     note: str = ""
@@ -693,15 +291,6 @@ class Run:
 
     def count(self) -> Counter:
         return Counter(self.outcome)
-
-
-def client_env(bundle: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("LAION_") and k != "DAGSTER_HOME"}
-    env.update(SSL_CERT_FILE=str(bundle), REQUESTS_CA_BUNDLE=str(bundle),
-               NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    env.pop("SSL_CERT_DIR", None)
-    return env
 
 
 def is_worker(tool: str, pid: int, roots: list[int], cmdline: str) -> bool:
@@ -718,55 +307,20 @@ def method_name(tool: str) -> str:
     return tool.replace("2", "_to_").replace("-", "_")
 
 
-OURS_CLASSES = {"http_4xx", "http_5xx", "dns", "tls", "connection", "timeout", "not_image",
-                "decode_error", "opted_out"}
-
-
 def ours_class(status: str | None, error_class: str | None) -> str:
-    if status == "success":
-        return "ok"
-    if error_class in OURS_CLASSES:
-        return error_class
-    return error_class or "other"
-
-
-def i2d_class(status: str | None, message: str | None) -> str:
-    """img2dataset's per-row status and error message, as one of the common classes."""
-    if status == "success":
-        return "ok"
-    text = message or ""
-    low = text.lower()
-    code = re.search(r"HTTP Error (\d{3})", text)
-    if code:
-        return "http_4xx" if code.group(1).startswith("4") else "http_5xx"
-    if "x-robots-tag" in low:
-        return "opted_out"
-    if "timed out" in low or "timeout" in low:  # the TLS handshake's too
-        return "timeout"
-    if "certificate" in low or "ssl" in low:
-        return "tls"
-    if any(s in low for s in ("name or service not known", "name resolution",
-                              "no address associated", "errno -2]", "errno -3]",
-                              "errno -5]", "nodename nor servname")):
-        return "dns"
-    if any(s in low for s in ("refused", "no route to host", "unreachable",
-                              "remote end closed", "reset by peer", "incompleteread",
-                              "connection aborted", "broken pipe")):
-        return "connection"
-    if status == "failed_to_resize":
-        return "decode_error"
-    return "other"
+    return "ok" if status == "success" else error_class or "other"
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace, owned: Owned, root: Path, sim: Sim,
-                 servers: Servers, bundle: Path):
+                 servers: Servers, bundle: Path, i2d_python: str | None):
         self.args = args
         self.owned = owned
         self.root = root
         self.sim = sim
         self.servers = servers
-        self.bundle = bundle
+        self.env = measure.client_env(bundle)
+        self.i2d_python = i2d_python
         self.index = {url: row for row, url in enumerate(sim.urls)}
         self.runs = 0
 
@@ -780,9 +334,8 @@ class Bench:
         self.servers.quiet()
         self.servers.flush_dns()
         self.servers.lab(tool == "ours-lab")
-        server0, ru0 = self.servers.cpu(), children_cpu()
+        server0, ru0 = self.servers.cpu(), measure.children_cpu()
         t0 = time.time()
-        result.launched = t0
         sampler = None
         flaps = self._schedule_flap()
         try:
@@ -826,27 +379,22 @@ class Bench:
             result.note += f"left {len(left)} processes running after exit: {lines}; "
             net.kill_ns_processes(net.CLIENT_NS)
         time.sleep(1.6)  # the servers' last reports of this run
-        result.cpu = children_cpu() - ru0
+        result.cpu = measure.children_cpu() - ru0
         if sampler is not None:
             result.cpu = max(result.cpu, sum(sampler.cpu.values()))
             for pid, rss in sampler.peak.items():
                 if is_worker(tool, pid, roots, sampler.cmdline.get(pid, "")):
                     result.rss_worker = max(result.rss_worker, rss)
                     result.cpu_workers += sampler.cpu.get(pid, 0.0)
-                    result.workers += 1
                 else:
                     result.rss_other = max(result.rss_other, rss)
-                    kind = process_kind(sampler.cmdline.get(pid, ""))
+                    kind = measure.process_kind(sampler.cmdline.get(pid, ""))
                     result.cpu_others[kind] = (result.cpu_others.get(kind, 0.0)
                                                + sampler.cpu.get(pid, 0.0))
         result.server_cpu = self.servers.cpu() - server0
         seen = self.servers.window(t0, t1)
-        result.series = seen["series"]
-        result.requests = seen["requests"]
-        result.connections = seen["connections"]
-        result.dns_queries = seen["dns_queries"]
-        result.tls_failed = seen["tls_failed"]
-        result.dns_pending = seen["dns_pending"]
+        for key in ("series", "requests", "connections", "dns_queries", "dns_pending"):
+            setattr(result, key, seen[key])
         for row, when, _how in seen["events"]:
             if 0 <= row < result.rows:
                 result.done_at[row] = max(when, result.done_at.get(row, 0.0))
@@ -890,7 +438,7 @@ class Bench:
 
     # -- ours
     def _launch_ours(self, run_dir: Path, *extra: str) -> list[subprocess.Popen]:
-        env = client_env(self.bundle)
+        env = dict(self.env)
         env["LAION_ALLOWED_NETWORKS"] = json.dumps([net.BENCH_NET])
         command = [str(OURS_BIN), "run", "--data-dir", str(run_dir / "data"),
                    "--parquet-dir", str(self.root / "parquet"),
@@ -930,44 +478,34 @@ class Bench:
 
     # -- img2dataset
     def _launch_img_to_dataset(self, run_dir: Path) -> list[subprocess.Popen]:
-        command = [str(I2D_VENV / "bin" / "img2dataset"),
-                   "--url_list", str(self.root / "parquet" / SUBSET),
-                   "--input_format", "parquet", "--url_col", "URL", "--caption_col", "TEXT",
-                   "--output_format", "webdataset", "--output_folder", str(run_dir / "out"),
-                   "--processes_count", "2", "--thread_count", "64",
-                   "--resize_mode", "no", "--disable_all_reencoding", "True",
-                   "--timeout", "10", "--enable_wandb", "False"]
+        command = img2dataset.command(self.i2d_python, self.root / "parquet" / SUBSET,
+                                      run_dir / "out", 2, 64, *img2dataset.RAW)
         out = open(run_dir / "img2dataset.log", "ab")  # noqa: SIM115
-        return [self.owned.popen(net.in_ns(net.CLIENT_NS, command), cwd=run_dir,
-                                 env=client_env(self.bundle), stdout=out,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)]
+        return [self.owned.popen(net.in_ns(net.CLIENT_NS, command), cwd=run_dir, env=self.env,
+                                 stdout=out, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL)]
 
     def _collect_img_to_dataset(self, run_dir: Path, result: Run) -> None:
-        import pyarrow.parquet as pq
-
-        files = sorted((run_dir / "out").glob("*.parquet"))
-        for path in files:
-            for rec in pq.read_table(path, columns=["url", "status",
-                                                    "error_message"]).to_pylist():
-                row = self.index.get(rec["url"])
-                if row is not None:
-                    result.outcome[row] = i2d_class(rec["status"], rec["error_message"])
-                    result.detail[row] = (rec["error_message"] or "")[:200]
-        if not files:
+        for url, status, message in img2dataset.rows(run_dir / "out"):
+            row = self.index.get(url)
+            if row is not None:
+                result.outcome[row] = img2dataset.classify(status, message)
+                result.detail[row] = (message or "")[:200]
+        if not any((run_dir / "out").glob("*.parquet")):
             result.error = f"no shard parquet under {run_dir}/out"
 
     # -- the bare loop
     def _launch_bare(self, run_dir: Path) -> list[subprocess.Popen]:
         out = open(run_dir / "bare.log", "ab")  # noqa: SIM115
+        a = self.args
         return [self.owned.popen(
-            net.in_ns(net.CLIENT_NS, [sys.executable, str(Path(__file__).resolve()),
-                                      "--bare-worker", "--urls", str(self.root / "urls.tsv"),
-                                      "--out", str(run_dir / "out"), "--index", str(i),
-                                      "--nproc", str(self.args.bare_procs),
-                                      "--concurrency", str(self.args.bare_concurrency),
-                                      "--dns-tries", str(self.args.bare_dns_tries or 0)]),
-            env=client_env(self.bundle), stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL) for i in range(self.args.bare_procs)]
+            net.in_ns(net.CLIENT_NS, bench_command(
+                "bare", "field", "--urls", str(self.root / "urls.tsv"), "--out",
+                str(run_dir / "out"), "--index", str(i), "--nproc", str(a.bare_procs),
+                "--concurrency", str(a.bare_concurrency), "--dns-tries",
+                str(a.bare_dns_tries or 0))),
+            env=self.env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL) for i in range(a.bare_procs)]
 
     def _collect_bare(self, run_dir: Path, result: Run) -> None:
         client_done = []
@@ -986,15 +524,6 @@ class Bench:
 
 
 # ---------------------------------------------------------------- the report
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def fmt(value, spec: str = ",.0f") -> str:
-    return "-" if value is None else format(value, spec)
-
 
 def compact_series(values: list[int], width: int = 40) -> str:
     if not values:
@@ -1019,9 +548,7 @@ def report(args: argparse.Namespace, sim: Sim, runs: list[Run], loopback: list[d
     header = (f"{'tool':<12}{'rows/s':>8}{'steady':>8}{'wall s':>8}{'tail s':>8}"
               f"{'cpu ms/row':>11}{'srv ms/row':>11}{'ok':>8}{'ok/served':>10}"
               f"{'RSS/worker MB':>14}{'other MB':>9}{'req/row':>8}{'conn/row':>9}{'dns q':>7}")
-    print("-" * len(header))
-    print(header)
-    print("-" * len(header))
+    rule = table_head(header)
     summary: dict[str, dict] = {}
     for tool in TOOLS:
         group = by_tool.get(tool)
@@ -1052,7 +579,7 @@ def report(args: argparse.Namespace, sim: Sim, runs: list[Run], loopback: list[d
               f"{fmt(s['ok']):>8}{fmt(s['ok_served']):>10}{s['rss_worker'] / mb:>14,.0f}"
               f"{s['rss_other'] / mb:>9,.0f}{fmt(s['requests'], '.2f'):>8}"
               f"{fmt(s['connections'], '.2f'):>9}{fmt(s['dns']):>7}")
-    print("-" * len(header))
+    print(rule)
     print("CPU ms/row in the worker processes alone (the rest is start-up, Dagster, enqueue, "
           "Redis): " + ", ".join(f"{tool} {fmt(s['cpu_workers'], '.2f')}"
                                  for tool, s in summary.items()))
@@ -1073,11 +600,11 @@ def report(args: argparse.Namespace, sim: Sim, runs: list[Run], loopback: list[d
     print("outcomes by class (each run):")
     for run in runs:
         counts = run.count()
-        text = ", ".join(f"{k} {v:,}" for k, v in counts.most_common())
+        text = tally(counts, spec=",")
         print(f"  round {run.round + 1} {run.tool:<12} {text}"
               + (f"  ERROR {run.error or run.warning}" if run.error or run.warning else ""))
     exp = Counter(expected)
-    print(f"  served       {', '.join(f'{k} {v:,}' for k, v in exp.most_common())}")
+    print(f"  served       {tally(exp, spec=',')}")
     print()
     print("in flight at the web servers, sampled each second: fetches (connections in their "
           "handshake round trips + requests being answered; DNS waits and connects to "
@@ -1126,23 +653,21 @@ def report(args: argparse.Namespace, sim: Sim, runs: list[Run], loopback: list[d
     for (a, b), counter in sorted(pairs.items()):
         if counter:
             print(f"  ok with {a}, failed with {b}: {sum(counter.values()):,} "
-                  f"({', '.join(f'{k} {v}' for k, v in counter.most_common())})")
+                  f"({tally(counter)})")
     for tool in TOOLS:
         if tool not in by_tool:
             continue
         counter = missed.get(tool, Counter())
         print(f"  {tool}: served correctly but failed: {sum(counter.values()):,}"
-              + (f" ({', '.join(f'{k} {v}' for k, v in counter.most_common())})"
-                 if counter else ""))
+              + (f" ({tally(counter)})" if counter else ""))
         for kind in counter:
             for example in examples[(tool, kind)]:
                 print(f"      e.g. {example}")
         if false_ok.get(tool):
-            print(f"  {tool}: served as a failure but counted ok: "
-                  + ", ".join(f"{k} {v}" for k, v in false_ok[tool].most_common()))
+            print(f"  {tool}: served as a failure but counted ok: {tally(false_ok[tool])}")
         if mismatch.get(tool):
             print(f"  {tool}: failed with another class than served (served->got): "
-                  + ", ".join(f"{k} {v}" for k, v in mismatch[tool].most_common(8)))
+                  + tally(mismatch[tool], 8))
     halves = half_dead(sim, runs)
     # ratios and targets
     ours, bare, i2d = summary.get("ours", {}), summary.get("bare", {}), \
@@ -1251,8 +776,7 @@ def later_tries(targets: Targets, sim: Sim, runs: list[Run], ours: dict, once: d
     if compared:
         targets.add("later tries: rows answered alike have one class in ours and ours-once",
                     f"{sum(differ.values()):,} differ over {compared} round(s)"
-                    + (f" ({', '.join(f'{k} {v}' for k, v in differ.most_common(5))})"
-                       if differ else ""), not differ)
+                    + (f" ({tally(differ, 5)})" if differ else ""), not differ)
 
 
 # ---------------------------------------------------------------- the loopback benchmark
@@ -1263,9 +787,9 @@ def run_loopback(owned: Owned, root: Path, images: int, index: int) -> dict:
     It runs in a session of its own, as our other processes: Ctrl-C here stops it with
     SIGTERM (cleanup), on which it stops its nginx and its run in order."""
     out = root / f"loopback-{index}.json"
-    command = [sys.executable, str(HERE / "compare.py"), "--images", str(images),
-               "--rounds", "1", "--modes", "https-newconn", "--tools", "run",
-               "--enqueue-rounds", "0", "--json", str(out), "--tmp", str(root)]
+    command = bench_command("compare", "--images", str(images), "--rounds", "1", "--modes",
+                            "https-newconn", "--tools", "run", "--enqueue-rounds", "0",
+                            "--json", str(out), "--tmp", str(root))
     with open(root / f"loopback-{index}.log", "wb") as log_file:
         done = owned.popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                            stdin=subprocess.DEVNULL)
@@ -1289,31 +813,28 @@ def loopback_line(result: dict) -> str:
 
 # ---------------------------------------------------------------- self-check
 
-def self_check(args: argparse.Namespace) -> int:
+def self_check(rows: list) -> int:
     """Run inside fieldclient: one row of each kind the simulation serves, fetched with urllib
     (as img2dataset does), must fail or succeed as planned; also proves the trust bundle and
     the resolver work. Prints one JSON line."""
     import concurrent.futures
     import urllib.request
 
-    rows = json.loads(args.check_rows)
-
     def fetch(item):
         row, url, want = item
         try:
-            with urllib.request.urlopen(url, timeout=args.check_timeout) as response:
+            with urllib.request.urlopen(url, timeout=CHECK_TIMEOUT) as response:
                 if "noai" in ",".join(response.headers.get_all("X-Robots-Tag") or []):
                     got, status, message = "opted_out", "failed", ""
                 else:
                     body = response.read()
-                    got = "ok" if body.startswith(IMAGE_MAGIC) or body[8:12] == b"WEBP" \
-                        else "not_image"
+                    got = "ok" if looks_like_image(body) else "not_image"
                     if body.startswith(b"\xff\xd8\xff") and body[3:6] == bytes([7, 10, 13]):
                         got = "decode_error"
                     status, message = "success", ""
         except Exception as error:  # what img2dataset would record
             status, message = "failed_to_download", str(error)
-            got = i2d_class(status, message)
+            got = img2dataset.classify(status, message)
         return row, want, got, message[:120]
 
     with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:
@@ -1333,11 +854,10 @@ def run_self_check(sim: Sim, bundle: Path, root: Path) -> None:
         seen.add(kind)
         chosen.append([row, sim.urls[row], expected_class(kind)])
     started = time.monotonic()
-    command = net.in_ns(net.CLIENT_NS, [sys.executable, str(Path(__file__).resolve()),
-                                        "--self-check", "--check-rows", json.dumps(chosen),
-                                        "--check-timeout", "3"])
-    out = subprocess.run(command, env=client_env(bundle), capture_output=True, text=True,
-                         timeout=120, cwd=root)
+    command = net.in_ns(net.CLIENT_NS, bench_command("field", "--self-check",
+                                                     json.dumps(chosen)))
+    out = subprocess.run(command, env=measure.client_env(bundle), capture_output=True, text=True,
+                         timeout=120, cwd=measure.REPO)
     if out.returncode != 0:
         raise RuntimeError(f"self-check failed: {out.stderr[-2000:]}")
     wrong = []
@@ -1355,23 +875,14 @@ def run_self_check(sim: Sim, bundle: Path, root: Path) -> None:
 
 # ---------------------------------------------------------------- main
 
-def ensure_img2dataset() -> None:
-    if (I2D_VENV / "bin" / "img2dataset").exists():
-        return
-    log(f"creating {I2D_VENV} with img2dataset {I2D_VERSION} (once)")
-    subprocess.run(["python3", "-m", "venv", str(I2D_VENV)], check=True)
-    subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "-q",
-                    f"img2dataset=={I2D_VERSION}"], check=True)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--parts", type=int, default=4, help="parquet parts (one subset)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--img2dataset-rounds", type=int, default=1, help=(
-        "rounds img2dataset takes part in (the first ones): at ~17 rows/s, each of its runs "
-        "of 20,000 rows takes ~20 minutes, and its figures vary less than the others'"))
+        "rounds img2dataset takes part in (the first ones): a run of it takes many times "
+        "the others', and its figures vary less than theirs"))
     parser.add_argument("--tools", default=",".join(TOOLS),
                         help=f"comma-separated, of {', '.join(TOOLS)} (default: all)")
     parser.add_argument("--seed", type=int, default=0)
@@ -1403,17 +914,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="c-ares tries for the bare loop (default: c-ares's own, 3)")
     parser.add_argument("--run-timeout", type=float, default=3600.0)
     parser.add_argument("--tmp", type=Path, default=None, help="parent of the work directory")
-    # children
-    parser.add_argument("--bare-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--self-check", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--check-rows", help=argparse.SUPPRESS)
-    parser.add_argument("--check-timeout", type=float, default=3.0, help=argparse.SUPPRESS)
-    parser.add_argument("--urls", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--nproc", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--concurrency", type=int, default=256, help=argparse.SUPPRESS)
-    parser.add_argument("--dns-tries", type=int, default=0, help=argparse.SUPPRESS)
+    img2dataset.add_option(parser)
+    # a child: the self-check, run inside the client namespace
+    parser.add_argument("--self-check", metavar="ROWS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.rounds = 2_000, 1
@@ -1422,19 +925,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if args.bare_worker:
-        return bare_worker(args)
     if args.self_check:
-        return self_check(args)
+        return self_check(json.loads(args.self_check))
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     if set(tools) - set(TOOLS):
         raise SystemExit(f"unknown tools: {', '.join(sorted(set(tools) - set(TOOLS)))}")
     problems = net.preflight()
-    if "loopback" in tools and not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
+    if "loopback" in tools and not nginx_binary():
         problems.append("nginx not found, which the loopback tool needs (apt-get install -y "
                         "nginx), or leave it out: --tools ours,img2dataset,bare,ours-lab")
     if "ours" in tools and not OURS_BIN.exists():
-        problems.append(f"{OURS_BIN} not found (pip install -e . in {REPO}/.venv)")
+        problems.append(f"{OURS_BIN} not found (pip install -e . in {measure.REPO}/.venv)")
     try:
         import aiodns  # noqa: F401
     except ImportError:
@@ -1443,6 +944,7 @@ def main() -> int:
     if problems:
         raise SystemExit("cannot run:\n  " + "\n  ".join(problems))
     lock = net.Lock()  # noqa: F841 - held until exit
+    measure.clean_environ()
     owned = Owned()
     parent = Path(args.tmp or tempfile.gettempdir())
     for stale in parent.glob("laion-field-*/.running"):  # a crashed run's (we hold the lock)
@@ -1464,18 +966,13 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     atexit.register(cleanup)
-
-    def on_signal(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    measure.stop_on_signals()
     try:
         if net.ns_exists(net.WEB_NS) or net.ns_exists(net.CLIENT_NS):
             log("removing the namespaces a previous run left")
         net.teardown()
-        if "img2dataset" in tools:
-            ensure_img2dataset()
+        i2d = img2dataset.find_python(args.img2dataset_python) if "img2dataset" in tools \
+            else None
         log(f"work directory {root}; load average {os.getloadavg()[0]:.2f}")
         started = time.perf_counter()
         pool = make_pool(root / "pool", args.pool, args.seed)
@@ -1498,7 +995,7 @@ def main() -> int:
             f"{args.web_procs} web server processes on {net.HOST_NET} :80 and :443; "
             f"nftables drops {len(by_net['blackhole'])} blackholed addresses")
         run_self_check(sim, bundle, root)
-        bench = Bench(args, owned, root, sim, servers, bundle)
+        bench = Bench(args, owned, root, sim, servers, bundle, i2d)
         runs: list[Run] = []
         loopback: list[dict] = []
         for round_ in range(args.rounds):

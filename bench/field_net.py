@@ -22,8 +22,8 @@ CDN dropping connections during a deploy).
 Certificates: a test CA and three server certificates, all ECDSA P-256 (cheap handshakes for
 the servers): `*.sim.test` signed by the CA, `*.elsewhere.test` signed by the CA (a wrong
 name) and a self-signed `*.sim.test` (untrusted); the web server picks one by SNI. Clients
-trust the CA through a copy of the machine's whole CA bundle with the test CA appended, so
-building an SSL context costs what it costs on the real web (see bench/compare.py).
+trust the CA through a copy of the machine's whole CA bundle with the test CA appended
+(bench/measure.py's trust_bundle says why).
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
+
+from bench.measure import trust_bundle
 
 WEB_NS = "fieldweb"
 CLIENT_NS = "fieldclient"
@@ -45,8 +48,7 @@ DNS_IP = WEB_LINK_IP
 HOST_NET = "198.18.0.0/16"  # where the web's hosts live
 BENCH_NET = "198.18.0.0/15"  # everything the namespaces ever use
 NETNS_ETC = Path("/etc/netns")
-SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-LOCK_FILE = Path("/tmp/laion-field-bench.lock")
+LOCK_FILE = Path(tempfile.gettempdir()) / "laion-field-bench.lock"
 DOMAIN = "sim.test"
 
 
@@ -250,7 +252,4 @@ def make_certs(directory: Path) -> Path:
              "-nodes", "-keyout", str(d / "untrusted.key"), "-out", str(d / "untrusted.pem"),
              "-days", "2", "-subj", f"/CN=*.{DOMAIN}",
              "-addext", f"subjectAltName=DNS:*.{DOMAIN},DNS:{DOMAIN}")
-    system = SYSTEM_CA_BUNDLE.read_text() if SYSTEM_CA_BUNDLE.exists() else ""
-    bundle = d / "ca-bundle.pem"
-    bundle.write_text(system + (d / "ca.pem").read_text())
-    return bundle
+    return trust_bundle(d / "ca.pem", d / "ca-bundle.pem")

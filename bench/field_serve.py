@@ -1,10 +1,10 @@
 """The simulated internet's servers: one DNS server and the web servers (run by bench/field.py).
 
-    python bench/field_serve.py dns --plan PLAN --listen 198.19.0.1
-    python bench/field_serve.py web --plan PLAN --certs DIR [--index N]
+    python -m bench.field_serve dns --plan PLAN --listen 198.19.0.1
+    python -m bench.field_serve web --plan PLAN --certs DIR [--index N]
 
 Both run inside the web namespace that bench/field_net.py makes, and read the plan that
-bench/field.py writes (every name, address and row, with how each behaves), so that a row
+bench/field_sim.py writes (every name, address and row, with how each behaves), so that a row
 behaves the same way for every tool: its behaviour comes from the plan, found by the row number
 in the URL's path, never from anything random at serving time.
 
@@ -163,7 +163,6 @@ class World:
         self.setup = 0  # connections in their handshake round trips
         self.requests_active = 0
         self.requests = 0
-        self.handshake_failures = 0
         self.done: list = []
         # SIGUSR1: the lab (no round trips, no transfer rates; failures stay as planned),
         # SIGUSR2: the field again.
@@ -437,11 +436,11 @@ async def serve_web(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
 
     def quiet(_loop, context: dict) -> None:
-        """Failed handshakes are the point of some hosts: counted, not logged."""
+        """Failed handshakes are the point of some hosts: not logged."""
         text = f"{context.get('message', '')} {context.get('exception', '')}"
         if "handshake" in text.lower() or "ssl" in text.lower():
-            world.handshake_failures += 1
-        elif not isinstance(context.get("exception"), ConnectionError | OSError):
+            return
+        if not isinstance(context.get("exception"), ConnectionError | OSError):
             print(f"web server: {text}", file=sys.stderr, flush=True)
 
     loop.set_exception_handler(quiet)
@@ -459,7 +458,7 @@ async def serve_web(args: argparse.Namespace) -> None:
         print(json.dumps({"t": round(time.time(), 3), "conns": world.conns,
                           "reqs": world.requests_active + world.setup,
                           "requests": world.requests, "accepted": world.accepted,
-                          "tls_failed": world.handshake_failures, "done": done}), flush=True)
+                          "done": done}), flush=True)
     del servers
 
 

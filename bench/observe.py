@@ -2,7 +2,7 @@
 the events it writes, with LAION-5B's 384 parts in a real sqlite Dagster instance and a real
 (embedded) Redis, 8 of them downloading.
 
-    python bench/observe.py [--ticks 240] [--downloading 8] [--parts 384] [--hours-per-part 12]
+    python -m bench.observe [--ticks 240] [--downloading 8] [--parts 384] [--hours-per-part 12]
 
 The ticks run back to back on a simulated clock, each `observe_interval` (30 s) after the
 last: every downloading part completes the shards its rate gives (a part takes
@@ -31,7 +31,7 @@ from laion_dagster.core.control import progress
 from laion_dagster.core.control.hosts import HostReport
 from laion_dagster.core.queue import embedded
 from laion_dagster.core.queue.connection import connect
-from laion_dagster.core.queue.protocol import Outcome, Queue, Task
+from laion_dagster.core.queue.protocol import Claim, Outcome, Queue
 from laion_dagster.core.settings import Settings
 from laion_dagster.dagster_home import ensure_dagster_home
 from laion_dagster.defs.partitions import PARTS
@@ -52,7 +52,7 @@ def start(queue: Queue, key: str) -> int:
 
 
 def complete(queue: Queue, key: str, generation: int, shard: int) -> None:
-    queue.complete(Task("0-1", key, str(generation), shard, SHARD, b""),
+    queue.complete(Claim("0-1", key, str(generation), shard, SHARD, b""),
                    Outcome(ok=7_000, failed=3_000, bytes=7_000 * 12_000,
                            classes={"http_4xx": 1_800, "connection": 700, "dns": 500}))
 

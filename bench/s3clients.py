@@ -1,6 +1,6 @@
 """The S3 clients we could upload shards with, side by side: MB/s and client CPU per MB.
 
-    python bench/s3clients.py [--files 12] [--mb 8] [--rounds 3]
+    python -m bench.s3clients [--files 12] [--mb 8] [--rounds 3]
 
 Each client uploads the same files (a shard-sized tar of random bytes, read from disk as a
 worker does) to bench/s3sink.py on loopback, in rotated order over rounds; CPU is this
@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import socket
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from measure import wait_for_port  # bench/, beside this script
-
-KEY, SECRET = "bench", "bench-secret"
+from bench.measure import Owned, clean_environ, free_ports
+from bench.s3sink import KEY, SECRET, S3Server
 
 
 def _pyarrow(endpoint: str):
@@ -80,15 +78,11 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    clean_environ()
+    owned = Owned()
     root = Path(tempfile.mkdtemp(prefix="laion-s3clients-"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    sink = subprocess.Popen([sys.executable, str(Path(__file__).with_name("s3sink.py")),
-                             "--root", str(root / "sink"), "--port", str(port)])
     try:
-        wait_for_port(port, sink, "bench/s3sink.py")
-        endpoint = f"http://127.0.0.1:{port}"
+        endpoint = S3Server(owned, "sink", root / "sink", free_ports(1)[0], root / "sink.log").url
         files = []
         for n in range(args.files):
             path = root / f"{n:05d}.tar"
@@ -118,10 +112,7 @@ def main() -> int:
             print(f"not installed here: {', '.join(skipped)}")
         return 0
     finally:
-        sink.terminate()
-        sink.wait(10)
-        import shutil
-
+        owned.stop_all()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,13 +1,16 @@
 """A fast S3 API server for benchmarks: objects go to files in a folder, nothing else.
 
-    python bench/s3sink.py --root /tmp/sink --port 9100
+    python -m bench.s3sink --root DIR --port 9100
 
-moto (what the tests use) is faithful but spends about as much CPU per uploaded byte as the
-client does, so on a 2-core machine it is the limit of a loopback benchmark. This server does
+moto (what the tests use) is faithful but heavy per uploaded byte, so on a machine of few
+cores it, not the client, is the limit of a loopback benchmark. This server does
 only what a shard upload needs, in aiohttp, with bodies streamed to disk: PutObject, the four
 multipart calls, HeadObject, GetObject (with Range), DeleteObject, HeadBucket and
 ListObjectsV2 (prefix and delimiter). It checks no signature and keeps no metadata but size
 and time. Not for anything but benchmarks on loopback.
+
+S3Server starts it, or moto's server, as a process of a benchmark's (bench/bucket.py,
+bench/s3clients.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from email.utils import formatdate
@@ -23,7 +28,40 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
+from bench.measure import Owned, bench_command, cpu_of, wait_for_port
+
 CHUNK = 1 << 20
+KEY, SECRET = "bench", "bench-secret"  # any will do: nothing checks them
+AWS = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1",
+       "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+class S3Server:
+    """An S3 API server process of ours on a loopback port: this sink (`kind` "sink", its
+    objects under `root`) or moto's server ("moto"); its CPU time, and buckets made in it."""
+
+    def __init__(self, owned: Owned, kind: str, root: Path, port: int, log: Path):
+        self.name = kind
+        self.url = f"http://127.0.0.1:{port}"
+        argv = (bench_command("s3sink", "--root", str(root), "--port", str(port))
+                if kind == "sink" else
+                [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p",
+                 str(port)])
+        with open(log, "ab") as out:
+            self.proc = owned.popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **AWS})
+        wait_for_port(port, self.proc, f"{kind} (log: {log})")
+
+    def cpu(self) -> float:
+        return cpu_of([self.proc.pid])
+
+    def make_bucket(self, bucket: str) -> None:
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(endpoint_override=self.url.removeprefix("http://"),
+                               scheme="http", region="us-east-1", allow_bucket_creation=True,
+                               access_key=KEY, secret_key=SECRET)
+        fs.create_dir(bucket)
 
 
 def _xml(body: str, status: int = 200) -> web.Response:

@@ -1,7 +1,7 @@
 """Soak run: a worker pool downloads a LAION-like dataset while it is being knocked over.
 
-    python bench/soak.py                 # 200,000 rows (about ten minutes on two cores)
-    python bench/soak.py --rows 20000 --kill-interval 5
+    python -m bench.soak                 # 200,000 rows
+    python -m bench.soak --rows 20000 --kill-interval 5
 
 Everything runs on loopback: its own embedded Redis (a fresh data directory, append-only
 file) and its own image server, with host names mapped straight to 127.0.0.1 (no DNS). The
@@ -10,8 +10,8 @@ downloads them; meanwhile one worker process is SIGKILLed every --kill-interval 
 supervisor restarts it), the whole pool is killed and started again a few times, and Redis is
 SIGKILLed once and restarted on the same directory (it replays its append-only file). When
 every part is done the parts are finalized and the outputs are checked from disk: every input
-row must be in exactly one shard parquet (or be an invalid URL), no sample may be in two tars,
-and Redis's counters must agree with the files. Prints one table; exits 1 if anything was
+row must be in exactly one shard parquet (invalid URLs too, as failed), no sample may be in two
+tars, and Redis's counters must agree with the files. Prints one table; exits 1 if anything was
 lost or duplicated or the counters disagree.
 """
 
@@ -38,6 +38,8 @@ import psutil
 import pyarrow.parquet as pq
 import redis
 
+from bench.measure import REPO, clean_environ, stop_on_signals, stop_redis
+from bench.report import log, tally
 from laion_dagster.core.control.accounting import finalize_part
 from laion_dagster.core.control.enqueue import enqueue_part
 from laion_dagster.core.input import parts
@@ -49,14 +51,9 @@ from laion_dagster.core.shards.files import leftovers
 from laion_dagster.demo.dataset import DemoDataset, make_images, write_dataset
 from laion_dagster.demo.server import ImageServer
 
-REPO = Path(__file__).resolve().parent.parent
 HOSTS = tuple(f"img-{c}.test" for c in "abcdefgh")
 SHARD_FILE = re.compile(r"^(\d+)\.parquet$")
 TAR_FILE = re.compile(r"^(\d+)\.tar$")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # ---------------------------------------------------------------- the worker pool
@@ -65,7 +62,7 @@ class Pool:
     """One `laion-dagster worker` at a time, in its own process group, logging to a file."""
 
     def __init__(self, settings: Settings, log_path: Path):
-        # main() has cleared LAION_* and set NO_ALBUMENTATIONS_UPDATE=1 already.
+        # main() has cleaned the environment already (bench/measure.py's clean_environ).
         self.env = {**os.environ, **settings.to_env()}
         self.grace = settings.shutdown_grace
         self.log_path = log_path
@@ -274,7 +271,7 @@ class PartCheck:
     lost: int = 0
     duplicated: int = 0
     missing_images: int = 0  # success rows without their image in the tar
-    invalid_downloaded: int = 0  # invalid rows that were nonetheless in a shard
+    invalid_downloaded: int = 0  # invalid rows with another outcome than invalid_url
     error_file_mismatch: int = 0
     outcome_mismatch: Counter = field(default_factory=Counter)
     counters: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (redis, files)
@@ -317,10 +314,13 @@ def check_part(settings: Settings, queue: Queue, part: parts.Part,
                 duplicated.add(int(stem))
     check.duplicated = len(duplicated)
     check.missing_images = sum(1 for name in wanted_images if name not in members)
+    # A row rejected at enqueue is in its shard parquet too, failed as invalid_url; the
+    # queue counts it as invalid, not failed.
     check.ok = sum(1 for s in status.values() if s == "success")
-    check.failed = len(status) - check.ok
-    check.invalid_downloaded = len(invalid & status.keys())
-    check.invalid = len(invalid - status.keys())
+    check.invalid = sum(1 for r in invalid if status.get(r) == "invalid_url")
+    check.invalid_downloaded = sum(1 for r in invalid if status.get(r, "invalid_url")
+                                   != "invalid_url")
+    check.failed = len(status) - check.ok - check.invalid
     for row, actual in status.items():
         expected = dataset.expected_by_row[(part.path.name, row)]
         if actual != expected:
@@ -333,10 +333,10 @@ def check_part(settings: Settings, queue: Queue, part: parts.Part,
     error_classes = errors.column("error_class").to_pylist()
     dead = {r for r, c in zip(error_rows, error_classes, strict=True) if c == "dead_letter"}
     check.dead = len(dead - status.keys())
-    expected_errors = {r for r, s in status.items() if s != "success"} | invalid | dead
+    expected_errors = {r for r, s in status.items() if s != "success"} | dead
     check.error_file_mismatch = (len(set(error_rows) ^ expected_errors)
                                  + len(error_rows) - len(set(error_rows)))
-    check.lost = len(set(range(check.rows)) - status.keys() - invalid - dead)
+    check.lost = len(set(range(check.rows)) - status.keys() - dead)
 
     state = queue.part(part.key)
     check.counters = {
@@ -389,10 +389,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    # Nothing started here may phone home or read the caller's LAION_* settings.
-    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
-    for name in [n for n in os.environ if n.startswith("LAION_")]:
-        del os.environ[name]
+    clean_environ()
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="laion-soak-"))
     rows_per_part = args.rows // args.parts
@@ -411,10 +408,7 @@ def main() -> int:
     sampling: threading.Thread | None = None
     failed = True
 
-    def on_sigterm(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    stop_on_signals()
     wall = time.monotonic()
     try:
         log(f"soak in {root}: {args.rows:,} rows, watermark {watermark:,}, "
@@ -565,16 +559,6 @@ class Hang(RuntimeError):
     """No progress for --stall-timeout seconds."""
 
 
-def stop_redis(directory: Path) -> None:
-    state = embedded.read_state(directory)
-    embedded.stop(directory)
-    if state is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(state.pid, signal.SIGKILL)  # no-op unless SIGTERM was not enough
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(state.pid, os.WNOHANG)
-
-
 def check_loopback_only(dataset: DemoDataset, settings: Settings) -> None:
     """Every URL a worker may fetch names a mapped host or one the static resolver refuses."""
     import asyncio
@@ -638,8 +622,7 @@ def report(args, settings: Settings, checks: list[PartCheck], events: Events,
         ("counters redis/files", "agree" if agree else "DISAGREE"),
         *[(f"  {name}", f"{a:,} / {b:,}" + ("" if a == b else "  <-- differs"))
           for name, (a, b) in counters.items()],
-        ("outcome != expected", ", ".join(f"{k} {v}" for k, v in mismatches.most_common(6))
-         or "none"),
+        ("outcome != expected", tally(mismatches, 6) or "none"),
         ("worker kills", f"{events.worker_kills}"),
         ("pool restarts", f"{events.pool_restarts} of {args.pool_restarts} planned "
                           f"(pool crashes: {events.pool_crashes})"),

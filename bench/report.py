@@ -1,7 +1,37 @@
-"""The targets a benchmark checks, one PASS/FAIL/NOT RUN line each (bench/compare.py and
-bench/field.py print theirs the same way, so a reader compares them at a glance)."""
+"""What the benchmarks print: timestamped progress lines, medians and figures, and the targets
+each checks (one PASS/FAIL/NOT RUN line each, printed alike by every benchmark so that a reader
+compares them at a glance)."""
 
 from __future__ import annotations
+
+import statistics
+import time
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def median(values):
+    """The median of the values that are not None; None when none is."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value, spec: str = ",.0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def tally(counter, most: int | None = None, spec: str = "") -> str:
+    """A Counter's most common entries as "name count, name count"."""
+    return ", ".join(f"{k} {v:{spec}}" for k, v in counter.most_common(most))
+
+
+def table_head(header: str) -> str:
+    """Print a table's header between two rules; returns the rule, to close the table with."""
+    rule = "-" * len(header)
+    print(rule, header, rule, sep="\n")
+    return rule
 
 
 class Targets:

@@ -1,0 +1,1 @@
+"""laion-dagster's benchmarks, each run from the repository's root as `python -m bench.NAME`."""
