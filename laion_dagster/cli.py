@@ -213,7 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "host_map": {host: "127.0.0.1" for host in DEMO_HOSTS}, "timeout": 10.0,
         "heartbeat_interval": 2.0,
         # Its server drops some first requests on purpose (/flaky/): a short wait shows the
-        # later tries at work without making the demo wait 20 s for them.
+        # later tries at work without making the demo wait the default retry_delay.
         "retry_delay": args.retry_delay if args.retry_delay is not None else 3.0,
     })
     with exclusive.hold(demo_dir, "laion-dagster demo"):
@@ -468,94 +468,81 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="laion-dagster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, summary: str, description: str,
-                usage: str | None = None) -> argparse.ArgumentParser:
+    def command(name: str, summary: str, description: str, func=None, usage: str | None = None,
+                settings: str | None = None, parent=sub) -> argparse.ArgumentParser:
+        """A subcommand with the settings flags it takes (`settings`: its entry in
+        COMMAND_SETTINGS; None takes every setting) and the function that runs it."""
         # Commands that take every setting get a short usage line: the settings are listed
         # below the description, not in a wall of flags above it.
-        return sub.add_parser(name, help=summary, description=description, usage=usage,
-                              formatter_class=_HelpFormatter)
+        made = parent.add_parser(name, help=summary, description=description, usage=usage,
+                                 formatter_class=_HelpFormatter)
+        if func is not None:
+            _common(made, settings)
+            made.set_defaults(func=func)
+        return made
 
-    run = command("run", "download every part of a folder, then exit",
-                  "Download every part at --parquet-dir into --store-dir on this machine, "
-                  "through Dagster, with a local worker pool. Give both (or --data-dir, "
-                  "which holds parquet/ and store/). --parquet-dir is one file, a folder of "
-                  "files (its name is the subset) or a folder of subset folders (LAION's "
-                  "releases); each file is a part: parquet, csv, tsv, txt (one URL a line), "
-                  "json or jsonl, those but parquet also gzipped (.csv.gz). URLs are read "
-                  "from the URL/url column (--url-column), captions from TEXT/caption "
-                  "(--caption-column). Private, loopback and link-local addresses are refused "
-                  "(class blocked_address) unless --allow-private-addresses (or "
-                  "--allowed-networks CIDR,...) is given. Exit 0 when every part is final, 1 "
-                  "when a part fails or nothing can move for stall_timeout, 2 for a mistake "
-                  "before anything starts, 130/143 on Ctrl-C/SIGTERM after stopping "
-                  "everything it started. Running it again resumes. Its queue and Dagster "
-                  "instance live in --data-dir, else beside the store "
-                  "(<store_dir>/.laion-dagster).",
-                  "laion-dagster run --parquet-dir PATH --store-dir PATH [settings ...]")
-    _common(run)
-    run.set_defaults(func=cmd_run)
-    demo = command("demo", "run on a generated dataset served from loopback",
-                   "Generate a small LAION-like dataset in <data_dir>/demo, serve its images "
-                   "from a loopback server, and download it with `run`. The demo clears only "
-                   "the folder it made (it holds a .laion-dagster-demo marker).",
-                   "laion-dagster demo [--rows-per-part N] [settings ...]")
-    _common(demo)
-    demo.add_argument("--rows-per-part", dest="rows_per_part", type=int, default=1000,
-                      help="rows in each of the four generated parts (default: %(default)s)")
-    demo.set_defaults(func=cmd_demo)
-    up = command("up", "embedded Redis + dagster dev + a local worker pool",
-                 "Start the embedded Redis, `dagster dev` (UI and daemon, sensors on) and a "
-                 "local worker pool; one Ctrl-C stops all three.",
-                 "laion-dagster up [--port PORT] [settings ...]")
-    _common(up)
-    up.add_argument("--port", type=int, default=3000, help="the UI's port (default: 3000)")
-    up.set_defaults(func=cmd_up)
-    worker = command("worker", "a worker pool on this host (downloader.py)",
-                     "Run P worker processes × C fetches against the queue until stopped "
-                     "(SIGTERM/Ctrl-C finish or hand back their shards).",
-                     "laion-dagster worker [settings ...]")
-    _common(worker)
-    worker.set_defaults(func=cmd_worker)
+    command("run", "download every part of a folder, then exit",
+            "Download every part at --parquet-dir into --store-dir on this machine, through "
+            "Dagster, with a local worker pool. Give both (or --data-dir, which holds "
+            "parquet/ and store/). --parquet-dir is one file, a folder of files (its name is "
+            "the subset) or a folder of subset folders (LAION's releases); each file is a "
+            "part: parquet, csv, tsv, txt (one URL a line), json or jsonl, those but parquet "
+            "also gzipped (.csv.gz). URLs are read from the URL/url column (--url-column), "
+            "captions from TEXT/caption (--caption-column). Private, loopback and link-local "
+            "addresses are refused (class blocked_address) unless --allow-private-addresses "
+            "(or --allowed-networks CIDR,...) is given. Exit 0 when every part is final, 1 "
+            "when a part fails or nothing can move for stall_timeout, 2 for a mistake before "
+            "anything starts, 130/143 on Ctrl-C/SIGTERM after stopping everything it started. "
+            "Running it again resumes. Its queue and Dagster instance live in --data-dir, else "
+            "beside the store (<store_dir>/.laion-dagster).", cmd_run,
+            "laion-dagster run --parquet-dir PATH --store-dir PATH [settings ...]")
+    command("demo", "run on a generated dataset served from loopback",
+            "Generate a small LAION-like dataset in <data_dir>/demo, serve its images from a "
+            "loopback server, and download it with `run`. The demo clears only the folder it "
+            "made (it holds a .laion-dagster-demo marker).", cmd_demo,
+            "laion-dagster demo [--rows-per-part N] [settings ...]",
+            ).add_argument("--rows-per-part", dest="rows_per_part", type=int, default=1000,
+                           help="rows in each of the four generated parts "
+                                "(default: %(default)s)")
+    command("up", "embedded Redis + dagster dev + a local worker pool",
+            "Start the embedded Redis, `dagster dev` (UI and daemon, sensors on) and a local "
+            "worker pool; one Ctrl-C stops all three.", cmd_up,
+            "laion-dagster up [--port PORT] [settings ...]",
+            ).add_argument("--port", type=int, default=3000, help="the UI's port (default: 3000)")
+    command("worker", "a worker pool on this host (downloader.py)",
+            "Run P worker processes × C fetches against the queue until stopped "
+            "(SIGTERM/Ctrl-C finish or hand back their shards).", cmd_worker,
+            "laion-dagster worker [settings ...]")
     status = command("status", "queue, rates, ETA, parts and hosts (speed.py)",
                      "Show the queue depth, recent and hourly rates, ETAs, every part and every "
-                     "worker host, from named Redis keys only.")
-    _common(status, "status")
+                     "worker host, from named Redis keys only.", cmd_status, settings="status")
     status.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                         help="redraw every SECONDS (2 if not given) until Ctrl-C")
     status.add_argument("--json", action="store_true",
                         help="print the same figures as JSON, for scripts")
-    status.set_defaults(func=cmd_status)
     errors = command("errors", "a part's failed rows (save_error_task.py)",
                      "Export a part's failed rows, or queue some of them again.")
     errors_sub = errors.add_subparsers(dest="errors_command", required=True)
-    export = errors_sub.add_parser("export", help="write a part's failed rows to files",
-                                   description="Write a part's failed and invalid rows as "
-                                               "parquet and JSON lines.")
-    _common(export, "export")
-    export.add_argument("part", help=PART_HELP)
+    export = command("export", "write a part's failed rows to files",
+                     "Write a part's failed and invalid rows as parquet and JSON lines.",
+                     cmd_errors_export, settings="export", parent=errors_sub)
     export.add_argument("--out", type=Path, help="folder for the files (default: here)")
-    export.set_defaults(func=cmd_errors_export)
-    retry = errors_sub.add_parser("retry", help="queue a part's failed rows again",
-                                  description="Queue a finished part's failed rows of some "
-                                              "error classes again (only those rows).")
-    _common(retry, "retry")
-    retry.add_argument("part", help=PART_HELP)
+    retry = command("retry", "queue a part's failed rows again",
+                    "Queue a finished part's failed rows of some error classes again (only "
+                    "those rows).", cmd_errors_retry, settings="retry", parent=errors_sub)
     retry.add_argument("--classes", default="timeout,connection,dns,http_5xx",
                        help="error classes to retry, comma-separated (default: %(default)s)")
-    retry.set_defaults(func=cmd_errors_retry)
-    reset = command("reset", "start a part over as a new generation",
-                    "Drop a part's queued shards and counts; its next enqueue starts it over "
-                    "with the current settings (shards complete on disk are kept).")
-    _common(reset, "reset")
-    reset.add_argument("part", help=PART_HELP)
-    reset.set_defaults(func=cmd_reset)
-    discover = command("discover", "add new parts as Dagster partitions",
-                       "Add a Dagster partition for every part under --parquet-dir, and list "
-                       "the files that cannot be parts, with why.")
-    _common(discover, "discover")
-    discover.add_argument("--prune", action="store_true",
-                          help="remove partitions that have no part file any more")
-    discover.set_defaults(func=cmd_discover)
+    command("reset", "start a part over as a new generation",
+            "Drop a part's queued shards and counts; its next enqueue starts it over with the "
+            "current settings (shards complete on disk are kept).", cmd_reset,
+            settings="reset")
+    command("discover", "add new parts as Dagster partitions",
+            "Add a Dagster partition for every part under --parquet-dir, and list the files "
+            "that cannot be parts, with why.", cmd_discover, settings="discover",
+            ).add_argument("--prune", action="store_true",
+                           help="remove partitions that have no part file any more")
+    for name, parsers in (("export", errors_sub), ("retry", errors_sub), ("reset", sub)):
+        parsers.choices[name].add_argument("part", help=PART_HELP)
     return parser
 
 

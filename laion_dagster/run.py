@@ -5,7 +5,7 @@ part's enqueue runs as `dagster asset materialize` in its own process (so a huge
 the high watermark does not stall the rest), finished parts are finalized in-process, and a
 local worker pool downloads. Running it again resumes: finished parts are skipped, and a part
 enqueued half way continues where it stopped; a part whose state was made for another store, or
-whose shards have gone from the store, is downloaded again (see core/provenance.py).
+whose shards have gone from the store, is downloaded again (see core/control/provenance.py).
 
 It owns what it starts: the state folder (one command at a time), the embedded Redis (stopped at
 the end if it started it), the worker pool (started again if it dies) and the enqueue processes.
@@ -46,7 +46,8 @@ from laion_dagster.core.settings import Settings
 from laion_dagster.dagster_home import ensure_dagster_home
 from laion_dagster.usage import UsageError
 
-if TYPE_CHECKING:  # Dagster is imported once the pool is starting: a second saved
+if TYPE_CHECKING:  # Dagster is imported once the pool is starting, its slow import
+    # overlapping the pool's own start-up
     from dagster import DagsterInstance
 
 # A pool that dies this many times in a row, each within POOL_QUICK_DEATH seconds of its start,
@@ -54,8 +55,8 @@ if TYPE_CHECKING:  # Dagster is imported once the pool is starting: a second sav
 POOL_MAX_QUICK_DEATHS = 3
 POOL_QUICK_DEATH = 60.0
 LINE_EVERY = 5.0
-# Parts up to this many rows are enqueued in this process (a second or two of work); bigger
-# ones in `dagster asset materialize` processes, as many at once as policy.py allows.
+# Parts up to this many rows are enqueued in this process (quick work); bigger ones in
+# `dagster asset materialize` processes, as many at once as core/control/policy.py allows.
 IN_PROCESS_ROWS = 1_000_000
 ENQUEUE_GRACE = 10.0  # an enqueue process stops at once: it resumes where it stopped
 
@@ -110,8 +111,8 @@ class Rate:
     """Rows per second over the last `window` seconds, from a cumulative counter that may
     restart from 0 (a new worker pool) and moves in steps: the pools report it at each
     heartbeat. The rate is taken between the moments it moved, not between polls: between
-    polls, the first line of a small job said 13 images/s and an ETA of 1,127 s while the pool
-    fetched ~1,300 a second. With no step for `quiet` seconds it falls off with the time."""
+    polls, the first line of a small job showed a small fraction of the pool's real rate, and
+    an ETA to match. With no step for `quiet` seconds it falls off with the time."""
 
     def __init__(self, window: float = 30.0, quiet: float = 10.0):
         self.window = window
@@ -273,8 +274,8 @@ class RunCommand:
         downloaded = None
         try:
             if len(self.finished) < len(keys):
-                # First of all: the pool's processes import their libraries (about a second)
-                # while this one opens the Dagster instance.
+                # First of all: the pool's processes import their libraries (which takes a
+                # while) as this one opens the Dagster instance.
                 self._start_workers()
                 self.say(f"{plural(len(keys), 'part')}, {s.processes} worker processes × "
                          f"{s.concurrency} fetches; store {s.store_root}; worker log "
@@ -310,11 +311,11 @@ class RunCommand:
                          downloaded=downloaded, already_final=self.already_final)
 
     def _check_states(self, queue: Queue, found: list[parts.Part]) -> int:
-        """Decide, per part, whether its queue state is this run's (provenance.py): final
-        parts are skipped, parts made for another store or with shards gone from it start
-        again, parts whose file changed are refused, and final parts whose fixable failures
-        this run's settings decide otherwise have those rows fetched again. Returns how many
-        parts are final."""
+        """Decide, per part, whether its queue state is this run's
+        (core/control/provenance.py): final parts are skipped, parts made for another store or
+        with shards gone from it start again, parts whose file changed are refused, and final
+        parts whose fixable failures this run's settings decide otherwise have those rows
+        fetched again. Returns how many parts are final."""
         s = self.settings
         states = queue.parts_states([p.key for p in found])
         final = 0
@@ -423,8 +424,8 @@ class RunCommand:
 
     def _release_pool_when_idle(self, keys: list[str], states: dict[str, PartState]) -> None:
         """Once every part's shards are complete the pool has nothing left to do: it is told
-        to exit now, and exits while the last parts are finalized (a Dagster run each, ~1 s)
-        rather than after them (~0.7 s more from Enter to exit on a small job)."""
+        to exit now, and exits while the last parts are finalized (a Dagster run each) rather
+        than after them, which would add its exit to a small job's time from Enter to exit."""
         if self.workers is None or self.pool_released or self.enqueuing or self.early:
             return
         if all(states[k].done or k in self.finished for k in keys):
@@ -464,8 +465,8 @@ class RunCommand:
 
     def _decide(self, queue: Queue, keys: list[str], states: dict[str, PartState],
                 hosts: dict[str, dict] | None = None, also: set[str] = frozenset()):
-        """The sensors' decision (policy.py), for this run's parts: `also` are parts enqueued
-        since `states` was read."""
+        """The sensors' decision (core/control/policy.py), for this run's parts: `also` are
+        parts enqueued since `states` was read."""
         return next_enqueues(keys, states, queue.queued_rows(),
                              queue.hosts() if hosts is None else hosts, self.settings,
                              enqueuing=set(self.enqueuing) | also,
@@ -554,8 +555,8 @@ class RunCommand:
     def _record_early(self, instance: DagsterInstance, key: str, report: EnqueueReport) -> None:
         """The enqueued_part materialization of a part queued early, as a reported event with the
         metadata its run would have recorded. Not a run: an in-process run of the enqueue job
-        costs ~0.8 s of CPU (Dagster's run record, events and log capture), and four of them
-        were a quarter of `run`'s CPU beyond the workers' on a 20,000-row job."""
+        costs much CPU (Dagster's run record, events and log capture), a large share of `run`'s
+        own CPU on a small job (bench/README.md has the figures)."""
         from dagster import AssetMaterialization
 
         from laion_dagster.defs.assets import enqueue_metadata, enqueued_part
@@ -584,7 +585,7 @@ class RunCommand:
         total = max(self.total_rows, 1)
         # Rows fetched whose shard is not finished yet. A shard is recorded whole, after its
         # slowest row: on the web a job's shards finish together near its end, and a bar of
-        # stored rows alone stood at 0% for the first 25 s of a 44 s job. (A row fetched
+        # stored rows alone stood at 0% for most of a small job. (A row fetched
         # again after a crash counts twice: hence the cap.)
         fetched = max(0, min(self.rate.total - (stored - self.stored_at_start), total - stored))
         done = stored + fetched
@@ -623,7 +624,7 @@ def _run_here(instance: DagsterInstance, job_name: str, key: str) -> str | None:
     # In a thread of its own: a run in the main thread takes SIGINT and SIGTERM over and turns
     # them into its own failure (Ctrl-C during a finalize reported the part FAILED, exit 1, with
     # a stack trace). Elsewhere Dagster leaves them to `run`'s handler, which stops everything
-    # in order once this run (a second or two: small parts only) has ended.
+    # in order once this run (a short one: small parts only) has ended.
     with ThreadPoolExecutor(1, thread_name_prefix="dagster-run") as pool:
         result = pool.submit(execute).result()
     return None if result.success else failure_message(instance, result.run_id)

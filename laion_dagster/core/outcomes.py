@@ -7,8 +7,9 @@ the settings model validates class names against ERROR_CLASSES.
 
 from __future__ import annotations
 
-# Every class a row can fail with (fetch.classify, images, the queue's dead letters, parts'
-# invalid rows): the error table and the asset metadata list them in this order.
+# Every class a row can fail with (fetch/fetcher.py's classify, images/checks.py, the queue's
+# dead letters, parts' invalid rows): the error table and the asset metadata list them in this
+# order.
 ERROR_CLASSES = ("timeout", "dns", "connection", "tls", "http_4xx", "http_5xx", "too_large",
                  "redirect", "not_image", "decode_error", "opted_out", "hash_mismatch",
                  "filtered", "blocked_address", "invalid_url", "dead_letter")
@@ -18,7 +19,7 @@ ERROR_CLASSES = ("timeout", "dns", "connection", "tls", "http_4xx", "http_5xx", 
 TOO_MANY_REQUESTS = "http_429"
 RETRY_CLASS_NAMES = (*ERROR_CLASSES, TOO_MANY_REQUESTS)
 
-# What may pass by itself: a host unreachable for a while, a name server that did not answer
+# What may pass by itself: a server unreachable for a while, a name server that did not answer
 # in time, an overloaded server. A row that failed so is tried again later in the same run
 # (Settings.retry_rounds) before its part is final.
 TRANSIENT = ("timeout", "connection", "dns", "http_5xx", TOO_MANY_REQUESTS)

@@ -112,13 +112,13 @@ class Settings(BaseSettings):
         "worker processes per host (default: one per core)"))
     concurrency: int = Field(256, ge=1, description=(
         "concurrent fetches per worker process (the old thread_num); on the web a fetch "
-        "mostly waits (DNS, handshakes, slow hosts), so many in flight keep a core busy"))
+        "mostly waits (DNS, handshakes, slow servers), so many in flight keep a core busy"))
     idle_connections: int = Field(128, ge=0, description=(
         "idle keep-alive connections a worker process keeps, the least recently used closed "
-        "first: each holds ~250 KB and spares a TLS handshake (~1 ms of CPU) when its host is "
-        "asked again; LAION's hosts are many, so an unbounded pool grew to ~700 MB"))
+        "first: each holds some memory and spares a TLS handshake when its server is asked "
+        "again; LAION's servers are many, so an unbounded pool grows without end"))
     per_host_limit: int = Field(8, ge=0, description=(
-        "concurrent connections per web host per process; 0 means no limit"))
+        "concurrent connections per web server (host name) per process; 0 means no limit"))
     shards_in_flight: int = Field(32, ge=1, description=(
         "shards a process works on at once: while some wait on their slowest URL, it "
         "fetches from the others"))

@@ -5,7 +5,7 @@ pyarrow's own filesystem layer, a dependency already, which speaks S3 (and every
 speaks its API: MinIO, Ceph, R2) and Google Cloud Storage with the same calls. `BucketPath`
 gives a bucket the few pathlib operations this code uses (`/`, name, exists, iterdir, read and
 write bytes, unlink), so that reading parts and writing shards, error files and stats do not
-need two versions; what differs (there is no rename in a bucket) lives in writers.py.
+need two versions; what differs (there is no rename in a bucket) lives in shards/files.py.
 
 What an object store guarantees, and what we rely on: an object appears whole when its upload
 completes, or not at all. A shard is therefore written as objects uploaded from a finished

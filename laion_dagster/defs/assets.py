@@ -82,7 +82,7 @@ def enqueued_part(context: AssetExecutionContext, config: EnqueuedPartConfig,
 
 
 def enqueue_metadata(report: EnqueueReport, settings: Settings) -> dict:
-    """What a enqueued_part materialization records (also `run`'s record of a part it queued
+    """What an enqueued_part materialization records (also `run`'s record of a part it queued
     before Dagster started)."""
     return {
         "rows": report.rows,
@@ -194,7 +194,7 @@ def part_images(context: AssetExecutionContext, laion: LaionResource) -> Materia
     # what the asset's plots across partitions are drawn from.
     for name in ERROR_CLASSES:
         metadata[f"failed_{name}"] = summary.classes.get(name, 0)
-    # And the keys of the part's observations while it downloaded (core/progress.py), at
+    # And the keys of the part's observations while it downloaded (core/control/progress.py), at
     # their final values: one plot covers its whole life.
     metadata.update({"state": "final", "rows_done": summary.rows, "shards_done": summary.shards,
                      "eta_s": 0, "paused": False, "why": ""})

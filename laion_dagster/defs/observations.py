@@ -1,4 +1,4 @@
-"""The UI's view of a download while it runs: core/progress.py's figures as runless
+"""The UI's view of a download while it runs: core/control/progress.py's figures as runless
 observations (what the watch_downloads sensor reports each tick, and `run` from its loop).
 
 - `enqueued_part[part]`: each downloading part's counts. Its partition page shows them, merged

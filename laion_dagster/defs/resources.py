@@ -36,7 +36,7 @@ _SettingsConfig = create_model(
 
 
 class LaionResource(_SettingsConfig):
-    """The settings, as Dagster config; per-part settings (see core/recipe.py) set here reach
+    """The settings, as Dagster config; per-part settings (see core/shards/recipe.py) set here reach
     every worker through the part's recipe."""
 
     def settings(self) -> Settings:

@@ -42,7 +42,7 @@ UNFINISHED = {DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunS
 
 
 @sensor(minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING,
-        description="Adds a partition for every new parquet part under parquet_dir/<subset>/.")
+        description="Adds a partition for every new part file under parquet_dir.")
 def discover_parts(context: SensorEvaluationContext, laion: LaionResource) -> SensorResult:
     settings = laion.settings()
     found = parts.survey(settings.parts_root)

@@ -1,7 +1,7 @@
 """A seeded, LAION-like dataset: Spark-named parquet parts plus the images their URLs point at.
 
 The demo and the tests need input that looks like the real release (column names and types,
-part names, Spark's side files, the failure mix of LAION.md) but costs seconds to make and
+part names, Spark's side files, a real LAION shard's failure mix) but costs seconds to make and
 never leaves the machine. Rows therefore reuse a small pool of real encoded images, and every
 failing row points at a route of `laion_dagster.demo.server.ImageServer` that fails in a known
 way, so each row's outcome is known in advance (`DemoDataset.expected_by_row`).
@@ -26,7 +26,7 @@ SUCCESS = "success"
 OUTCOMES = ("success", "http_4xx", "http_5xx", "not_image", "decode_error", "connection",
             "timeout", "dns", "invalid_url")
 
-# Failure kinds and their weights, shaped after the 10,000-row LAION shard in LAION.md
+# Failure kinds and their weights, shaped after the failure mix of a real LAION shard
 # (404 dominates, then 403 and DNS, then decoding errors; closed connections are rare).
 # Timeouts are not here: they cost real seconds, so they are opt-in (`slow_rows`).
 FAILURE_WEIGHTS: dict[str, int] = {

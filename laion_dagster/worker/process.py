@@ -349,7 +349,7 @@ def main(settings_json: str, index: int, shared: Shared) -> None:
     settings = Settings.model_validate_json(settings_json)
     if index == 0:
         build = checks.pillow_build()
-        hint = "" if "SIMD" in build else " (Pillow-SIMD resizes about twice as fast: README)"
+        hint = "" if "SIMD" in build else " (Pillow-SIMD resizes faster: docs/operations.md)"
         log.info("images decoded and resized with %s%s; Arrow's memory pool: %s", build, hint,
                  pa.default_memory_pool().backend_name)
     try:

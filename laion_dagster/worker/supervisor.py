@@ -82,7 +82,7 @@ class Supervisor:
             if removed:
                 log.info("removed %d spool files of stopped workers from %s", removed,
                          settings.spool_root)
-        # First of all: each process spends most of a second importing its libraries.
+        # First of all: each process takes a while importing its libraries.
         self.children = [self._spawn(i) for i in range(settings.processes)]
         ensure_group(self._redis, self.keys.shards)
         self._adopt_orphans()

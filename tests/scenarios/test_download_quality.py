@@ -242,7 +242,7 @@ def test_incremental_runs_skip_complete_shards_and_overwrite_redoes_them(setting
     served = sum(image_server.requests.values())
     again, again_errors, log = run_once(settings.with_overrides(prefix=settings.prefix + "b"))
     assert sum(image_server.requests.values()) == served  # nothing fetched again
-    assert "complete on disk already" in log
+    assert "complete in the store already" in log
     assert (again.ok, again.failed, again.invalid, again.bytes) == (
         first.ok, first.failed, first.invalid, first.bytes)
     assert sorted(again_errors.column("row").to_pylist()) == sorted(

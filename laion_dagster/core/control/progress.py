@@ -8,9 +8,8 @@ since its last report; when why it stands still changes; otherwise every HEARTBE
 end once. The hosts and the queue are reported at the next tick when their state changed (a
 host paused, gone or failing; the hold; a part's state), when only their numbers moved every
 MOVING_EVERY seconds, and otherwise every ASSET_HEARTBEAT; the table of every part only when
-a part's state changed (or every TABLE_HEARTBEAT). A LAION part (18 M rows, hours) so costs
-about 30 events an hour, a small one a few, and the hosts and the queue 30 each; never one
-per row or shard (bench/observe.py measures it).
+a part's state changed (or every TABLE_HEARTBEAT). A part of any size so costs a few events
+a minute at most, never one per row or shard (bench/observe.py measures it).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from typing import Any
 from laion_dagster.core.control.hosts import is_stale
 from laion_dagster.core.control.policy import hold_reasons, worker_reasons
 from laion_dagster.core.outcomes import ERROR_CLASSES, fix_sentence
-from laion_dagster.core.queue.protocol import PartState, Queue
+from laion_dagster.core.queue.protocol import PartCounts, PartState, Queue
 from laion_dagster.core.settings import Settings
 
 # A part's states, in the order it goes through them.
@@ -37,22 +36,14 @@ TABLE_HEARTBEAT = 1800.0  # the table of every part, when no part changed state
 
 
 @dataclass
-class PartView:
+class PartView(PartCounts):
     """A part as the UI shows it: the same keys while it downloads and once it is final, so
     one plot covers its whole life."""
 
     partition: str
     state: str
-    rows: int = 0
     rows_done: int = 0  # rows with an outcome (in complete shards, and rejected ones)
-    ok: int = 0
-    failed: int = 0
-    invalid: int = 0
-    bytes: int = 0
     shards: int = 0
-    shards_done: int = 0
-    retried: int = 0
-    recovered: int = 0
     classes: dict[str, int] = field(default_factory=dict)
     images_per_second: float = 0.0  # since it was last reported (final: over its whole life)
     eta_s: float | None = None
@@ -127,10 +118,8 @@ def view_part(state: PartState, classes: dict[str, int], *, now: float, failed: 
     eta = (left / rate if rate > 0 else None) if left else (0.0 if left == 0 else None)
     moving = phase in ("downloading", "enqueuing")
     return PartView(
-        partition=state.partition, state=phase, rows=state.rows, rows_done=rows_done,
-        ok=state.ok, failed=state.failed, invalid=state.invalid, bytes=state.bytes,
-        shards=state.shards_total or state.shards, shards_done=state.shards_done,
-        retried=state.retried, recovered=state.recovered,
+        partition=state.partition, state=phase, **state.counts(), rows_done=rows_done,
+        shards=state.shards_total or state.shards,
         classes={k: v for k, v in classes.items() if v},
         images_per_second=rate, eta_s=eta, duration_s=max(end - started, 0.0),
         why=why if moving or phase == "paused" else "")

@@ -1,10 +1,12 @@
 """Fetching URLs with aiohttp: one session per worker process, capped in size, time and hops.
 
-Why aiohttp and one shared SSL context: see DESIGN.md (CPU per image decides how many machines
-a LAION-5B download needs). Redirects are followed by hand so that every hop is checked
-(scheme, address guard, hop count). The whole fetch of a URL, retries included, has one
-deadline, so a server that trickles or streams forever cannot hold a slot; a body whose pace
-says it cannot arrive by then is given up early (hopeless_pace).
+Why aiohttp and one shared SSL context: CPU per image decides how many machines a LAION-5B
+download needs, and on the web nearly every image is a new TLS connection; one event loop per
+process with one SSL context for every connection (making one loads the whole CA bundle) keeps
+that cost low (docs/how-it-works.md, "Why it is built this way"). Redirects are followed by
+hand so that every hop is checked (scheme, address guard, hop count). The whole fetch of a URL,
+retries included, has one deadline, so a server that trickles or streams forever cannot hold a
+slot; a body whose pace says it cannot arrive by then is given up early (hopeless_pace).
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from laion_dagster.core.settings import Settings
 
 REDIRECTS = {301, 302, 303, 307, 308}
 # Asked again within the fetch, after a pause. Not a timeout: a server silent for
-# read_timeout, a host that left the connect unanswered for connect_timeout (TCP re-sent its
+# read_timeout, a server that left the connect unanswered for connect_timeout (TCP re-sent its
 # SYN several times by then) or a body too slow for the deadline would hold the slot as long
-# once more (`errors retry` asks them later); on bench/field.py a second connect to a
-# blackholed host made its rows the last 10 s of the run.
+# once more (the row's later try, or `errors retry`, asks them later); on bench/field.py a
+# second connect to a blackholed server made its rows the last ones of the run.
 RETRIABLE = {"connection", "http_5xx"}
 CHUNK = 64 * 1024
 # A body is judged on its pace only after PACE_AFTER seconds of it (TCP's slow start is over by
@@ -45,7 +47,8 @@ PACE_MARGIN = 2.0
 
 
 class BlockedAddress(OSError):
-    """The host resolves to an address we refuse to fetch from (private, loopback, ...)."""
+    """The server's name resolves to an address we refuse to fetch from (private, loopback,
+    ...)."""
 
 
 class UnknownHost(OSError):
@@ -95,10 +98,10 @@ def hopeless_pace(received: int, length: int, elapsed: float, left: float) -> st
 
     Bodies that trickle (a byte every few seconds, forever) otherwise hold a fetch slot for
     the whole `timeout` and, at the end of a job, the job itself: on bench/field.py they were
-    the last ~15 s of a 20,000-row run. Judged on the average pace since the body's first
-    bytes (`elapsed`), only after PACE_AFTER seconds, with a margin of PACE_MARGIN, so a large
-    image from a slow but steady host keeps its whole deadline; silence, before the body or
-    within it, is read_timeout's to judge.
+    what a run waited for last. Judged on the average pace since the body's first bytes
+    (`elapsed`), only after PACE_AFTER seconds, with a margin of PACE_MARGIN, so a large image
+    from a slow but steady server keeps its whole deadline; silence, before the body or within
+    it, is read_timeout's to judge.
     """
     if elapsed < PACE_AFTER or not received or received >= length:
         return None
@@ -181,7 +184,7 @@ def address_blocked(address: str, allowed: tuple[Network, ...] = ()) -> bool:
     """True for addresses we refuse to fetch from: not global, or multicast.
 
     Cached: every fetch asks it of the address it connects to, and parsing the address and
-    testing it against the special ranges cost ~1.5% of a worker's CPU (py-spy, field.py).
+    testing it against the special ranges showed in a profile of a worker on bench/field.py.
 
     `allowed` (Settings.allowed_networks) lets named non-public networks through, so tests can
     serve from 127.0.0.1 while the guard still refuses 10.x or 169.254.169.254. Mapped IPv6
@@ -249,7 +252,8 @@ class GuardedResolver(AbstractResolver):
 
 
 def classify(error: BaseException) -> tuple[str, str]:
-    """One error class per failure, as DESIGN.md lists them, plus the original message."""
+    """One error class per failure, as docs/outputs.md lists them ("Error classes"), plus the
+    original message."""
     message = f"{type(error).__name__}: {error}".strip()
     if isinstance(error, FetchFailed):
         return error.error_class, str(error)
@@ -275,8 +279,9 @@ def classify(error: BaseException) -> tuple[str, str]:
 
 
 def host_of(url: str) -> str:
-    """The host a URL is fetched from, as per-host limits and the dispatcher count it (lower
-    case, no trailing dot); "" for a URL without one, which fails as invalid_url anyway."""
+    """The host name a URL is fetched from, by which per_host_limit and the dispatcher count
+    its server (lower case, no trailing dot); "" for a URL without one, which fails as
+    invalid_url anyway."""
     try:
         return (urlsplit(url.strip(_AROUND)).hostname or "").rstrip(".")
     except ValueError:
@@ -284,8 +289,8 @@ def host_of(url: str) -> str:
 
 
 def _could_not_connect(error: BaseException) -> bool:
-    """A failure to reach the host at all (no TCP connection), not a bad answer or a slow one
-    after connecting: what says the host is down."""
+    """A failure to reach the server at all (no TCP connection), not a bad answer or a slow
+    one after connecting: what says the server is down."""
     if isinstance(error, aiohttp.ConnectionTimeoutError):
         return True
     if isinstance(error, aiohttp.ClientConnectorError) and not isinstance(
@@ -319,11 +324,11 @@ class _Down:
 class DownEndpoints:
     """Endpoints (scheme, host and port) that just failed to connect, remembered for a while.
 
-    A dead host (its packets dropped, connects timing out) would otherwise cost every one of
+    A dead server (its packets dropped, connects timing out) would otherwise cost every one of
     its URLs a whole `connect_timeout`, holding a fetch slot each. After DOWN_AFTER failures in
     a row, the endpoint's other URLs are turned away at once (NotTried) for `seconds`; then one
     URL probes it while the others of that moment wait for what it finds, and a success (any
-    answer, even an error, once connected) clears it. A host that failed once by chance costs
+    answer, even an error, once connected) clears it. A server that failed once by chance costs
     nothing; one that comes back is not held against the URLs that asked during its probe.
 
     The memory speaks only for what failed: a host name's port 80 refusing says nothing of its
@@ -419,10 +424,10 @@ class BoundedPoolConnector(aiohttp.TCPConnector):
     recently used first.
 
     aiohttp bounds the connections in use (`limit`), not the idle ones it keeps for
-    `keepalive_timeout`; with LAION's thousands of hosts, that was thousands of TLS
-    connections (~250 KB each) kept for hosts never asked again. The few hosts that serve many
-    URLs use theirs all the time, so they stay. Two private methods of aiohttp are extended
-    (tests/core/fetch/test_fetcher.py checks the bound still holds).
+    `keepalive_timeout`; with LAION's thousands of servers, that was thousands of TLS
+    connections, each holding its buffers, kept for servers never asked again. The few servers
+    that serve many URLs use theirs all the time, so they stay. Two private methods of aiohttp
+    are extended (tests/core/fetch/test_fetcher.py checks the bound still holds).
     """
 
     def __init__(self, *args: Any, max_idle: int, **kwargs: Any):
@@ -445,8 +450,8 @@ class BoundedPoolConnector(aiohttp.TCPConnector):
                     if not queue:
                         del self._conns[oldest_key]
                     # abort(), not close(): an idle connection needs no TLS close_notify,
-                    # and close() keeps the transport for the peer's reply (2% of a
-                    # worker's CPU went to closing evicted connections).
+                    # and close() keeps the transport for the peer's reply (closing evicted
+                    # connections that way cost a worker CPU for nothing).
                     oldest.abort()
                     break
 
@@ -458,8 +463,8 @@ class BoundedPoolConnector(aiohttp.TCPConnector):
 
 
 def shared_ssl_context(cafile: str | None = None) -> ssl.SSLContext:
-    """One context per process: creating one loads the CA bundle (~22 ms). `cafile`: the CAs
-    to trust instead of the system's (Settings.ca_bundle)."""
+    """One context per process: creating one loads the whole CA bundle, which is costly.
+    `cafile`: the CAs to trust instead of the system's (Settings.ca_bundle)."""
     return ssl.create_default_context(cafile=cafile)
 
 
@@ -469,8 +474,8 @@ class Fetcher:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.session: aiohttp.ClientSession | None = None
-        self._busy: Counter[str] = Counter()  # host -> its fetches under way
-        self._gates: dict[str, asyncio.Semaphore] = {}  # host -> its per_host_limit
+        self._busy: Counter[str] = Counter()  # server (host name) -> its fetches under way
+        self._gates: dict[str, asyncio.Semaphore] = {}  # server -> its per_host_limit
         self.down = DownEndpoints(down_seconds(settings))
         # Parsed once here; the same networks open both guards (resolver and IP literals).
         self.allowed = tuple(ipaddress.ip_network(n) for n in settings.allowed_networks)
@@ -491,15 +496,16 @@ class Fetcher:
             ssl=shared_ssl_context(str(s.ca_bundle) if s.ca_bundle else None),
             resolver=GuardedResolver(inner, s.allow_private_addresses, self.allowed),
             # Not enable_cleanup_closed: it keeps every closed TLS transport referenced for a
-            # while, which with a new connection per image grew a worker past 600 MB and cost
-            # ~7% of its CPU (bench/compare.py, https without keep-alive).
+            # while, which with a new connection per image made a worker's memory grow far
+            # past its usual size and cost CPU (bench/compare.py, https without keep-alive).
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
             # The whole fetch has one deadline (fetch()). The read timeout costs a timer
-            # reschedule per chunk received (~1% of a worker's CPU), and frees the slot of a
-            # server that never answers after 10 s instead of 30: on bench/field.py such
-            # servers held up to a quarter of the fetches in flight.
+            # reschedule per chunk received (a small share of a worker's CPU), and frees the
+            # slot of a server that never answers after read_timeout instead of at the
+            # deadline: on bench/field.py such servers held a large share of the fetches in
+            # flight.
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout,
                                           sock_read=s.read_timeout),
             headers={"User-Agent": s.user_agent},
@@ -515,7 +521,8 @@ class Fetcher:
 
     async def fetch(self, url: str, host: str | None = None) -> FetchResult:
         """Fetch one URL within the total deadline; never raises for a bad URL or server.
-        `host`: host_of(url), when the caller has it already (the worker's dispatcher)."""
+        `host`: host_of(url), the server's host name, when the caller has it already (the
+        worker's dispatcher)."""
         host = host_of(url) if host is None else host
         self._busy[host] += 1
         try:
@@ -531,11 +538,12 @@ class Fetcher:
                 self._gates.pop(host, None)
 
     def _gate(self, host: str) -> asyncio.Semaphore | None:
-        """The host's share of this process: per_host_limit fetches at once.
+        """The server's share of this process: per_host_limit fetches at once.
 
         Kept here rather than in aiohttp's connector (limit_per_host): with thousands of
-        hosts, its waiter bookkeeping cost ~15% of a worker's CPU (bench/field.py); a
-        semaphore per busy host costs next to nothing, and goes when the host is idle.
+        servers, its waiter bookkeeping took a large share of a worker's CPU (bench/field.py);
+        a semaphore per busy server costs next to nothing, and goes when the server has no
+        fetch under way.
         """
         limit = self.settings.per_host_limit
         if not limit:
@@ -653,7 +661,7 @@ async def _whole_body(content: aiohttp.StreamReader, length: int, deadline: floa
     """A body of known length (at most max_bytes), taken once it is all in.
 
     One wake-up of the fetch when the body is complete, not one per read: on the web a body
-    arrives in several reads (paced by the remote host, a TLS record at a time), and waking the
+    arrives in several reads (paced by the server, a TLS record at a time), and waking the
     fetch for each was a good part of why a row cost more CPU there than on loopback
     (bench/field.py). The pace is judged on a timer instead, PACE_AFTER seconds in and every
     second after.

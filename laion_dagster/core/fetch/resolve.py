@@ -1,16 +1,16 @@
 """Resolving host names for the fetcher: asynchronous, cached, one look-up per name.
 
-On LAION nearly every URL is on another host, so a download makes as many look-ups as fetches.
-aiohttp's ThreadedResolver runs each in the event loop's default executor (a handful of
-threads): a few slow or unanswered names then hold every other fetch behind them, and the
-fetches in flight fall far below `concurrency` (bench/field.py measured 6 look-ups pending at
-most, for 128 fetch slots). Here look-ups run on c-ares (aiodns), in the event loop's own
-thread (LoopDNSResolver), and:
+On LAION nearly every URL is on another server, so a download makes as many look-ups as
+fetches. aiohttp's ThreadedResolver runs each in the event loop's default executor (a handful
+of threads): a few slow or unanswered names then hold every other fetch behind them, and the
+fetches in flight fall far below `concurrency` (on bench/field.py only a few look-ups were ever
+pending, however many fetch slots were free). Here look-ups run on c-ares (aiodns), in the
+event loop's own thread (LoopDNSResolver), and:
 
 - answers are cached for their TTL (clamped to MIN_TTL..MAX_TTL);
 - a name that does not exist, or has no address, fails at once for NEGATIVE_TTL afterwards;
   one that could not be resolved in time (timeout, SERVFAIL) for FAILED_TTL, or less when
-  rows are tried again later (fetch.down_seconds), so that their later try asks again;
+  rows are tried again later (fetcher.down_seconds), so that their later try asks again;
 - one look-up per name is in flight; other fetches of that name wait for its answer;
 - each look-up has a deadline (`connect_timeout`). c-ares (since 1.32) shortens its retry
   timeouts to a few times the latency it has seen, so after many fast answers it gives up on a
@@ -33,9 +33,9 @@ MIN_TTL = 60.0
 MAX_TTL = 3600.0
 NEGATIVE_TTL = 600.0
 FAILED_TTL = 60.0
-# Names kept per process. LAION has tens of millions of hosts and a run lasts weeks: without a
-# bound the cache only grows (~300 bytes a name). Past it, expired answers go first, then the
-# oldest half.
+# Names kept per process. LAION has tens of millions of host names and a run lasts weeks:
+# without a bound the cache only grows, by an entry a name. Past it, expired answers go first,
+# then the oldest half.
 CACHE_ENTRIES = 200_000
 # Per try of c-ares; its own adaptive timeouts may make them shorter.
 TRY_TIMEOUT = 2.0
@@ -51,9 +51,10 @@ class LoopDNSResolver(aiodns.DNSResolver):
     With pycares 5, aiodns lets c-ares run a thread of its own, and every answer reaches the
     loop from it: the thread takes the GIL from the loop (which yields it only at its next
     switch interval) and wakes the loop through call_soon_threadsafe. On the web answers arrive
-    one by one, and that thread switched 0.8 times per row; without it a worker spent ~4% less
-    CPU per row (bench/field.py, three alternating pairs). aiodns's own fallback for a channel
-    without that thread is used instead; its timer processes c-ares's timeouts each second.
+    one by one, so that thread switched in for nearly every row, and a worker without it
+    spends less CPU per row (bench/README.md has the figures). aiodns's own fallback for a
+    channel without that thread is used instead; its timer processes c-ares's timeouts each
+    second.
     """
 
     def _make_channel(self, **kwargs: Any) -> tuple[bool, pycares.Channel]:

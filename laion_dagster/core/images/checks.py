@@ -95,7 +95,7 @@ def inspect(body: bytes) -> ImageInfo:
 
 
 def _open_header(body: bytes) -> tuple[str, int, int]:
-    """Pillow's reading of the header, for every file `image_header` leaves to it."""
+    """Pillow's reading of the header, for every file `header.probe` leaves to it."""
     try:
         with Image.open(io.BytesIO(body)) as image:
             return image.format or "UNKNOWN", *image.size
@@ -111,8 +111,9 @@ def _open_header(body: bytes) -> tuple[str, int, int]:
 
 
 def pillow_build() -> str:
-    """Which Pillow does the decoding and resampling: resizing costs about twice as much CPU
-    with stock Pillow as with Pillow-SIMD (bench/compare.py), so workers say which they use."""
+    """Which Pillow does the decoding and resampling: resizing costs much more CPU with stock
+    Pillow than with Pillow-SIMD (bench/README.md has the figures), so workers say which they
+    use."""
     try:
         return f"Pillow-SIMD {metadata.version('pillow-simd')}"
     except metadata.PackageNotFoundError:
@@ -176,7 +177,7 @@ def transform(body: bytes, info: ImageInfo, resize: Resize) -> tuple[bytes, str,
                 image = image.convert(mode)
             if image.size != resized:
                 # img2dataset's defaults: area averaging to shrink (Pillow's BOX is exactly
-                # that, ~4x cheaper than LANCZOS here), LANCZOS to enlarge.
+                # that, and much cheaper than LANCZOS here), LANCZOS to enlarge.
                 shrink = resized[0] < image.size[0]
                 image = image.resize(resized, Image.Resampling.BOX if shrink
                                      else Image.Resampling.LANCZOS)

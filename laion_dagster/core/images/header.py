@@ -1,7 +1,7 @@
 """An image's format and size read straight from its header, for JPEG, PNG and simple WebP.
 
 Pillow's `Image.open` builds a whole image object (plugin lookup, EXIF and ICC parsing, for
-WebP a libwebp demuxer) just to report a size: about 0.05 ms of a worker's 0.5 ms per image
+WebP a libwebp demuxer) just to report a size: a noticeable share of a worker's CPU per image
 when nothing is resized. These parsers walk the same structure Pillow walks to find the size
 (JPEG markers up to the scan, PNG chunks up to the image data with their checksums, the WebP
 RIFF frame) and refuse what Pillow refuses (other bit depths and layer counts, zero sizes).

@@ -9,9 +9,9 @@ Keys (all under the prefix):
                         failed, bytes, pending, retried, recovered (rows tried again later
                         in their shard, and those that then succeeded), retry_round,
                         started_at, enqueued_at, done_at, finalized_at, recipe (JSON, see
-                        recipe.py), source (the part file's fingerprint), path (the part
+                        core/shards/recipe.py), source (the part file's fingerprint), path (the part
                         file), store (where its shards go), shard_size, fetch_policy (JSON:
-                        the settings that decided its fixable failures, see outcomes.py)
+                        the settings that decided its fixable failures, see core/outcomes.py)
   part:<p>:queued       shard ids enqueued in this generation (makes enqueue idempotent)
   part:<p>:done         shard ids completed in this generation (makes completion count once)
   part:<p>:classes      error class -> rows
@@ -25,6 +25,7 @@ commands cannot count a shard twice or lose it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,8 +37,8 @@ if TYPE_CHECKING:  # pyarrow only where errors are read: a pool's supervisor nev
 
 GROUP = "workers"
 GENERATION_START = 1
-# Shards of a retry round (core/retry.py) have ids round × RETRY_ROUND + the id of the shard of
-# the part they belong to, so they never meet the part's own ids.
+# Shards of a retry round (core/control/retry.py) have ids round × RETRY_ROUND + the id of the
+# shard of the part they belong to, so they never meet the part's own ids.
 RETRY_ROUND = 1_000_000
 
 
@@ -225,29 +226,38 @@ def parse_entry(entry_id: bytes | str, fields: dict, deliveries: int = 1) -> Cla
                 shard=int(get("s")), rows=int(get("n")), payload=get("d"), deliveries=deliveries)
 
 
+@dataclass(kw_only=True)
+class PartCounts:
+    """A part's rows and shards as counted: what the queue keeps and every view of it shows."""
+
+    rows: int = 0
+    invalid: int = 0  # rejected at enqueue (no usable URL)
+    ok: int = 0
+    failed: int = 0
+    bytes: int = 0
+    shards_done: int = 0
+    retried: int = 0  # rows tried again later in their shard
+    recovered: int = 0  # of those, rows that then succeeded
+
+    def counts(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(PartCounts)}
+
+
 @dataclass
-class PartState:
+class PartState(PartCounts):
     """A part's counters as the queue sees them right now."""
 
     partition: str
     generation: int = 0
-    rows: int = 0
-    invalid: int = 0
     shards: int = 0
     shards_total: int | None = None
-    shards_done: int = 0
-    ok: int = 0
-    failed: int = 0
-    bytes: int = 0
     pending: int = 0
-    retried: int = 0
-    recovered: int = 0
     retry_round: int = 0
     started_at: float | None = None
     enqueued_at: float | None = None
     done_at: float | None = None
     finalized_at: float | None = None
-    recipe: str | None = None  # JSON, see recipe.py
+    recipe: str | None = None  # JSON, see core/shards/recipe.py
     enqueuer: str | None = None  # host:pid:run id of the process that enqueued it
     source: str | None = None  # fingerprint of the part file it was enqueued from
     store: str | None = None  # the store its shards are written to
@@ -313,7 +323,7 @@ class Queue:
 
         Existing values are kept, so a re-run resumes the same generation with the recipe its
         first shards were made with, and the state keeps saying which file and store it is
-        about (provenance.py compares them); a reset starts all of them afresh. `enqueuer`
+        about (control/provenance.py compares them); a reset starts all of them afresh. `enqueuer`
         ("host:pid:run id") names the process enqueuing it, so a sensor can tell a run that
         died without a word (a reboot, SIGKILL) from one still at work. `path` is where the
         part file is now (a command that names only the store finds it there).

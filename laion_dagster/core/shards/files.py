@@ -3,7 +3,7 @@
 Images stream into a temporary tar (or folder) as they arrive, so a worker never holds a whole
 shard of images in memory. On close the per-shard parquet and `_stats.json` are written, and
 everything is put in place, the stats file last: a `_stats.json` means the shard is complete.
-On disk that is a rename of each temporary; in a bucket (storage.py), the temporaries are
+On disk that is a rename of each temporary; in a bucket (core/storage.py), the temporaries are
 built in a local spool folder and each is uploaded as one object, which appears whole or not
 at all. Rewriting a shard (after a reclaim) replaces it whole.
 """
@@ -162,7 +162,7 @@ def tar_member(name: str, data: bytes, mtime: int) -> tuple[bytes, bytes, bytes]
     caller to join with its other members in one copy.
 
     tarfile.addfile builds the same header through many Python-level steps; for three small
-    members per image that was a third of a worker's CPU beyond the fetch itself. Names are
+    members per image that was a large share of a worker's CPU beyond the fetch. Names are
     ours (`<row:010d>.<ext>`), short and ASCII, so the plain ustar fields always suffice.
     """
     header = bytearray(512)

@@ -119,7 +119,7 @@ def test_starting_over_redoes_shards_made_with_another_recipe_and_keeps_the_rest
 
     queue.reset(part.key)
     as_tar = download(settings, part)  # webdataset: another recipe, so nothing is kept
-    assert "complete on disk already" not in as_tar.log
+    assert "complete in the store already" not in as_tar.log
     assert len(list(part_dir.glob("*.tar"))) == shards
     assert not [d for d in part_dir.iterdir() if d.is_dir()]  # no stale folders of the old run
     stats = json.loads(next(part_dir.glob("*_stats.json")).read_text())
@@ -127,5 +127,5 @@ def test_starting_over_redoes_shards_made_with_another_recipe_and_keeps_the_rest
 
     queue.reset(part.key)
     again = download(settings, part)  # the same recipe: every shard is taken from disk
-    assert again.log.count("complete on disk already") == shards
+    assert again.log.count("complete in the store already") == shards
     assert queue.part(part.key).ok == first_ok
