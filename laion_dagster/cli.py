@@ -216,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # later tries at work without making the demo wait the default retry_delay.
         "retry_delay": args.retry_delay if args.retry_delay is not None else 3.0,
     })
-    with exclusive.hold(demo_dir, "laion-dagster demo"):
+    with exclusive.lock(demo_dir, "laion-dagster demo"):
         _clear_demo_folder(demo_dir)
         os.environ["DAGSTER_HOME"] = str(demo_dir / "dagster")
         print(f"generating a LAION-like demo dataset in {demo_dir} ...", flush=True)
@@ -226,7 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                     rows_per_part=args.rows_per_part, images=images)
             print(f"{len(dataset.parts)} parts, {len(dataset.expected_by_row):,} rows, served "
                   f"from {server.url()} as {', '.join(DEMO_HOSTS)}", flush=True)
-            result = RunCommand(settings, hold_state=False).run()
+            result = RunCommand(settings, lock_state=False).run()
     print(format_summary(result, settings))
     print(f"\nsee it in the UI (paste this):\n  {_ui_hint(settings)}")
     return result.exit_code
@@ -400,7 +400,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from laion_dagster.instance import get_instance
 
     settings = _settings(args)
-    with exclusive.hold(settings.state_dir, "laion-dagster up"):
+    with exclusive.lock(settings.state_dir, "laion-dagster up"):
         # Created and migrated now: dagster dev's webserver, daemon and code servers would
         # otherwise all create a new instance at once.
         get_instance(settings).dispose()

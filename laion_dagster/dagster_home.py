@@ -13,7 +13,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterator
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 
 from laion_dagster.core.settings import Settings
@@ -52,11 +52,48 @@ def ensure_dagster_home(settings: Settings) -> Path:
 
 
 def _create_storage(home: Path) -> None:
-    """Every database of a new instance at `home`, created and stamped now."""
+    """Every database of a new instance at `home`, created and stamped now.
+
+    Creating them runs every schema migration Dagster has, the most CPU a new instance costs;
+    the result is the same for every new home of one Dagster version. So the first one made on
+    a machine is kept in the user's cache folder, whole (made aside and renamed), and later new
+    homes copy it instead.
+    """
+    template = storage_template()
+    if template is not None and template.is_dir():
+        shutil.copytree(template, home, dirs_exist_ok=True)
+        return
     from dagster import DagsterInstance
 
     with DagsterInstance.from_config(str(home)) as instance:
         touch_storage(instance)
+    if template is not None:
+        with contextlib.suppress(OSError):  # a cache we cannot write is only slower
+            _keep_template(home, template)
+
+
+def storage_template() -> Path | None:
+    """Where this Dagster version's empty instance storage is kept (None: version unknown)."""
+    try:
+        version = metadata.version("dagster")
+    except metadata.PackageNotFoundError:
+        return None
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "laion-dagster" / f"dagster-{version}-storage"
+
+
+def _keep_template(home: Path, template: Path) -> None:
+    template.parent.mkdir(parents=True, exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".{template.name}.new-", dir=template.parent))
+    try:
+        for name in SQLITE_STORAGES:
+            (aside / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(home / name, aside / name)
+        with contextlib.suppress(OSError):  # made meanwhile by another process: it stands
+            aside.rename(template)
+    finally:
+        if aside.exists():  # ours: mkdtemp's own name
+            shutil.rmtree(aside)
 
 
 def touch_storage(instance) -> None:

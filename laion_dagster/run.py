@@ -142,9 +142,9 @@ class Rate:
 
 class RunCommand:
     def __init__(self, settings: Settings, out=sys.stdout, worker_log: Path | None = None,
-                 hold_state: bool = True):
+                 lock_state: bool = True):
         self.settings = settings
-        self.hold_state = hold_state  # False: the caller (the demo) holds the folder already
+        self.lock_state = lock_state  # False: the caller (the demo) has locked the folder
         self.out = out
         self.log_dir = settings.log_dir
         self.worker_log = worker_log or self.log_dir / "workers.log"
@@ -220,9 +220,9 @@ class RunCommand:
     # -- the run
     def run(self) -> RunResult:
         s = self.settings
-        held = (exclusive.hold(s.state_dir, "laion-dagster run") if self.hold_state
-                else contextlib.nullcontext())
-        with held:
+        locked = (exclusive.lock(s.state_dir, "laion-dagster run") if self.lock_state
+                  else contextlib.nullcontext())
+        with locked:
             problem = store_problem(s)
             if problem:
                 raise UsageError(problem)

@@ -138,14 +138,16 @@ def mount_tmpfs(path: Path, size_mb: int) -> bool:
 
 def shell_env(**settings: str) -> dict[str, str]:
     """What a user's shell has: no LAION_* of the developer's, no DAGSTER_HOME, no Redis URL
-    (so the embedded server); plus the test hosts on loopback and quick timeouts, and the
-    given LAION_<NAME> values."""
+    (so the embedded server); plus the test hosts on loopback, quick timeouts, one worker
+    process (each costs its imports; tests that need more say so), and the given
+    LAION_<NAME> values."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("LAION_") and k != "DAGSTER_HOME"}
     env.update({
         "LAION_HOST_MAP": json.dumps({h: "127.0.0.1" for h in TEST_HOSTS}),
         "LAION_ALLOW_PRIVATE_ADDRESSES": "true",
         "LAION_SHARD_SIZE": "40",
+        "LAION_PROCESSES": "1",
         "LAION_TIMEOUT": "5",
         "LAION_HEARTBEAT_INTERVAL": "0.5",
         "LAION_RETRIES": "0",
@@ -182,3 +184,5 @@ def connects(monkeypatch) -> list:
 
     monkeypatch.setattr(socket.socket, "connect", spy)
     return seen
+
+

@@ -10,7 +10,13 @@ import urllib.request
 from pathlib import Path
 
 from laion_dagster.core.queue.embedded import free_port
-from laion_dagster.dagster_home import SQLITE_STORAGES, schema_head
+from laion_dagster.core.settings import Settings
+from laion_dagster.dagster_home import (
+    SQLITE_STORAGES,
+    ensure_dagster_home,
+    schema_head,
+    storage_template,
+)
 from tests.conftest import shell_env
 from tests.outputs import wait_until
 from tests.scenarios.test_ui import _stop_group
@@ -37,6 +43,32 @@ def revisions(home: Path) -> dict[str, list[str]]:
         with sqlite3.connect(home / name) as db:
             found[name] = [r[0] for r in db.execute("SELECT version_num FROM alembic_version")]
     return found
+
+
+def test_a_new_home_copies_the_storage_the_first_one_created(tmp_path, monkeypatch):
+    """Creating an instance's databases runs every migration Dagster has: the first new home
+    on a machine keeps them in the cache folder (per Dagster version), later ones copy them,
+    stamped at the head, and what one home records stays its own."""
+    from dagster import DagsterInstance
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    first = ensure_dagster_home(Settings(data_dir=tmp_path / "a"))
+    template = storage_template()
+    assert template.parent == tmp_path / "cache" / "laion-dagster"
+    assert sorted(p.relative_to(template).as_posix() for p in template.rglob("*.db")) == \
+        sorted(SQLITE_STORAGES)
+    monkeypatch.delenv("DAGSTER_HOME")
+    second = ensure_dagster_home(Settings(data_dir=tmp_path / "b"))
+    assert second != first
+    assert revisions(second) == revisions(first) == {n: [schema_head()] for n in SQLITE_STORAGES}
+    with DagsterInstance.from_config(str(second)) as instance:
+        instance.add_dynamic_partitions("parts", ["laion2B-en/00000"])
+        assert instance.get_dynamic_partitions("parts") == ["laion2B-en/00000"]
+    monkeypatch.delenv("DAGSTER_HOME")
+    third = ensure_dagster_home(Settings(data_dir=tmp_path / "c"))
+    with DagsterInstance.from_config(str(third)) as instance:
+        assert instance.get_dynamic_partitions("parts") == []
 
 
 def test_a_doubled_schema_head_is_repaired_where_found(settings, dataset, tmp_path):

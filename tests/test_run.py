@@ -75,7 +75,7 @@ class Running:
 @pytest.fixture
 def user_env(settings):
     """A user's shell, with no data folder named: state goes beside each store."""
-    yield shell_env(processes="2", concurrency="16", shutdown_grace="5")
+    yield shell_env(concurrency="16", shutdown_grace="5")
     for server in Path(settings.data_dir.parent).rglob("redis/server.json"):
         embedded.stop(server.parent)
 

@@ -176,7 +176,7 @@ class WorkerProcess:
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def _watch_stop(self) -> None:
-        parent = os.getppid()
+        parent = self.shared.supervisor or os.getppid()
         while not (self.shared.stop.value or _terminated):
             if os.getppid() != parent:
                 log.warning("the supervisor is gone; stopping")

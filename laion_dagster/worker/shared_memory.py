@@ -5,6 +5,7 @@ Light on purpose (see entry.py): the supervisor imports it before starting any p
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,18 @@ class Shared:
     # RawValue('q'): rows of this process waiting for their later try (retry_delay): what a
     # run whose bar stands still near its end is waiting for.
     waiting: Any
+    # The supervisor's pid, as it gave it: a process whose parent is another (the supervisor
+    # died, even before this process ran a line) stops. Its own getppid() at start-up would
+    # already name init then, and it would never notice.
+    supervisor: int = 0
+
+    @classmethod
+    def create(cls, ctx: Any, stop: Any, paused: Any) -> Shared:
+        """A process's share, made by its supervisor (this process) with the pool's flags."""
+        return cls(stop=stop, paused=paused, counters=ctx.RawArray("q", 4),
+                   out_of_space=ctx.RawValue("b", 0), problem=ctx.RawArray("c", PROBLEM_BYTES),
+                   first_image=ctx.RawValue("d", 0.0), waiting=ctx.RawValue("q", 0),
+                   supervisor=os.getpid())
 
     def set_problem(self, text: str) -> None:
         self.problem.value = text.encode("utf-8", "replace")[:PROBLEM_BYTES - 1]

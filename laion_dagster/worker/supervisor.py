@@ -28,7 +28,7 @@ from laion_dagster.core.queue.protocol import Keys, Queue, ensure_group
 from laion_dagster.core.settings import Settings
 from laion_dagster.core.shards.files import clear_dead_temporaries
 from laion_dagster.worker.entry import run_process
-from laion_dagster.worker.shared_memory import PROBLEM_BYTES, Shared
+from laion_dagster.worker.shared_memory import Shared
 
 log = logging.getLogger("laion_dagster.worker")
 
@@ -56,11 +56,7 @@ class Supervisor:
 
     # -- processes
     def _spawn(self, index: int) -> tuple[mp.process.BaseProcess, Shared]:
-        shared = Shared(stop=self.stop, paused=self.paused, counters=self.ctx.RawArray("q", 4),
-                        out_of_space=self.ctx.RawValue("b", 0),
-                        problem=self.ctx.RawArray("c", PROBLEM_BYTES),
-                        first_image=self.ctx.RawValue("d", 0.0),
-                        waiting=self.ctx.RawValue("q", 0))
+        shared = Shared.create(self.ctx, self.stop, self.paused)
         child = self.ctx.Process(target=run_process, name=f"laion-worker-{index}",
                                  args=(self.settings.model_dump_json(), index, shared),
                                  daemon=False)

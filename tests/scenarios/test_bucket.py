@@ -45,7 +45,7 @@ def small(settings, image_server, images):
 @pytest.fixture
 def env(s3):
     """A user's shell with the AWS SDK's own variables for a MinIO-like server: no flag."""
-    return {**shell_env(processes="2", concurrency="16", shutdown_grace="5"), **s3_env(s3)}
+    return {**shell_env(concurrency="16", shutdown_grace="5"), **s3_env(s3)}
 
 
 def mirrored(s3, settings, bucket: str, prefix: str, tmp_path) -> Settings:

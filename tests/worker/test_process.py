@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -291,3 +292,26 @@ def test_a_low_success_rate_is_a_warning_that_names_the_likely_cause(caplog):
     watch.last_warning -= 61
     other = Outcome(ok=100, failed=900, bytes=0, classes={"http_5xx": 900})
     assert "resolver" not in watch.add(other)
+
+
+def test_a_process_whose_supervisor_is_gone_before_it_starts_stops(settings):
+    """A supervisor killed while its processes start (the OOM killer, a pool killed at once):
+    a process that finds another parent than the supervisor that made it stops by itself
+    instead of claiming shards as an orphan forever."""
+    import multiprocessing as mp
+
+    from laion_dagster.worker.entry import run_process
+    from laion_dagster.worker.shared_memory import Shared
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    ctx = mp.get_context("spawn")
+    shared = Shared.create(ctx, ctx.RawValue("b", 0), ctx.RawValue("b", 0))
+    shared.supervisor = gone.pid  # the pid of a supervisor that no longer runs
+    child = ctx.Process(target=run_process, args=(settings.model_dump_json(), 0, shared))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0

@@ -1,4 +1,4 @@
-"""One command at a time per state folder: `run`, `demo` and `up` hold it for their lifetime.
+"""One command at a time per state folder: `run`, `demo` and `up` lock it for their lifetime.
 
 Two of them on one folder share one embedded Redis and one Dagster instance without knowing
 it: they initialise the instance's SQLite schema at once (Dagster's "alembic_version has more
@@ -41,8 +41,8 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def hold(folder: Path, command: str | None = None) -> Iterator[None]:
-    """Hold `folder` exclusively for the duration, or raise FolderBusy at once."""
+def lock(folder: Path, command: str | None = None) -> Iterator[None]:
+    """Lock `folder` for this process for the duration, or raise FolderBusy at once."""
     path = folder / LOCK_FILE
     try:
         folder.mkdir(parents=True, exist_ok=True)
