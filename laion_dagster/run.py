@@ -34,7 +34,7 @@ from laion_dagster.core.control.enqueue import EnqueueReport, enqueue_part
 from laion_dagster.core.control.hosts import is_stale, store_problem
 from laion_dagster.core.control.policy import next_enqueues, to_finalize, worker_reasons
 from laion_dagster.core.control.progress import Watch
-from laion_dagster.core.control.retry import RetryRefused, retry_failed
+from laion_dagster.core.control.resume import resume
 from laion_dagster.core.control.status import bar, plural
 from laion_dagster.core.input import parts
 from laion_dagster.core.outcomes import fix_sentence
@@ -265,7 +265,12 @@ class RunCommand:
         keys = [p.key for p in found]
         self.rows = {p.key: parts.rows_if_readable(p) for p in found}
         self.total_rows = sum(self.rows.values())
-        final = self.already_final = self._check_states(queue, found)
+        resumed = resume(queue, found, s, self.say)
+        for key, why in resumed.refused.items():
+            self.failures[key] = why
+            self.say(f"part {key} failed: {why}")
+        self.finished |= resumed.final | set(resumed.refused)
+        final = self.already_final = len(resumed.final)
         if final:
             self.say(f"{final} of {plural(len(keys), 'part')} already final in {s.store_root}; "
                      "skipping them")
@@ -309,58 +314,6 @@ class RunCommand:
                          duration=time.monotonic() - self.started, stopped_by=self.signal,
                          gave_up=self.gave_up, first_image=self.first_image,
                          downloaded=downloaded, already_final=self.already_final)
-
-    def _check_states(self, queue: Queue, found: list[parts.Part]) -> int:
-        """Decide, per part, whether its queue state is this run's
-        (core/control/provenance.py): final parts are skipped, parts made for another store or
-        with shards gone from it start again, parts whose file changed are refused, and final
-        parts whose fixable failures this run's settings decide otherwise have those rows
-        fetched again. Returns how many parts are final."""
-        s = self.settings
-        states = queue.parts_states([p.key for p in found])
-        final = 0
-        for part in found:
-            state = states[part.key]
-            if not state.generation:
-                continue
-            try:
-                verdict = provenance.check(state, part, s)
-            except (provenance.PartChanged, parts.PartError) as error:
-                self.failures[part.key] = str(error)
-                self.finished.add(part.key)
-                self.say(f"part {part.key} failed: {error}")
-                continue
-            reason = verdict.reason
-            if not verdict.restart and state.finalized_at is not None:
-                missing = provenance.missing_shards(queue, state, s)
-                if not missing:
-                    if self._refetch(queue, part, state):
-                        continue
-                    self.finished.add(part.key)
-                    final += 1
-                    continue
-                reason = (f"{part.key}: {missing} of {plural(state.shards_total or 0, 'shard')} "
-                          f"are missing from {s.store_root}; downloading them again (the "
-                          "others are kept)")
-            if reason:
-                self.say(reason)
-                queue.reset(part.key)
-        return final
-
-    def _refetch(self, queue: Queue, part: parts.Part, state: PartState) -> bool:
-        """Queue again the failed rows of a final part that this run's settings decide
-        otherwise (provenance.decided_otherwise); True if it did."""
-        redo = provenance.decided_otherwise(state, queue.classes(part.key), self.settings)
-        if redo is None:
-            return False
-        try:
-            report = retry_failed(queue, part, self.settings, tuple(redo.classes))
-        except (RetryRefused, parts.PartError, FileNotFoundError) as error:
-            self.say(f"{redo.reason}; could not fetch them again: {error}")
-            return False
-        queue.set_fetch_policy(part.key, provenance.fetch_policy(self.settings))
-        self.say(f"{redo.reason}: fetching those {plural(report.rows, 'row')} again")
-        return report.rows > 0
 
     def _loop(self, queue: Queue, instance: DagsterInstance, keys: list[str]) -> None:
         s = self.settings
