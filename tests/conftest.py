@@ -186,3 +186,33 @@ def connects(monkeypatch) -> list:
     return seen
 
 
+
+
+# Files whose tests take longest (they wait on worker pools, Dagster daemons, a browser).
+_LONG = ("tests/scenarios/test_ui.py", "tests/scenarios/test_daemon.py",
+         "tests/worker/test_process.py", "tests/scenarios/test_faults.py", "tests/test_run.py",
+         "tests/scenarios/test_bucket.py", "tests/test_cli.py", "tests/test_instance.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With N test processes, each starts on its share of the long tests: pytest-xdist's work
+    stealing gives process i the i-th of N equal runs of the collection, and steals from their
+    ends, so the long tests are dealt to the heads of those runs and the short ones fill up."""
+    lanes = config.getoption("numprocesses", default=None)
+    if not isinstance(lanes, int) or lanes < 2 or len(items) < lanes:
+        return
+    rank = {path: i for i, path in enumerate(_LONG)}
+    long = sorted((i for i in items if i.nodeid.split("::")[0] in rank),
+                  key=lambda i: rank[i.nodeid.split("::")[0]])
+    short = [i for i in items if i.nodeid.split("::")[0] not in rank]
+    sizes, left = [], len(items)
+    for lane in range(lanes):  # the sizes worksteal's first split gives
+        sizes.append(left // (lanes - lane))
+        left -= sizes[-1]
+    heads = [long[lane::lanes] for lane in range(lanes)]
+    ordered = []
+    for size, head in zip(sizes, heads, strict=True):
+        take = max(size - len(head), 0)
+        ordered += head + short[:take]
+        short = short[take:]
+    items[:] = ordered + short

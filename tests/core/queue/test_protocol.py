@@ -86,16 +86,23 @@ def test_enqueue_pauses_above_high_watermark(queue, settings):
     tight = settings.with_overrides(queue_high_watermark=500)
     queue.r.set(queue.keys.queued_rows, 1000)  # someone else's part is still queued
 
+    queued_while_full = []
+
     def drain_soon():
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while not queue.r.exists(queue.keys.part(part.key)) and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the enqueue has begun the part
+        time.sleep(0.5)  # the other part stays queued a while after that
+        queued_while_full.append(queue.r.xlen(queue.keys.shards))
         queue.r.set(queue.keys.queued_rows, 0)
 
     import threading
 
     threading.Thread(target=drain_soon, daemon=True).start()
     report = enqueue_part(queue, part, tight, poll=0.1)
-    assert report.waited_seconds >= 0.9
-    assert report.shards_added == 4
+    # Nothing went on the queue above the watermark; all of it once the queue drained.
+    assert queued_while_full == [0]
+    assert report.waited_seconds > 0 and report.shards_added == 4
 
 
 def test_claim_complete_counts_once_even_when_two_workers_finish(queue, settings, redis_server,
