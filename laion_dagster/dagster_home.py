@@ -60,7 +60,7 @@ def _create_storage(home: Path) -> None:
     homes copy it instead.
     """
     template = storage_template()
-    if template is not None and template.is_dir():
+    if template is not None and all((template / name).is_file() for name in SQLITE_STORAGES):
         shutil.copytree(template, home, dirs_exist_ok=True)
         return
     from dagster import DagsterInstance

@@ -417,13 +417,13 @@ class RunCommand:
         return reasons
 
     def _decide(self, queue: Queue, keys: list[str], states: dict[str, PartState],
-                hosts: dict[str, dict] | None = None, also: set[str] = frozenset()):
-        """The sensors' decision (core/control/policy.py), for this run's parts: `also` are
-        parts enqueued since `states` was read."""
+                hosts: dict[str, dict] | None = None, done: set[str] = frozenset()):
+        """The sensors' decision (core/control/policy.py), for this run's parts: `done` are
+        parts enqueued since `states` was read (not under way: they take no room)."""
         return next_enqueues(keys, states, queue.queued_rows(),
                              queue.hosts() if hosts is None else hosts, self.settings,
-                             enqueuing=set(self.enqueuing) | also,
-                             set_aside=self.finished | set(self.early))
+                             enqueuing=set(self.enqueuing),
+                             set_aside=self.finished | set(self.early) | done)
 
     def _stop_children(self) -> None:
         """Enqueue processes first (they resume where they stop), then the pool, which
@@ -468,7 +468,7 @@ class RunCommand:
         by_key = {p.key: p for p in found}
         states = queue.parts_states(keys)
         while True:
-            decision = self._decide(queue, keys, states, also=set(self.early))
+            decision = self._decide(queue, keys, states)
             if not decision.start or not self._fits_here(decision.start[0], queue.queued_rows()):
                 return
             key = decision.start[0]
@@ -492,7 +492,7 @@ class RunCommand:
             self._record_early(instance, key, self.early.pop(key))
         done_here: set[str] = set()
         while True:
-            decision = self._decide(queue, keys, states, also=done_here)
+            decision = self._decide(queue, keys, states, done=done_here)
             if not decision.start:
                 return
             depth = queue.queued_rows()

@@ -615,3 +615,20 @@ def test_the_progress_rate_is_right_between_heartbeats_and_falls_when_nothing_mo
         if now >= 5.0:  # (seen up to a poll late: within a few percent)
             assert rate.per_second(now) == pytest.approx(1_000, rel=0.05), now
     assert rate.per_second(40.0) < 500  # 25 s without a step
+
+
+def test_every_small_part_is_queued_before_dagster_starts(settings, queue, images):
+    """A folder of many small parts: `run` queues each of them at once, before Dagster's
+    start-up, in order; the policy's limit on enqueues at once counts the ones under way,
+    not the ones already queued."""
+    from laion_dagster.core.control.policy import ENQUEUES_AT_ONCE
+    from laion_dagster.run import RunCommand
+
+    write_dataset(settings.parts_root, ["http://img-a.test/"], subsets=("cc",),
+                  parts_per_subset=ENQUEUES_AT_ONCE + 2, rows_per_part=20, images=images)
+    found = parts.discover(settings.parts_root)
+    command = RunCommand(settings)
+    command.rows = {p.key: parts.rows_if_readable(p) for p in found}
+    command._enqueue_early(queue, found)
+    assert list(command.early) == [p.key for p in found]
+    assert all(state.enqueued for state in queue.parts_states(list(command.early)).values())

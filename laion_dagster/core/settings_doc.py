@@ -176,11 +176,5 @@ def settings_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    del argv
-    sys.stdout.write(settings_markdown())
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.stdout.write(settings_markdown())

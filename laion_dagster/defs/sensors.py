@@ -167,20 +167,22 @@ def launch_or_hold(context: SensorEvaluationContext, laion: LaionResource):
     if all(states[k].enqueued for k in keys):
         return SkipReason(f"all {len(keys)} parts are enqueued; queue {depth:,} rows")
     enqueuing = _enqueuing(context.instance, states, context.log)
+    run_keys: dict[str, str] = {}
     set_aside: dict[str, str] = {}
     while True:  # the policy decides; a part the sensor cannot start is set aside, and again
         decision = next_enqueues(keys, states, depth, hosts, settings, enqueuing, set_aside)
         if decision.held:
             return SkipReason(decision.hold_message())
-        run_keys = {}
-        for key in decision.start:
+        unchecked = [key for key in decision.start if key not in run_keys]
+        for key in unchecked:  # each part is looked up once, however often the policy is asked
             run_key, problem = _why_not(context.instance, settings, key, states[key])
             if problem:
                 set_aside[key] = problem
             else:
                 run_keys[key] = run_key
-        if len(run_keys) == len(decision.start):
+        if all(key in run_keys for key in decision.start):
             break
+    run_keys = {key: run_keys[key] for key in decision.start}
     if run_keys:
         reason = f"queue {depth:,} < {settings.queue_threshold:,}"
         return [RunRequest(run_key=run_key, partition_key=key, tags={"laion/reason": reason})

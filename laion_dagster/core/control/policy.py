@@ -36,7 +36,8 @@ def next_enqueues(keys: list[str], states: dict[str, PartState], queued_rows: in
                   enqueuing: Collection[str] = (),
                   set_aside: Collection[str] = ()) -> EnqueueDecision:
     """Which waiting parts to enqueue now, in `keys` order. `enqueuing`: parts whose enqueue
-    is under way; `set_aside`: parts this orchestrator will not enqueue (they failed)."""
+    is under way; `set_aside`: parts this orchestrator will not enqueue now (they failed, or
+    it has just queued them)."""
     waiting = [k for k in keys if not states[k].enqueued and k not in enqueuing
                and k not in set_aside]
     if not waiting:
