@@ -312,7 +312,8 @@ def test_a_pool_that_keeps_dying_ends_the_run_with_a_sentence(settings, small, t
 
 def test_a_killed_run_takes_its_worker_pool_with_it(settings, lasting, user_env, tmp_path):
     """SIGKILL of `run` itself (nothing can be done in the process): its pool and enqueue
-    processes get SIGTERM from the kernel and stop, instead of working on under PID 1."""
+    processes get SIGTERM from the kernel and stop, instead of working on under PID 1; and
+    the pool, finding the embedded Redis gone with `run`, does not start it again."""
     run = Running(user_env, *where(settings, tmp_path / "s"), "--concurrency", "2")
     try:
         run.wait_for("first image stored")
@@ -325,6 +326,7 @@ def test_a_killed_run_takes_its_worker_pool_with_it(settings, lasting, user_env,
     finally:
         run.kill()
     assert not alive(children), [cmdline(c) for c in alive(children)]
+    assert not embedded.running(tmp_path / "s" / STATE_FOLDER / "redis")
 
 
 # ---------------------------------------------------------------- nothing waits in silence

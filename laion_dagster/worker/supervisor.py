@@ -232,8 +232,10 @@ class Supervisor:
     def _restart_embedded_server(self) -> None:
         """With the embedded server (no redis_url), a pool on its machine brings it back after
         a crash: at the same address, from its append-only file, so every client's backoff
-        reconnects by itself."""
-        if self.settings.redis_url:
+        reconnects by itself. Not while the pool stops: the server may have gone with the
+        command that started both (a `run` killed), and one started now would outlive them;
+        shards not handed back go back to the queue after the visibility timeout."""
+        if self.settings.redis_url or self.stop.value or self._signal is not None:
             return
         try:
             embedded.ensure_running(self.settings.redis_dir)

@@ -276,7 +276,8 @@ def resolve_columns(path: Path, schema: pa.Schema, url_column: str | None,
     if url is None:
         looked = url_column or "/".join(URL_CANDIDATES)
         raise PartError(f"{path}: no URL column (looked for {looked}, case-insensitive); "
-                        f"columns are: {', '.join(names) or 'none'}")
+                        f"columns are: {', '.join(names) or 'none'}; name it with the setting "
+                        "url_column (--url-column)")
     url_type = schema.field(url).type
     if not (pa.types.is_string(url_type) or pa.types.is_large_string(url_type)):
         raise PartError(f"{path}: URL column {url!r} has type {url_type}, expected string")

@@ -120,7 +120,8 @@ def test_the_column_flags_work_for_every_format(tmp_path):
         path = write(tmp_path / "x" / name, kind, rows)
         got = shard_rows(path, url_column="link", caption_column="alt")
         assert [(r["url"], r["caption"]) for r in got] == [(r["link"], r["alt"]) for r in rows]
-        with pytest.raises(PartError, match="no URL column .* columns are: link, alt, other"):
+        with pytest.raises(PartError, match="no URL column .* columns are: link, alt, other; "
+                                             "name it with the setting url_column"):
             shard_rows(path)
 
 
