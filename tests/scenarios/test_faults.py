@@ -193,7 +193,10 @@ def test_a_claim_whose_reply_was_lost_is_handed_back_before_the_timeout(
     (a run's end waited that long), and is downloaded once."""
     dataset = write_dataset(settings.parts_root, [image_server.url(h) for h in TEST_HOSTS],
                             rows_per_part=120, images=images, seed=7)
-    own = settings.with_overrides(visibility_timeout=600.0, shard_size=20, processes=1)
+    # Four shards at a time: the worker, polling already, must leave a shard for the test's
+    # claim in its name (with room for more it can take all 24 before the test claims one).
+    own = settings.with_overrides(visibility_timeout=600.0, shard_size=20, processes=1,
+                                  shards_in_flight=4)
     found = parts.discover(own.parts_root)
     worker = start_worker(own)
     try:
